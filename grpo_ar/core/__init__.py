@@ -1,0 +1,22 @@
+"""The token-level core: pure torch functions on (N, T) tensors, looked up by paper name."""
+
+from .advantages import ADVANTAGES, compute_advantages
+from .aggregation import AGGREGATIONS
+from .kl import KL
+from .logprobs import entropy_from_logits, logprobs_and_entropy, selective_log_softmax
+from .losses import LOSSES, PolicyLoss
+from .registry import Registry, UnknownNameError
+
+__all__ = [
+    "ADVANTAGES",
+    "AGGREGATIONS",
+    "KL",
+    "LOSSES",
+    "PolicyLoss",
+    "Registry",
+    "UnknownNameError",
+    "compute_advantages",
+    "entropy_from_logits",
+    "logprobs_and_entropy",
+    "selective_log_softmax",
+]

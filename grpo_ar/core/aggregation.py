@@ -1,0 +1,47 @@
+"""Token losses (N, T) -> scalar. Normalisers are global counts passed in, so any split of a
+batch into micro-batches or data-parallel shards sums to the full-batch loss and gradient.
+
+Signature: `fn(loss_tok, mask, total_tokens, total_seqs, max_len)`:
+- `total_tokens`: completion tokens (mask sum) in the whole optimizer-step batch;
+- `total_seqs`: sequences in that batch;
+- `max_len`: the constant completion budget (max_new_tokens) for Dr. GRPO.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from .registry import Registry
+
+AGGREGATIONS = Registry("loss aggregation")
+
+
+def _masked(loss_tok: Tensor, mask: Tensor) -> Tensor:
+    # where, not multiply: a NaN or inf under mask == 0 must not leak into the sum
+    m = mask.bool().expand_as(loss_tok)
+    return loss_tok.masked_fill(~m, 0.0)
+
+
+@AGGREGATIONS.register("seq_mean_token_mean")
+def seq_mean_token_mean(
+    loss_tok: Tensor, mask: Tensor, total_tokens: float, total_seqs: float, max_len: int
+) -> Tensor:
+    """Mean over sequences of each sequence's token mean: the original GRPO (arXiv 2402.03300 eq. 3)."""
+    per_seq = _masked(loss_tok, mask).sum(-1) / mask.sum(-1).clamp(min=1).to(loss_tok.dtype)
+    return per_seq.sum() / max(total_seqs, 1)
+
+
+@AGGREGATIONS.register("token_mean")
+def token_mean(
+    loss_tok: Tensor, mask: Tensor, total_tokens: float, total_seqs: float, max_len: int
+) -> Tensor:
+    """Sum over all tokens / global token count: DAPO (arXiv 2503.14476 eq. 8), TRL's `dapo`."""
+    return _masked(loss_tok, mask).sum() / max(total_tokens, 1)
+
+
+@AGGREGATIONS.register("seq_mean_token_sum_norm")
+def seq_mean_token_sum_norm(
+    loss_tok: Tensor, mask: Tensor, total_tokens: float, total_seqs: float, max_len: int
+) -> Tensor:
+    """Sum over all tokens / (sequences · max_len), a constant normaliser: Dr. GRPO (arXiv 2503.20783)."""
+    return _masked(loss_tok, mask).sum() / (max(total_seqs, 1) * max_len)

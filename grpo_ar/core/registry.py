@@ -1,0 +1,66 @@
+"""Name -> function registries; every core variant is looked up by its paper's name."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class UnknownNameError(KeyError, ValueError):
+    """An unknown registry key; the message lists the valid names."""
+
+    def __str__(self) -> str:  # KeyError would print the message quoted
+        return str(self.args[0])
+
+
+class Registry(Mapping[str, Callable[..., Any]]):
+    """A read-mostly mapping of names to functions with one shared signature."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._fns: dict[str, Callable[..., Any]] = {}
+
+    def register(self, name: str) -> Callable[[F], F]:
+        def deco(fn: F) -> F:
+            if name in self._fns:
+                raise ValueError(f"{self.kind} {name!r} is already registered")
+            self._fns[name] = fn
+            return fn
+
+        return deco
+
+    def __getitem__(self, name: str) -> Callable[..., Any]:
+        try:
+            return self._fns[name]
+        except KeyError:
+            raise UnknownNameError(
+                f"unknown {self.kind} {name!r}; valid names: {', '.join(sorted(self._fns))}"
+            ) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._fns)
+
+    def __len__(self) -> int:
+        return len(self._fns)
+
+    def options(self, name: str) -> dict[str, Any]:
+        """Keyword-only hyper-parameters of entry `name` with their defaults."""
+        sig = inspect.signature(self[name])
+        return {
+            p.name: p.default
+            for p in sig.parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY
+        }
+
+    def check_options(self, name: str, given: Mapping[str, Any], where: str) -> None:
+        """Raise one clear error when `given` holds a key entry `name` does not take."""
+        valid = self.options(name)
+        unknown = sorted(set(given) - set(valid))
+        if unknown:
+            raise ValueError(
+                f"{where}: {self.kind} {name!r} takes no option {', '.join(map(repr, unknown))}; "
+                f"valid options: {', '.join(sorted(valid)) or '(none)'}"
+            )
