@@ -39,7 +39,7 @@ def _batch_std(x: Tensor, v: Tensor) -> Tensor:
 
 
 @ADVANTAGES.register("grpo")
-def grpo(rewards: Tensor, valid: Tensor, group_size: int, *, eps: float = 1e-6) -> Tensor:
+def grpo(rewards: Tensor, valid: Tensor, group_size: int, *, eps: float = 1e-4) -> Tensor:
     """(r - mean_g) / (std_g + eps). DeepSeekMath, arXiv 2402.03300 §4.1.2."""
     r, v = (rearrange(t, "(p g) -> p g", g=group_size) for t in (rewards, valid))
     _, mean, std, flat = _group_stats(r, v)
@@ -68,7 +68,7 @@ def rloo(rewards: Tensor, valid: Tensor, group_size: int) -> Tensor:
 
 
 @ADVANTAGES.register("reinforce_pp")
-def reinforce_pp(rewards: Tensor, valid: Tensor, group_size: int, *, eps: float = 1e-6) -> Tensor:
+def reinforce_pp(rewards: Tensor, valid: Tensor, group_size: int, *, eps: float = 1e-4) -> Tensor:
     """Group-mean baseline, then whitened over the batch. REINFORCE++-baseline, arXiv 2501.03262.
 
     After group centring the batch mean of the valid advantages is 0 by construction, so the
@@ -79,7 +79,7 @@ def reinforce_pp(rewards: Tensor, valid: Tensor, group_size: int, *, eps: float 
 
 
 @ADVANTAGES.register("grpo_batch_std")
-def grpo_batch_std(rewards: Tensor, valid: Tensor, group_size: int, *, eps: float = 1e-6) -> Tensor:
+def grpo_batch_std(rewards: Tensor, valid: Tensor, group_size: int, *, eps: float = 1e-4) -> Tensor:
     """(r - mean_g) / (std_batch + eps): group baseline, batch scale. Lite PPO, arXiv 2508.08221."""
     centred = dr_grpo(rewards, valid, group_size)
     return centred / (_batch_std(rewards, valid) + eps)
