@@ -7,6 +7,8 @@ alive instead of one fp32 (rows, V) copy per chunk.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
@@ -19,10 +21,21 @@ def _chunk_rows(n_rows: int, vocab: int, chunk_elems: int) -> int:
     return max(1, min(n_rows, chunk_elems // max(vocab, 1)))
 
 
+# (rows, V) logits and the index of the chunk's first row -> transformed (rows, V) logits
+Transform = Callable[[Tensor, int], Tensor]
+
+
 def _logp_entropy_chunk(
-    logits: Tensor, ids: Tensor, temperature: float, with_entropy: bool
+    logits: Tensor,
+    ids: Tensor,
+    temperature: float,
+    with_entropy: bool,
+    transform: Transform | None = None,
+    start: int = 0,
 ) -> tuple[Tensor, Tensor]:
     z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if transform is not None:
+        z = transform(z, start)
     if temperature != 1.0:
         z = z / temperature
     lse = torch.logsumexp(z, dim=-1)  # (R,)
@@ -43,10 +56,13 @@ def logprobs_and_entropy(
     temperature: float = 1.0,
     with_entropy: bool = True,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+    transform: Transform | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """(..., V) logits, (...) ids -> log-probs (...) in at least fp32 and entropies (...) (None if not asked).
 
     Equal to `log_softmax(logits / temperature).gather(ids)` and `-(p * log p).sum(-1)`.
+    `transform(chunk, first_row)` (e.g. top-p filtering) is applied to each flattened row chunk
+    before the temperature, inside the checkpoint, so it never holds (B, T, V) either.
     """
     if logits.shape[:-1] != ids.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and ids {tuple(ids.shape)} disagree")
@@ -57,12 +73,11 @@ def logprobs_and_entropy(
     out_logp, out_ent = [], []
     for start in range(0, flat_ids.numel(), rows):
         args = (flat_logits[start : start + rows], flat_ids[start : start + rows])
+        extra = (temperature, with_entropy, transform, start)
         if use_ckpt:
-            lp, ent = checkpoint(
-                _logp_entropy_chunk, *args, temperature, with_entropy, use_reentrant=False
-            )
+            lp, ent = checkpoint(_logp_entropy_chunk, *args, *extra, use_reentrant=False)
         else:
-            lp, ent = _logp_entropy_chunk(*args, temperature, with_entropy)
+            lp, ent = _logp_entropy_chunk(*args, *extra)
         out_logp.append(lp)
         out_ent.append(ent)
     logp = torch.cat(out_logp).reshape(lead)

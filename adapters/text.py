@@ -1,0 +1,107 @@
+"""Text adapter: any `AutoModelForCausalLM` + tokenizer; plain prompts or chat messages."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from grpo_ar.data import Entry
+from grpo_ar.rollout import PromptBatch, Rollout
+from grpo_ar.sampling import SamplingParams
+
+from .base import Adapter
+
+
+class TextAdapter(Adapter):
+    """Prompts are strings or chat messages; outputs are decoded strings (special tokens stripped,
+    cut at EOS).
+
+    `chat_template`: None applies the tokenizer's chat template to message lists only; True to
+    every prompt (a string becomes one user message); False never.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        sampling: SamplingParams,
+        chat_template: bool | None = None,
+        max_prompt_tokens: int | None = None,
+        system_prompt: str | None = None,
+    ) -> None:
+        if tokenizer.pad_token_id is None:
+            if tokenizer.eos_token_id is None:
+                raise ValueError(
+                    "the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token"
+                )
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
+        if not sampling.eos_token_ids and tokenizer.eos_token_id is not None:
+            sampling = replace(sampling, eos_token_ids=(tokenizer.eos_token_id,))
+        sampling = replace(sampling, pad_token_id=tokenizer.pad_token_id)
+        super().__init__(sampling)
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.max_prompt_tokens = max_prompt_tokens
+        self.system_prompt = system_prompt
+
+    def prompt_text(self, prompt: Any) -> str:
+        """The exact text fed to the model for one prompt."""
+        is_chat = isinstance(prompt, list)
+        use_template = self.chat_template if self.chat_template is not None else is_chat
+        if not use_template:
+            if is_chat:
+                raise ValueError(
+                    "chat messages given but chat_template=False; set model.chat_template"
+                )
+            return str(prompt)
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise ValueError(
+                "the tokenizer has no chat template; use plain string prompts or chat_template=false"
+            )
+        messages = list(prompt) if is_chat else [{"role": "user", "content": str(prompt)}]
+        if self.system_prompt and messages[0].get("role") != "system":
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+
+    def encode(self, entries: Sequence[Entry]) -> PromptBatch:
+        texts = [self.prompt_text(e.prompt) for e in entries]
+        templated = [isinstance(e.prompt, list) or bool(self.chat_template) for e in entries]
+        # a chat template writes its own BOS; plain prompts get the tokenizer's special tokens
+        rows = [
+            self.tokenizer(t, add_special_tokens=not tpl)["input_ids"]
+            for t, tpl in zip(texts, templated)
+        ]
+        if self.max_prompt_tokens is not None:
+            too_long = [i for i, r in enumerate(rows) if len(r) > self.max_prompt_tokens]
+            if too_long:
+                raise ValueError(
+                    f"prompt(s) {too_long} exceed max_prompt_tokens={self.max_prompt_tokens} "
+                    f"(longest {max(len(rows[i]) for i in too_long)}); raise the limit or shorten them"
+                )
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+        return PromptBatch(ids, mask, list(entries))
+
+    def decode(self, rollout: Rollout) -> list[str]:
+        ids, lengths = rollout.completion_ids.tolist(), rollout.lengths.tolist()
+        return self.tokenizer.batch_decode(
+            [row[:n] for row, n in zip(ids, lengths)], skip_special_tokens=True
+        )
+
+
+def load_text_model(
+    path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", **kw: Any
+) -> tuple[Any, Any]:
+    """(model, tokenizer) from a local folder or hub id, via the Auto classes."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw).to(device)
+    return model, tokenizer

@@ -1,0 +1,133 @@
+"""Checkpoints: safetensors only (nothing is unpickled), written atomically.
+
+Layout of `checkpoints/step_000123/`: `model.safetensors` (policy state dict), optional
+`reference.safetensors`, `state.safetensors` (optimizer tensors, RNG states) and `state.json`
+(everything else). A checkpoint is written into a temporary sibling folder and renamed into
+place; `checkpoints/latest` names the newest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+
+def _flatten(obj: Any, prefix: str, tensors: dict[str, Tensor]) -> Any:
+    """Replace tensors in a nested structure by {"__tensor__": key}; collect them."""
+    if isinstance(obj, Tensor):
+        key = prefix.strip(".")
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        return {
+            "__dict__": [
+                [_flatten(k, f"{prefix}.k{i}", tensors), _flatten(v, f"{prefix}.{i}", tensors)]
+                for i, (k, v) in enumerate(obj.items())
+            ]
+        }
+    if isinstance(obj, (list, tuple)):
+        items = [_flatten(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
+        return {"__tuple__": items} if isinstance(obj, tuple) else items
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} at {prefix!r} in a checkpoint")
+
+
+def _unflatten(obj: Any, tensors: dict[str, Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__dict__" in obj:
+            return {_unflatten(k, tensors): _unflatten(v, tensors) for k, v in obj["__dict__"]}
+        if "__tuple__" in obj:
+            return tuple(_unflatten(v, tensors) for v in obj["__tuple__"])
+    if isinstance(obj, list):
+        return [_unflatten(v, tensors) for v in obj]
+    return obj
+
+
+def rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if generator is not None:
+        state["sampler"] = generator.get_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], generator: torch.Generator | None = None) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if generator is not None and "sampler" in state:
+        generator.set_state(state["sampler"])
+
+
+def _state_dict(module: torch.nn.Module) -> dict[str, Tensor]:
+    # tied weights share storage; safetensors refuses shared tensors, so clone each once
+    return {k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()}
+
+
+def save_checkpoint(
+    directory: str | Path,
+    model: torch.nn.Module,
+    state: dict[str, Any],
+    reference: torch.nn.Module | None = None,
+) -> Path:
+    """Write model (+ reference) weights and `state` (nested dicts/lists of tensors and JSON
+    values) atomically into `directory`; returns it."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        save_file(_state_dict(model), tmp / "model.safetensors")
+        if reference is not None:
+            save_file(_state_dict(reference), tmp / "reference.safetensors")
+        tensors: dict[str, Tensor] = {}
+        meta = _flatten(state, "", tensors)
+        save_file(tensors, tmp / "state.safetensors")
+        (tmp / "state.json").write_text(json.dumps(meta), encoding="utf-8")
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    latest = directory.parent / "latest"
+    tmp_latest = directory.parent / ".latest.tmp"
+    tmp_latest.write_text(directory.name, encoding="utf-8")
+    os.replace(tmp_latest, latest)
+    return directory
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path:
+    """The newest complete checkpoint of a run directory."""
+    ckpts = Path(run_dir) / "checkpoints"
+    pointer = ckpts / "latest"
+    if not pointer.exists():
+        raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from (no checkpoints/latest)")
+    return ckpts / pointer.read_text(encoding="utf-8").strip()
+
+
+def load_checkpoint(
+    directory: str | Path,
+) -> tuple[dict[str, Tensor], dict[str, Tensor] | None, dict[str, Any]]:
+    """(model state dict, reference state dict or None, state)."""
+    directory = Path(directory)
+    model = load_file(directory / "model.safetensors")
+    ref_path = directory / "reference.safetensors"
+    reference = load_file(ref_path) if ref_path.exists() else None
+    tensors = load_file(directory / "state.safetensors")
+    state = _unflatten(json.loads((directory / "state.json").read_text(encoding="utf-8")), tensors)
+    return model, reference, state

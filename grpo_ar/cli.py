@@ -1,0 +1,156 @@
+"""`grpo-ar train|eval|report`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import Config, ConfigError, load_config
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def build_model_and_adapter(cfg: Config) -> tuple[Any, Any]:
+    """Load the configured model and its modality adapter."""
+    import torch
+
+    if not cfg.model.path:
+        raise ConfigError(
+            "model.path is empty: give a local folder or hub id of the model to train"
+        )
+    dtype = getattr(torch, cfg.model.dtype)
+    if cfg.model.adapter != "text":
+        raise ConfigError(
+            f"model.adapter={cfg.model.adapter!r}: the CLI builds 'text' models; "
+            "other modalities are built by their example scripts"
+        )
+    from .adapters.text import TextAdapter, load_text_model
+
+    model, tok = load_text_model(cfg.model.path, dtype=dtype, device=_device(cfg.model.device))
+    if cfg.model.disable_dropout:
+        disable_dropout(model)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    adapter = TextAdapter(
+        tok,
+        cfg.sampling,
+        chat_template=cfg.model.chat_template,
+        max_prompt_tokens=cfg.model.max_prompt_tokens,
+        system_prompt=cfg.model.system_prompt,
+    )
+    return model, adapter
+
+
+def disable_dropout(model: Any) -> None:
+    import torch
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+
+def load_data(cfg: Config) -> tuple[list[Any], list[Any]]:
+    from .data import load_entries
+
+    if not cfg.data.train:
+        raise ConfigError("data.train is empty: give a JSONL file or hf:NAME[:SPLIT]")
+    kw = dict(prompt_field=cfg.data.prompt_field, default_rewards=cfg.data.rewards or None)
+    train = load_entries(cfg.data.train, **kw)
+    evals = load_entries(cfg.data.eval, **kw) if cfg.data.eval else []
+    return train, evals
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .trainer import Trainer
+
+    if args.resume:
+        saved = Path(args.resume) / "config.yaml"
+        cfg = load_config(saved, args.set)
+    else:
+        cfg = load_config(args.config, args.set)
+    train, evals = load_data(cfg)
+    model, adapter = build_model_and_adapter(cfg)
+    trainer = Trainer(cfg, model, adapter, train, evals)
+    if args.resume:
+        trainer.resume(args.resume)
+    trainer.train()
+    print(f"run directory: {cfg.log.run_dir}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .trainer import Trainer
+
+    cfg = load_config(args.config, args.set)
+    train, evals = load_data(cfg)
+    model, adapter = build_model_and_adapter(cfg)
+    trainer = Trainer(cfg, model, adapter, train, evals)
+    entries = evals or train
+    out = trainer.evaluate(entries, greedy=True)
+    if args.samples > 0:
+        out.update(trainer.evaluate(entries, greedy=False, samples=args.samples))
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    path = Path(args.run_dir) / "metrics.jsonl"
+    if not path.exists():
+        print(f"{path} does not exist", file=sys.stderr)
+        return 2
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    keys = ["step", "reward/mean", "kl", "entropy", "completion/length_mean", "time/step"]
+    keys += sorted({k for r in rows for k in r if k.startswith("eval/")})
+    print("  ".join(f"{k:>14}" for k in keys))
+    for r in rows:
+        print(
+            "  ".join(
+                f"{r[k]:>14.4g}" if isinstance(r.get(k), (int, float)) else f"{'-':>14}"
+                for k in keys
+            )
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="grpo-ar", description="GRPO for autoregressive token models")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    tr = sub.add_parser("train", help="train with GRPO")
+    tr.add_argument("config", nargs="?", help="TOML or YAML config file")
+    tr.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
+    )
+    tr.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint"
+    )
+    ev = sub.add_parser("eval", help="score a model on held-out entries")
+    ev.add_argument("config")
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ev.add_argument(
+        "--samples", type=int, default=0, help="also sample this many completions per prompt"
+    )
+    rp = sub.add_parser("report", help="summarise a run's metrics")
+    rp.add_argument("run_dir")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.cmd == "train" and not (args.config or args.resume):
+        p.error("train needs a CONFIG file or --resume RUN_DIR")
+    try:
+        return {"train": cmd_train, "eval": cmd_eval, "report": cmd_report}[args.cmd](args)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

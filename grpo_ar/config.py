@@ -1,0 +1,338 @@
+"""Run configuration: frozen dataclasses per concern, loaded from TOML/YAML plus `--set a.b=c`.
+
+Every field is validated where it is defined; unknown keys fail naming the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from .core import ADVANTAGES, AGGREGATIONS, KL, LOSSES
+from .sampling import SamplingParams
+
+
+class ConfigError(ValueError):
+    """A configuration value that must change; the message says which and how."""
+
+
+def _need(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model, and how it is loaded."""
+
+    path: str = ""
+    """Local folder or hub id of a transformers model (empty when the script builds the model)."""
+    adapter: str = "text"
+    """Modality adapter: text (image and video come with their adapters)."""
+    dtype: str = "float32"
+    """Parameter dtype: float32 (default), bfloat16 or float16."""
+    device: str = "auto"
+    """auto (cuda when present), cpu, cuda, cuda:N."""
+    chat_template: bool | None = None
+    """None: chat template for message prompts only; true: for every prompt; false: never."""
+    system_prompt: str | None = None
+    """System message prepended to chat prompts."""
+    max_prompt_tokens: int | None = None
+    """Refuse prompts longer than this (None = no limit)."""
+    disable_dropout: bool = True
+    """Set dropout to 0 so the log-probs of a training pass match the sampler's."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+
+    def __post_init__(self) -> None:
+        _need(
+            self.dtype in ("float32", "bfloat16", "float16"),
+            f"model.dtype={self.dtype!r}: use float32, bfloat16 or float16",
+        )
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    """The GRPO objective: group size, advantage estimator, policy loss, KL, aggregation."""
+
+    group_size: int = 8
+    """GS: completions sampled per prompt."""
+    grpo_iters: int = 1
+    """μ: optimizer passes over each generated batch."""
+    advantage: str = "grpo"
+    """Advantage estimator (core.ADVANTAGES)."""
+    advantage_args: dict[str, Any] = field(default_factory=dict)
+    """Options of the estimator, e.g. {eps = 1e-4}."""
+    loss: str = "clip"
+    """Policy loss (core.LOSSES)."""
+    loss_args: dict[str, Any] = field(default_factory=dict)
+    """Options of the loss, e.g. {eps_low = 0.2, eps_high = 0.28}."""
+    aggregation: str = "token_mean"
+    """Token -> scalar reduction (core.AGGREGATIONS); token_mean is DAPO's and TRL's default."""
+    beta: float = 0.04
+    """KL coefficient; 0 builds no reference model."""
+    kl: str = "k3"
+    """KL estimator (core.KL)."""
+    kl_args: dict[str, Any] = field(default_factory=dict)
+    """Options of the KL estimator, e.g. {clamp = 20.0}."""
+    reference_refresh: str = "iteration"
+    """When the reference becomes the policy: iteration (the seed's design) or never."""
+
+    def __post_init__(self) -> None:
+        _need(
+            self.group_size >= 2,
+            f"algorithm.group_size={self.group_size}: need >= 2 "
+            "(a group of one has no baseline, every advantage would be 0)",
+        )
+        _need(self.grpo_iters >= 1, f"algorithm.grpo_iters={self.grpo_iters}: need >= 1")
+        _need(self.beta >= 0, f"algorithm.beta={self.beta}: need >= 0")
+        _need(
+            self.reference_refresh in ("iteration", "never"),
+            f"algorithm.reference_refresh={self.reference_refresh!r}: use iteration or never",
+        )
+        for reg, name, args, key in (
+            (ADVANTAGES, self.advantage, self.advantage_args, "advantage"),
+            (LOSSES, self.loss, self.loss_args, "loss"),
+            (KL, self.kl, self.kl_args, "kl"),
+            (AGGREGATIONS, self.aggregation, {}, "aggregation"),
+        ):
+            if name not in reg:
+                raise ConfigError(
+                    f"algorithm.{key}={name!r} is unknown; valid: {', '.join(sorted(reg))}"
+                )
+            try:
+                reg.check_options(name, args, f"algorithm.{key}_args")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        eps_low = self.loss_args.get("eps_low", 0.0)
+        _need(0 <= eps_low < 1, f"algorithm.loss_args.eps_low={eps_low}: need 0 <= eps_low < 1")
+        _need(self.loss_args.get("eps_high", 0.0) >= 0, "algorithm.loss_args.eps_high: need >= 0")
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """The seed's loop sizes (BS, Iters, Steps, grad accumulation) and the optimizer."""
+
+    batch_size: int = 8
+    """BS: entries (prompts) per GRPO step; each yields group_size samples."""
+    iterations: int = 1
+    """Iters: outer iterations; the reference is refreshed and reward hooks run after each."""
+    steps: int = 100
+    """Steps: total GRPO steps over all iterations (steps / iterations per iteration)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step; batch_size must divide by it."""
+    lr: float = 1e-6
+    """Peak learning rate."""
+    lr_schedule: str = "constant"
+    """constant, linear (decay to 0) or cosine, after warmup."""
+    warmup_steps: int = 0
+    """Linear warmup, in optimizer steps."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping (0 = off)."""
+    optimizer: str = "torch.optim.AdamW"
+    """Import path of a torch.optim-style optimizer class (e.g. a SOAP implementation)."""
+    optimizer_args: dict[str, Any] = field(default_factory=dict)
+    """Extra constructor arguments of the optimizer (betas, eps, ...)."""
+    seed: int = 0
+    """Seeds data order, sampling and initialisation."""
+    save_every: int = 0
+    """Checkpoint every N steps (0 = only at the end)."""
+    eval_every: int = 0
+    """Evaluate on held-out entries every N steps (0 = only at start and end when given)."""
+
+    def __post_init__(self) -> None:
+        _need(self.batch_size >= 1, f"trainer.batch_size={self.batch_size}: need >= 1")
+        _need(self.grad_accum >= 1, f"trainer.grad_accum={self.grad_accum}: need >= 1")
+        _need(
+            self.batch_size % self.grad_accum == 0,
+            f"trainer.batch_size={self.batch_size} is not divisible by trainer.grad_accum={self.grad_accum}",
+        )
+        _need(self.iterations >= 1, f"trainer.iterations={self.iterations}: need >= 1")
+        _need(
+            self.steps >= self.iterations and self.steps % self.iterations == 0,
+            f"trainer.steps={self.steps} must be a positive multiple of trainer.iterations="
+            f"{self.iterations} (steps per iteration = steps / iterations)",
+        )
+        _need(self.lr > 0, f"trainer.lr={self.lr}: need > 0")
+        _need(
+            self.lr_schedule in ("constant", "linear", "cosine"),
+            f"trainer.lr_schedule={self.lr_schedule!r}: use constant, linear or cosine",
+        )
+        _need(
+            self.warmup_steps >= 0 and self.max_grad_norm >= 0,
+            "trainer.warmup_steps and trainer.max_grad_norm must be >= 0",
+        )
+
+    @property
+    def steps_per_iteration(self) -> int:
+        return self.steps // self.iterations
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where entries come from and which rewards score them."""
+
+    train: str = ""
+    """JSONL file, or hf:NAME[:SPLIT] (empty when the script passes entries)."""
+    eval: str = ""
+    """Held-out entries, same formats (optional)."""
+    prompt_field: str = "prompt"
+    """Row field holding the prompt."""
+    rewards: list[dict[str, Any]] = field(default_factory=list)
+    """Default reward specs for rows without a `rewards` field; args "$field" read the row."""
+    reward_setup: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Run-level arguments of reward classes, by reward name (e.g. the judge model path)."""
+    eval_size: int = 0
+    """Evaluate on at most this many held-out entries (0 = all)."""
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """Run directory and what is written there."""
+
+    run_dir: str = "runs/grpo"
+    """Output folder: config.yaml, metrics.jsonl, samples.jsonl, checkpoints/."""
+    samples_per_step: int = 4
+    """Completions written to samples.jsonl per step."""
+    progress: bool = True
+    """Show a progress bar with the live reward."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'} must be a table/mapping, got {type(raw).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown key {where + '.' if where else ''}{unknown[0]}; valid keys"
+            f"{' of ' + where if where else ''}: {', '.join(sorted(names))}"
+        )
+    hints = get_type_hints(cls)
+    kw = {}
+    for name, value in raw.items():
+        sub = hints[name]
+        key = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(sub):
+            kw[name] = _build(sub, value, key)
+        else:
+            kw[name] = _coerce(value, sub, key)
+    try:
+        return cls(**kw)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where or 'config'}: {e}") from None
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Light type checks: tuples from lists, floats from ints, clear errors for the rest."""
+    text = str(hint)
+    if value is None:
+        return None
+    if text.startswith("tuple"):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return tuple(tuple(v) if isinstance(v, list) else v for v in value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads "3e-3" as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key} must be a number, got {value!r}") from None
+    base = {int: int, float: float, str: str, bool: bool}.get(hint)
+    if base is not None and (
+        not isinstance(value, base) or (base is int and isinstance(value, bool))
+    ):
+        raise ConfigError(f"{key} must be {base.__name__}, got {value!r}")
+    return value
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text) if text.strip() else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`a.b=c` strings (values parsed as YAML scalars/lists) into a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
+        path, value = item.split("=", 1)
+        node = raw
+        keys = path.strip().split(".")
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {k} is not a table")
+        node[keys[-1]] = _parse_value(value)
+    return raw
+
+
+def read_raw(path: str | Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config file {p} does not exist")
+    text = p.read_text(encoding="utf-8")
+    if p.suffix == ".toml":
+        return tomllib.loads(text)
+    if p.suffix in (".yaml", ".yml"):
+        return yaml.safe_load(text) or {}
+    raise ConfigError(f"config file {p}: use .toml, .yaml or .yml")
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    base: dict[str, Any] | None = None,
+) -> Config:
+    """Config from a file (TOML/YAML) and `key.path=value` overrides, validated."""
+    raw = dict(base or {})
+    for k, v in read_raw(path).items():
+        raw[k] = (
+            {**raw.get(k, {}), **v} if isinstance(v, dict) and isinstance(raw.get(k), dict) else v
+        )
+    return _build(Config, apply_overrides(raw, list(overrides or [])), "")
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) for YAML."""
+
+    def plain(x: Any) -> Any:
+        if isinstance(x, tuple):
+            return [plain(v) for v in x]
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        return x
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")

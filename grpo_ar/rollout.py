@@ -1,0 +1,144 @@
+"""PromptBatch and Rollout: what adapters hand the trainer, for every modality.
+
+Prompts are stored once per prompt (P rows, left-padded); the N = P·G samples point at their
+prompt through `prompt_index`. Groups are contiguous: samples g·G … g·G + G - 1 share a prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .data import Entry
+
+
+@dataclass
+class PromptBatch:
+    """P encoded prompts, left-padded. `uncond_*` hold the CFG unconditional prompts where used."""
+
+    input_ids: Tensor  # (P, L) long
+    attention_mask: Tensor  # (P, L) long, 0 on left padding
+    entries: list[Entry]
+    uncond_input_ids: Tensor | None = None  # (P, Lu)
+    uncond_attention_mask: Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.input_ids.shape != self.attention_mask.shape:
+            raise ValueError(
+                f"input_ids {tuple(self.input_ids.shape)} and attention_mask "
+                f"{tuple(self.attention_mask.shape)} differ"
+            )
+        if len(self.entries) != self.input_ids.shape[0]:
+            raise ValueError(
+                f"{len(self.entries)} entries for {self.input_ids.shape[0]} prompt rows"
+            )
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, rows: Tensor) -> PromptBatch:
+        """Rows `rows` (long), with left padding shared by all of them trimmed."""
+
+        def trim(ids: Tensor | None, mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+            if ids is None or mask is None:
+                return ids, mask
+            ids, mask = ids[rows], mask[rows]
+            keep = int(mask.sum(0).nonzero()[0]) if mask.any() else mask.shape[1] - 1
+            return ids[:, keep:], mask[:, keep:]
+
+        ids, mask = trim(self.input_ids, self.attention_mask)
+        uids, umask = trim(self.uncond_input_ids, self.uncond_attention_mask)
+        entries = [self.entries[int(i)] for i in rows]
+        return replace(
+            self,
+            input_ids=ids,
+            attention_mask=mask,
+            entries=entries,
+            uncond_input_ids=uids,
+            uncond_attention_mask=umask,
+        )
+
+    def to(self, device: torch.device | str) -> PromptBatch:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return replace(
+            self,
+            input_ids=move(self.input_ids),
+            attention_mask=move(self.attention_mask),
+            uncond_input_ids=move(self.uncond_input_ids),
+            uncond_attention_mask=move(self.uncond_attention_mask),
+        )
+
+
+@dataclass
+class Rollout:
+    """N sampled completions (T tokens, right-padded after EOS) of P prompts, G per prompt.
+
+    `sampling_logp` is the sampler's own log-prob of each chosen token under the distribution it
+    sampled from, so any gap to the trained distribution can be importance-corrected.
+    `data` holds further per-sample tensors (advantages, reference log-probs, ...) whose first
+    dim is N; `select` slices them along with everything else.
+    """
+
+    prompts: PromptBatch
+    group_size: int
+    completion_ids: Tensor  # (N, T) long, pad after EOS
+    completion_mask: Tensor  # (N, T) float, 1 up to and including EOS
+    sampling_logp: Tensor  # (N, T) float, 0 under mask == 0
+    truncated: Tensor  # (N,) bool, no EOS within the budget
+    prompt_index: Tensor  # (N,) long, row of `prompts`
+    group_ids: Tensor  # (N,) long, group index in the whole step batch
+    span_ids: Tensor | None = None  # (N, T) long token span type (e.g. text then image codes)
+    data: dict[str, Tensor] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.completion_ids.shape[0]
+
+    @property
+    def entries(self) -> list[Entry]:
+        """The entry of each sample (N,)."""
+        return [self.prompts.entries[int(i)] for i in self.prompt_index]
+
+    @property
+    def lengths(self) -> Tensor:
+        """(N,) completion lengths in tokens."""
+        return self.completion_mask.sum(-1).long()
+
+    def select(self, rows: Tensor | list[int]) -> Rollout:
+        """Sub-rollout of samples `rows`, with its prompts and padding columns trimmed."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.completion_ids.device)
+        used, local = torch.unique(self.prompt_index[rows], return_inverse=True)
+        t = int(self.completion_mask[rows].sum(-1).max().clamp(min=1))
+        width = self.completion_ids.shape[1]
+
+        def cut(x: Tensor) -> Tensor:
+            x = x[rows]
+            return x[:, :t] if x.ndim >= 2 and x.shape[1] == width else x
+
+        return replace(
+            self,
+            prompts=self.prompts.select(used),
+            completion_ids=cut(self.completion_ids),
+            completion_mask=cut(self.completion_mask),
+            sampling_logp=cut(self.sampling_logp),
+            truncated=self.truncated[rows],
+            prompt_index=local,
+            group_ids=self.group_ids[rows],
+            span_ids=None if self.span_ids is None else cut(self.span_ids),
+            data={k: cut(v) for k, v in self.data.items()},
+        )
+
+    def micro_batches(self, n: int) -> list[Rollout]:
+        """Split into n contiguous micro-batches of whole groups where possible."""
+        groups = len(self) // self.group_size
+        if n <= groups and groups % n == 0:
+            per = (groups // n) * self.group_size
+        elif len(self) % n == 0:
+            per = len(self) // n
+        else:
+            raise ValueError(f"{len(self)} samples do not split into {n} micro-batches")
+        return [self.select(list(range(i, i + per))) for i in range(0, len(self), per)]

@@ -1,0 +1,113 @@
+"""Optimizer, schedule and metric plumbing of the trainer."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from .config import ConfigError, TrainerConfig
+
+
+def import_object(path: str) -> Any:
+    """`package.module.Name` -> the object."""
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ConfigError(f"cannot import {path!r}: {e}") from None
+
+
+def build_optimizer(model: torch.nn.Module, t: TrainerConfig) -> torch.optim.Optimizer:
+    """Any torch.optim-style class by import path (the seed mentions SOAP, PSGD)."""
+    cls = import_object(t.optimizer)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("the model has no trainable parameters")
+    try:
+        return cls(params, lr=t.lr, weight_decay=t.weight_decay, **t.optimizer_args)
+    except TypeError as e:
+        raise ConfigError(f"trainer.optimizer={t.optimizer}: {e}") from None
+
+
+def build_scheduler(
+    opt: torch.optim.Optimizer, t: TrainerConfig, total: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup then constant / linear / cosine decay, per optimizer step."""
+    warm, kind = t.warmup_steps, t.lr_schedule
+
+    def factor(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        return 1.0 - progress if kind == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    m = mask.bool()
+    return x.masked_fill(~m, 0).sum() / m.sum().clamp(min=1)
+
+
+def zero_std_fraction(rewards: Tensor, group_size: int) -> float:
+    """Fraction of groups whose valid rewards are all equal (they carry no learning signal)."""
+    r = rearrange(rewards, "(p g) -> p g", g=group_size)
+    valid = torch.isfinite(r)
+    hi = torch.where(valid, r, torch.full_like(r, -math.inf)).amax(1)
+    lo = torch.where(valid, r, torch.full_like(r, math.inf)).amin(1)
+    return float(((hi <= lo) | (valid.sum(1) <= 1)).float().mean())
+
+
+class StepStats:
+    """Accumulates token-weighted means, scalars, counts and timers over one step."""
+
+    def __init__(self) -> None:
+        self.token_sums: dict[str, list[Tensor]] = defaultdict(
+            lambda: [torch.zeros(()), torch.zeros(())]
+        )
+        self.scalars: dict[str, list[float]] = defaultdict(list)
+        self.counts: dict[str, int] = defaultdict(int)
+        self.times: dict[str, float] = defaultdict(float)
+        self.values: dict[str, float] = {}
+
+    def add_tokens(self, name: str, x: Tensor, mask: Tensor) -> None:
+        m = mask.bool()
+        acc = self.token_sums[name]
+        acc[0] = acc[0] + x.masked_fill(~m, 0).sum().float().cpu()
+        acc[1] = acc[1] + m.sum().float().cpu()
+
+    def add_scalar(self, name: str, x: Tensor | float) -> None:
+        self.scalars[name].append(float(x))
+
+    def count(self, name: str) -> None:
+        self.counts[name] += 1
+
+    def update(self, values: dict[str, float]) -> None:
+        self.values.update(values)
+
+    @contextmanager
+    def timer(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[name] += time.perf_counter() - start
+
+    def summary(self) -> dict[str, float]:
+        out = dict(self.values)
+        out.update({k: float(s / n.clamp(min=1)) for k, (s, n) in self.token_sums.items()})
+        out.update({k: sum(v) / len(v) for k, v in self.scalars.items() if v})
+        out.update({k: float(v) for k, v in self.counts.items()})
+        out.update({f"time/{k}": v for k, v in self.times.items()})
+        return out

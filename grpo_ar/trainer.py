@@ -1,0 +1,332 @@
+"""The seed's GRPO loop, nothing modality-specific: sample groups, score, normalise, then μ
+optimizer passes of grad-accumulated micro-batches through the core registries."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from .config import Config, ConfigError, save_config
+from .core import AGGREGATIONS, KL, LOSSES, compute_advantages
+from .data import Entry, PromptSampler
+from .reference import FrozenCopy
+from .rewards import RewardComputer, RewardContext, build_rewards, reward_metrics
+from .rollout import Rollout
+from .train_utils import StepStats, build_optimizer, build_scheduler, zero_std_fraction
+
+log = logging.getLogger("grpo_ar")
+
+
+class Trainer:
+    """GRPO over any adapter. `train()` runs `config.trainer.steps` steps."""
+
+    def __init__(
+        self,
+        config: Config,
+        model: torch.nn.Module,
+        adapter: Any,
+        train_entries: Sequence[Entry],
+        eval_entries: Sequence[Entry] | None = None,
+        rewards: RewardComputer | None = None,
+        reference: Any | None = None,
+    ) -> None:
+        self.cfg, self.model, self.adapter = config, model, adapter
+        t, a = config.trainer, config.algorithm
+        self.train_entries, self.eval_entries = list(train_entries), list(eval_entries or [])
+        self.device = next(model.parameters()).device
+        everything = self.train_entries + self.eval_entries
+        if rewards is None:  # builds and validates every reward the entries name, before any step
+            rewards = build_rewards(config.data.reward_setup, everything)
+        else:
+            rewards.validate(everything)
+        self.rewards = rewards
+        self.prompts = PromptSampler(self.train_entries, t.batch_size, t.seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(t.seed)
+        if a.beta > 0:
+            self.reference = reference if reference is not None else FrozenCopy(model)
+        else:
+            self.reference = None
+        self.optimizer = build_optimizer(model, t)
+        self.scheduler = build_scheduler(self.optimizer, t, total=t.steps * a.grpo_iters)
+        self.step = 0
+        self.run_dir = Path(config.log.run_dir)
+
+    # -- one GRPO step ---------------------------------------------------------------------
+    def generate(self, entries: Sequence[Entry], stats: StepStats) -> Rollout:
+        """Sample groups, decode, score; returns the rollout with advantages in `data`."""
+        a = self.cfg.algorithm
+        with stats.timer("sample"):
+            self.model.eval()
+            prompts = self.adapter.encode(entries).to(self.device)
+            rollout = self.adapter.sample(
+                self.model, prompts, a.group_size, generator=self.generator
+            )
+        with stats.timer("reward"):
+            outputs = self.adapter.decode(rollout)
+            ctx = RewardContext(
+                rollout.entries,
+                rollout.group_ids.tolist(),
+                a.group_size,
+                self.step,
+                lengths=self.adapter.output_lengths(rollout),
+            )
+            result = self.rewards(outputs, ctx)
+        adv, valid = compute_advantages(
+            a.advantage, result.total.to(self.device), a.group_size, **a.advantage_args
+        )
+        rollout.data["adv"] = adv
+        rollout.data["valid"] = valid
+        rollout.extras.update(outputs=outputs, reward=result)
+        stats.update(reward_metrics(result))
+        stats.update({"reward/zero_std_groups": zero_std_fraction(result.total, a.group_size)})
+        return rollout
+
+    def update(self, rollout: Rollout, stats: StepStats) -> None:
+        """μ optimizer passes over the rollout; reference log-probs computed once."""
+        a, t = self.cfg.algorithm, self.cfg.trainer
+        micro = rollout.micro_batches(t.grad_accum)
+        if self.reference is not None:
+            with stats.timer("reference"):
+                for mb in micro:
+                    mb.data["ref_logp"] = self.reference.logprobs(self.adapter, mb)
+        totals = (rollout.completion_mask.sum(), len(rollout), self.cfg.sampling.max_new_tokens)
+        loss_fn, agg_fn, kl_fn = LOSSES[a.loss], AGGREGATIONS[a.aggregation], KL[a.kl]
+        with stats.timer("update"):
+            self.model.train()
+            for it in range(a.grpo_iters):
+                self.optimizer.zero_grad(set_to_none=True)
+                finite = True
+                for mb in micro:
+                    logp, ent = self.adapter.token_logprobs(self.model, mb, with_entropy=True)
+                    # pass 1 runs the sampling policy itself: old = sg(logp), no extra forward
+                    if it == 0:
+                        mb.data["old_logp"] = logp.detach()
+                    mask = mb.completion_mask
+                    pl = loss_fn(logp, mb.data["old_logp"], mb.data["adv"], mask, **a.loss_args)
+                    tok = pl.loss
+                    if self.reference is not None:
+                        kl = kl_fn(logp, mb.data["ref_logp"], **a.kl_args)
+                        tok = tok + a.beta * kl
+                        stats.add_tokens("kl", kl.detach(), mask)
+                    loss = agg_fn(tok, mask, *totals)
+                    if not torch.isfinite(loss):
+                        finite = False
+                        break
+                    loss.backward()
+                    stats.add_scalar("loss", loss.detach())
+                    stats.add_tokens("entropy", ent.detach(), mask)
+                    stats.add_tokens("clip/low", pl.clipped_low.expand_as(mask), mask)
+                    stats.add_tokens("clip/high", pl.clipped_high.expand_as(mask), mask)
+                self._optimizer_step(finite, stats)
+
+    def _optimizer_step(self, finite: bool, stats: StepStats) -> None:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        norm = torch.tensor(0.0)
+        if finite:
+            max_norm = self.cfg.trainer.max_grad_norm or math.inf
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            finite = bool(torch.isfinite(norm))
+        if not finite:  # never a NaN update: drop this pass, keep the run
+            self.optimizer.zero_grad(set_to_none=True)
+            stats.count("skipped_updates")
+            log.warning("step %d: non-finite loss or gradient; update skipped", self.step)
+        else:
+            self.optimizer.step()
+            stats.add_scalar("grad_norm", norm)
+        self.scheduler.step()
+
+    def train_step(self) -> dict[str, float]:
+        stats = StepStats()
+        start = time.perf_counter()
+        rollout = self.generate(self.prompts.next_batch(), stats)
+        self.update(rollout, stats)
+        self.step += 1
+        if self.step % self.cfg.trainer.steps_per_iteration == 0:
+            self.end_iteration()
+        metrics = stats.summary()
+        n_tok = float(rollout.completion_mask.sum())
+        metrics.update(
+            {
+                "step": self.step,
+                "lr": self.scheduler.get_last_lr()[0],
+                "completion/length_mean": n_tok / len(rollout),
+                "completion/length_max": float(rollout.lengths.max()),
+                "completion/truncated": float(rollout.truncated.float().mean()),
+                "time/step": time.perf_counter() - start,
+                "tokens_per_s": n_tok / max(stats.times.get("sample", 0.0), 1e-9),
+            }
+        )
+        self._write_samples(rollout)
+        return metrics
+
+    def end_iteration(self) -> None:
+        """Reference <- policy (the seed's design), then reward hooks."""
+        if self.reference is not None and self.cfg.algorithm.reference_refresh == "iteration":
+            self.reference.refresh(self.model)
+        self.rewards.on_iteration_end(self.step)
+
+    # -- the run -----------------------------------------------------------------------------
+    def train(self) -> list[dict[str, float]]:
+        t = self.cfg.trainer
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, self.run_dir / "config.yaml")
+        history = []
+        if self.eval_entries and self.step == 0:
+            self._log({"step": 0, **self.evaluate(self.eval_entries)})
+        bar = _progress(self.cfg.log.progress, t.steps, self.step)
+        while self.step < t.steps:
+            metrics = self.train_step()
+            if (
+                self.eval_entries
+                and t.eval_every
+                and self.step % t.eval_every == 0
+                and self.step < t.steps
+            ):
+                metrics.update(self.evaluate(self.eval_entries))
+            if t.save_every and self.step % t.save_every == 0:
+                self.save()
+            self._log(metrics)
+            history.append(metrics)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics.get('reward/mean', float('nan')):.3f}")
+        if bar is not None:
+            bar.close()
+        if self.eval_entries:
+            self._log({"step": self.step, **self.evaluate(self.eval_entries)})
+        self.save()
+        return history
+
+    @torch.no_grad()
+    def evaluate(
+        self,
+        entries: Sequence[Entry],
+        greedy: bool = True,
+        samples: int = 1,
+        batch_size: int | None = None,
+    ) -> dict[str, float]:
+        """Mean reward (overall and per reward) on held-out entries, greedy or sampled."""
+        limit = self.cfg.data.eval_size or len(entries)
+        entries = list(entries)[:limit]
+        bs = batch_size or max(self.cfg.trainer.batch_size, 1)
+        self.model.eval()
+        totals, comps = [], {}
+        for i in range(0, len(entries), bs):
+            chunk = entries[i : i + bs]
+            prompts = self.adapter.encode(chunk).to(self.device)
+            gen = torch.Generator(device=self.device).manual_seed(self.cfg.trainer.seed + 7919 + i)
+            rollout = self.adapter.sample(
+                self.model, prompts, samples, generator=gen, greedy=greedy
+            )
+            ctx = RewardContext(
+                rollout.entries,
+                rollout.group_ids.tolist(),
+                samples,
+                self.step,
+                lengths=self.adapter.output_lengths(rollout),
+            )
+            result = self.rewards(self.adapter.decode(rollout), ctx)
+            totals.append(result.total)
+            for k, name in enumerate(result.names):
+                comps.setdefault(name, []).append(result.components[:, k])
+        mode = "greedy" if greedy else "sampled"
+        out = {f"eval/{mode}/reward": float(torch.cat(totals).nanmean())}
+        out.update({f"eval/{mode}/{k}": float(torch.cat(v).nanmean()) for k, v in comps.items()})
+        return out
+
+    # -- outputs -----------------------------------------------------------------------------
+    def _log(self, metrics: dict[str, float]) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({k: _jsonable(v) for k, v in metrics.items()}) + "\n")
+
+    def _write_samples(self, rollout: Rollout) -> None:
+        k = self.cfg.log.samples_per_step
+        if k <= 0:
+            return
+        outputs, result = rollout.extras["outputs"], rollout.extras["reward"]
+        with open(self.run_dir / "samples.jsonl", "a", encoding="utf-8") as f:
+            for i in range(min(k, len(rollout))):
+                entry = rollout.entries[i]
+                f.write(
+                    json.dumps(
+                        {
+                            "step": self.step,
+                            "group": int(rollout.group_ids[i]),
+                            "prompt": _jsonable(entry.prompt),
+                            "output": _jsonable(outputs[i]),
+                            "reward": _jsonable(float(result.total[i])),
+                            "advantage": float(rollout.data["adv"][i]),
+                        }
+                    )
+                    + "\n"
+                )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "prompts": self.prompts.state_dict(),
+            "rng": rng_state(self.generator),
+            "dtype": self.cfg.model.dtype,
+        }
+
+    def save(self) -> Path:
+        ref = self.reference.module() if self.reference is not None else None
+        return save_checkpoint(
+            self.run_dir / "checkpoints" / f"step_{self.step:06d}",
+            self.model,
+            self.state_dict(),
+            reference=ref,
+        )
+
+    def resume(self, run_dir: str | Path | None = None) -> None:
+        """Continue from the newest checkpoint of `run_dir` (default: this run's)."""
+        model_sd, ref_sd, state = load_checkpoint(latest_checkpoint(run_dir or self.run_dir))
+        saved, now = state["dtype"], self.cfg.model.dtype
+        if {saved, now} == {"bfloat16", "float16"}:
+            raise ConfigError(
+                f"the run was trained in {saved}; resuming in {now} is refused "
+                "(never switch between bf16 and fp16 mid-training)"
+            )
+        self.model.load_state_dict(model_sd)
+        if self.reference is not None and ref_sd is not None:
+            self.reference.module().load_state_dict(ref_sd)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.prompts.load_state_dict(state["prompts"])
+        set_rng_state(state["rng"], self.generator)
+        self.step = int(state["step"])
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, (str, int, float, bool, type(None), list, dict)):
+        return x
+    if isinstance(x, torch.Tensor) and x.numel() == 1:
+        return _jsonable(float(x))
+    return repr(x)
+
+
+def _progress(enabled: bool, total: int, initial: int) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="grpo", dynamic_ncols=True)
