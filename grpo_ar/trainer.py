@@ -64,6 +64,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, t, total=t.steps * a.grpo_iters)
         self.step = 0
         self.run_dir = Path(config.log.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
 
     # -- one GRPO step ---------------------------------------------------------------------
     def generate(self, entries: Sequence[Entry], stats: StepStats) -> Rollout:
@@ -146,8 +147,8 @@ class Trainer:
             log.warning("step %d: non-finite loss or gradient; update skipped", self.step)
         else:
             self.optimizer.step()
+            self.scheduler.step()
             stats.add_scalar("grad_norm", norm)
-        self.scheduler.step()
 
     def train_step(self) -> dict[str, float]:
         stats = StepStats()
@@ -182,7 +183,6 @@ class Trainer:
     # -- the run -----------------------------------------------------------------------------
     def train(self) -> list[dict[str, float]]:
         t = self.cfg.trainer
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(self.cfg, self.run_dir / "config.yaml")
         history = []
         if self.eval_entries and self.step == 0:
@@ -250,7 +250,6 @@ class Trainer:
 
     # -- outputs -----------------------------------------------------------------------------
     def _log(self, metrics: dict[str, float]) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps({k: _jsonable(v) for k, v in metrics.items()}) + "\n")
 
