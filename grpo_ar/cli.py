@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, ConfigError, load_config
+from .data import DataError
 
 
 def _device(name: str) -> str:
@@ -74,8 +75,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .trainer import Trainer
 
     if args.resume:
-        saved = Path(args.resume) / "config.yaml"
-        cfg = load_config(saved, args.set)
+        if args.config:
+            raise ConfigError(
+                "--resume reads the run's own config.yaml; drop CONFIG and change keys with --set"
+            )
+        cfg = load_config(Path(args.resume) / "config.yaml", args.set)
     else:
         cfg = load_config(args.config, args.set)
     train, evals = load_data(cfg)
@@ -149,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         return {"train": cmd_train, "eval": cmd_eval, "report": cmd_report}[args.cmd](args)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:
+        print(f"data error: {e}", file=sys.stderr)
         return 2
 
 

@@ -6,7 +6,10 @@ Every field is validated where it is defined; unknown keys fail naming the valid
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -20,6 +23,21 @@ else:  # pragma: no cover
 
 from .core import ADVANTAGES, AGGREGATIONS, KL, LOSSES
 from .sampling import SamplingParams
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with "3e-3" read as a float (YAML 1.1 wants "3.0e-3")."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 class ConfigError(ValueError):
@@ -250,17 +268,31 @@ def _build(cls: type, raw: Any, where: str) -> Any:
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Light type checks: tuples from lists, floats from ints, clear errors for the rest."""
-    text = str(hint)
+    """Type checks with light conversions: tuples from lists, floats from ints and numeric
+    strings; Optional unwrapped; mappings and lists checked as such."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key) if len(inner) == 1 else value
     if value is None:
-        return None
-    if text.startswith("tuple"):
+        raise ConfigError(f"{key} may not be empty")
+    if hint is tuple or origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} must be a list, got {value!r}")
         return tuple(tuple(v) if isinstance(v, list) else v for v in value)
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a table/mapping, got {value!r}")
+        return value
+    if hint is list or origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if hint is float and isinstance(value, str):  # YAML 1.1 reads "3e-3" as a string
+    if hint is float and isinstance(value, str):
         try:
             return float(value)
         except ValueError:
@@ -274,7 +306,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 
 
 def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text) if text.strip() else ""
+    return _yaml(text) if text.strip() else ""
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -303,7 +335,7 @@ def read_raw(path: str | Path | None) -> dict[str, Any]:
     if p.suffix == ".toml":
         return tomllib.loads(text)
     if p.suffix in (".yaml", ".yml"):
-        return yaml.safe_load(text) or {}
+        return _yaml(text) or {}
     raise ConfigError(f"config file {p}: use .toml, .yaml or .yml")
 
 

@@ -69,7 +69,13 @@ def _spec_from(raw: Any, where: str) -> list[RewardSpec]:
                 raise DataError(f"{where}: arguments of reward {name!r} must be a mapping")
             args = dict(args)
             weight = args.pop("weight", 1.0)
-            out.append(RewardSpec(str(name), float(weight), args))
+            try:
+                weight = float(weight)
+            except (TypeError, ValueError):
+                raise DataError(
+                    f"{where}: weight of reward {name!r} must be a number, got {weight!r}"
+                ) from None
+            out.append(RewardSpec(str(name), weight, args))
         return out
     if isinstance(raw, list):
         return [s for item in raw for s in _spec_from(item, where)]
@@ -137,12 +143,24 @@ def load_jsonl(path: str | Path, **kw: Any) -> list[Entry]:
 
 def load_rows(rows: Iterable[Mapping[str, Any]], source: str = "rows", **kw: Any) -> list[Entry]:
     """Python rows (dicts) or Entry objects -> entries; also HF `datasets.Dataset` (iterates dicts)."""
+    arrow = type(rows).__module__.startswith("datasets")
     out = []
     for i, row in enumerate(rows):
+        if arrow and isinstance(row, Mapping) and "rewards" in row:
+            # Arrow unifies row structs, filling keys a row lacks with None: drop them again
+            row = {**row, "rewards": _drop_none(row["rewards"])}
         out.append(row if isinstance(row, Entry) else entry_from_row(row, f"{source}[{i}]", **kw))
     if not out:
         raise DataError(f"{source}: no rows")
     return out
+
+
+def _drop_none(x: Any) -> Any:
+    if isinstance(x, Mapping):
+        return {k: _drop_none(v) for k, v in x.items() if v is not None}
+    if isinstance(x, list):
+        return [_drop_none(v) for v in x]
+    return x
 
 
 def load_hf(name: str, split: str = "train", config: str | None = None, **kw: Any) -> list[Entry]:
@@ -151,7 +169,13 @@ def load_hf(name: str, split: str = "train", config: str | None = None, **kw: An
         import datasets
     except ImportError as e:
         raise ImportError("loading HF datasets needs `pip install datasets`") from e
-    ds = datasets.load_dataset(name, config, split=split)
+    folder = Path(name)
+    if folder.is_dir() and any((folder / f).exists() for f in ("state.json", "dataset_dict.json")):
+        ds = datasets.load_from_disk(str(folder))  # a `save_to_disk` folder
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[split]
+    else:
+        ds = datasets.load_dataset(name, config, split=split)
     return load_rows(ds, source=f"{name}[{split}]", **kw)
 
 
@@ -159,7 +183,7 @@ def load_entries(source: str | Path, **kw: Any) -> list[Entry]:
     """`*.jsonl` files, or `hf:NAME[:SPLIT]` for HF datasets."""
     s = str(source)
     if s.startswith("hf:"):
-        parts = s[3:].split(":")
+        parts = s[3:].split(":", 1)
         return load_hf(parts[0], parts[1] if len(parts) > 1 else "train", **kw)
     if not Path(s).exists():
         raise DataError(f"{s}: no such file")
