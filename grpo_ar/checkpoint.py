@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import Tensor
 
 
@@ -74,26 +74,23 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator | None = Non
         generator.set_state(state["sampler"])
 
 
-def _state_dict(module: torch.nn.Module) -> dict[str, Tensor]:
-    # tied weights share storage; safetensors refuses shared tensors, so clone each once
-    return {k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()}
-
-
 def save_checkpoint(
     directory: str | Path,
     model: torch.nn.Module,
     state: dict[str, Any],
     reference: torch.nn.Module | None = None,
+    keep: int = 0,
 ) -> Path:
     """Write model (+ reference) weights and `state` (nested dicts/lists of tensors and JSON
-    values) atomically into `directory`; returns it."""
+    values) atomically into `directory`; keep only the newest `keep` checkpoints (0 = all)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        save_file(_state_dict(model), tmp / "model.safetensors")
+        # save_model stores tied weights (embeddings = LM head) once
+        save_model(model, str(tmp / "model.safetensors"))
         if reference is not None:
-            save_file(_state_dict(reference), tmp / "reference.safetensors")
+            save_model(reference, str(tmp / "reference.safetensors"))
         tensors: dict[str, Tensor] = {}
         meta = _flatten(state, "", tensors)
         save_file(tensors, tmp / "state.safetensors")
@@ -108,6 +105,10 @@ def save_checkpoint(
     tmp_latest = directory.parent / ".latest.tmp"
     tmp_latest.write_text(directory.name, encoding="utf-8")
     os.replace(tmp_latest, latest)
+    if keep > 0:
+        done = sorted(p for p in directory.parent.glob("step_*") if p.is_dir())
+        for old in done[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
     return directory
 
 
@@ -120,14 +121,17 @@ def latest_checkpoint(run_dir: str | Path) -> Path:
     return ckpts / pointer.read_text(encoding="utf-8").strip()
 
 
-def load_checkpoint(
-    directory: str | Path,
-) -> tuple[dict[str, Tensor], dict[str, Tensor] | None, dict[str, Any]]:
-    """(model state dict, reference state dict or None, state)."""
+def load_weights(module: torch.nn.Module, path: str | Path) -> None:
+    """Load a `model.safetensors` / `reference.safetensors` of a checkpoint into `module`."""
+    missing, unexpected = load_model(module, str(path), strict=False)
+    if missing or unexpected:  # load_model already accounts for tied weights
+        raise ValueError(
+            f"{path} does not fit the model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+
+
+def load_state(directory: str | Path) -> dict[str, Any]:
+    """The trainer state of a checkpoint folder."""
     directory = Path(directory)
-    model = load_file(directory / "model.safetensors")
-    ref_path = directory / "reference.safetensors"
-    reference = load_file(ref_path) if ref_path.exists() else None
     tensors = load_file(directory / "state.safetensors")
-    state = _unflatten(json.loads((directory / "state.json").read_text(encoding="utf-8")), tensors)
-    return model, reference, state
+    return _unflatten(json.loads((directory / "state.json").read_text(encoding="utf-8")), tensors)

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     train, evals = load_data(cfg)
     model, adapter = build_model_and_adapter(cfg)
+    if args.checkpoint:
+        from .checkpoint import latest_checkpoint, load_weights
+
+        ckpt = Path(args.checkpoint)
+        if (ckpt / "checkpoints").is_dir():
+            ckpt = latest_checkpoint(ckpt)
+        load_weights(model, ckpt / "model.safetensors")
+    cfg = replace(cfg, algorithm=replace(cfg.algorithm, beta=0.0))  # scoring needs no reference
     trainer = Trainer(cfg, model, adapter, train, evals)
     entries = evals or train
     out = trainer.evaluate(entries, greedy=True)
@@ -143,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument(
         "--samples", type=int, default=0, help="also sample this many completions per prompt"
     )
+    ev.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        help="checkpoint folder, or run directory (its latest), to score",
+    )
     rp = sub.add_parser("report", help="summarise a run's metrics")
     rp.add_argument("run_dir")
     args = p.parse_args(argv)
@@ -154,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    except DataError as e:
-        print(f"data error: {e}", file=sys.stderr)
+    except (DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
 
 

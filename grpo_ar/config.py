@@ -169,6 +169,8 @@ class TrainerConfig:
     """Checkpoint every N steps (0 = only at the end)."""
     eval_every: int = 0
     """Evaluate on held-out entries every N steps (0 = only at start and end when given)."""
+    threads: int = 0
+    """CPU threads for torch (0 = torch's default); 1 is often fastest on a loaded machine."""
 
     def __post_init__(self) -> None:
         _need(self.batch_size >= 1, f"trainer.batch_size={self.batch_size}: need >= 1")
@@ -214,6 +216,12 @@ class DataConfig:
     """Run-level arguments of reward classes, by reward name (e.g. the judge model path)."""
     eval_size: int = 0
     """Evaluate on at most this many held-out entries (0 = all)."""
+    eval_batch_size: int = 32
+    """Prompts per batch during evaluation."""
+
+    def __post_init__(self) -> None:
+        _need(self.eval_size >= 0, f"data.eval_size={self.eval_size}: need >= 0")
+        _need(self.eval_batch_size >= 1, f"data.eval_batch_size={self.eval_batch_size}: need >= 1")
 
 
 @dataclass(frozen=True)
@@ -226,6 +234,8 @@ class LogConfig:
     """Completions written to samples.jsonl per step."""
     progress: bool = True
     """Show a progress bar with the live reward."""
+    keep_checkpoints: int = 2
+    """Keep the newest N checkpoints (0 = all)."""
 
 
 @dataclass(frozen=True)

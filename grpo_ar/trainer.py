@@ -15,7 +15,8 @@ import torch
 
 from .checkpoint import (
     latest_checkpoint,
-    load_checkpoint,
+    load_state,
+    load_weights,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -46,6 +47,8 @@ class Trainer:
     ) -> None:
         self.cfg, self.model, self.adapter = config, model, adapter
         t, a = config.trainer, config.algorithm
+        if t.threads:
+            torch.set_num_threads(t.threads)
         self.train_entries, self.eval_entries = list(train_entries), list(eval_entries or [])
         self.device = next(model.parameters()).device
         everything = self.train_entries + self.eval_entries
@@ -222,7 +225,7 @@ class Trainer:
         """Mean reward (overall and per reward) on held-out entries, greedy or sampled."""
         limit = self.cfg.data.eval_size or len(entries)
         entries = list(entries)[:limit]
-        bs = batch_size or max(self.cfg.trainer.batch_size, 1)
+        bs = batch_size or self.cfg.data.eval_batch_size
         self.model.eval()
         totals, comps = [], {}
         for i in range(0, len(entries), bs):
@@ -292,20 +295,22 @@ class Trainer:
             self.model,
             self.state_dict(),
             reference=ref,
+            keep=self.cfg.log.keep_checkpoints,
         )
 
     def resume(self, run_dir: str | Path | None = None) -> None:
         """Continue from the newest checkpoint of `run_dir` (default: this run's)."""
-        model_sd, ref_sd, state = load_checkpoint(latest_checkpoint(run_dir or self.run_dir))
+        ckpt = latest_checkpoint(run_dir or self.run_dir)
+        state = load_state(ckpt)
         saved, now = state["dtype"], self.cfg.model.dtype
         if {saved, now} == {"bfloat16", "float16"}:
             raise ConfigError(
                 f"the run was trained in {saved}; resuming in {now} is refused "
                 "(never switch between bf16 and fp16 mid-training)"
             )
-        self.model.load_state_dict(model_sd)
-        if self.reference is not None and ref_sd is not None:
-            self.reference.module().load_state_dict(ref_sd)
+        load_weights(self.model, ckpt / "model.safetensors")
+        if self.reference is not None and (ckpt / "reference.safetensors").exists():
+            load_weights(self.reference.module(), ckpt / "reference.safetensors")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.prompts.load_state_dict(state["prompts"])

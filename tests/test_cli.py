@@ -297,3 +297,14 @@ def test_cli_resume_in_the_other_half_precision_exits_2(tmp_path, workspace, cap
     assert rc == 2
     err = capsys.readouterr().err
     assert "bfloat16" in err and "float16" in err and "bf16" in err
+
+
+def test_eval_scores_a_checkpoint(trained, workspace, capsys):
+    """`eval --checkpoint RUN_DIR` loads the run's latest weights; a missing one exits 2."""
+    run_dir, rc, _ = trained
+    assert rc == 0
+    config = str(workspace / "run.toml")
+    assert main(["eval", config, "--checkpoint", str(run_dir)]) == 0
+    assert "eval/greedy/reward" in json.loads(capsys.readouterr().out)
+    assert main(["eval", config, "--checkpoint", str(run_dir / "nope")]) == 2
+    assert "nope" in capsys.readouterr().err

@@ -189,3 +189,33 @@ def test_resume_refuses_bf16_fp16_switch(tmp_path):
     other = make(tmp_path, ["trainer.steps=2", "model.dtype=float16"])
     with pytest.raises(ValueError, match="never switch between bf16 and fp16"):
         other.resume()
+
+
+def test_checkpoint_weights_round_trip_with_tied_embeddings(tmp_path):
+    from grpo_ar.checkpoint import latest_checkpoint, load_weights
+
+    tr = make(tmp_path, ["trainer.steps=1"], reward="toy_len")
+    tr.model.config.tie_word_embeddings = True
+    tr.model.tie_weights()
+    tr.train()
+    ckpt = latest_checkpoint(tmp_path)
+    fresh = tiny_llama(vocab_size=tr.model.config.vocab_size, seed=99)
+    fresh.config.tie_word_embeddings = True
+    fresh.tie_weights()
+    load_weights(fresh, ckpt / "model.safetensors")
+    for k, v in tr.model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+    assert fresh.lm_head.weight.data_ptr() == fresh.model.embed_tokens.weight.data_ptr()
+
+
+def test_keep_checkpoints_prunes_old_ones(tmp_path):
+    tr = make(
+        tmp_path,
+        ["trainer.steps=3", "trainer.save_every=1", "log.keep_checkpoints=2"],
+        reward="toy_len",
+    )
+    tr.train()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == [
+        "step_000002",
+        "step_000003",
+    ]
