@@ -63,10 +63,10 @@ def with_mistakes(rows: list[dict[str, str]], frac: float, seed: int) -> list[di
 
 def pretrain(
     out_dir: str | Path,
-    steps: int = 1000,
+    steps: int = 800,
     seed: int = 0,
     batch_size: int = 64,
-    lr: float = 3e-3,
+    lr: float = 1e-3,
     warmup: int = 20,
     final_lr_frac: float = 0.1,
     weight_decay: float = 0.01,
@@ -157,7 +157,7 @@ def main() -> None:
     """CLI: pre-train (or reuse) and report held-out greedy, pass@1 and pass@8 and wall time."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/arith_base")
-    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-n", type=int, default=200)
     args = ap.parse_args()

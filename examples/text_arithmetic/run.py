@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap.add_argument(
         "--pretrain-steps", type=int, default=None, help="override pretrain.py's default"
     )
-    ap.add_argument("--eval-n", type=int, default=300, help="held-out problems")
+    ap.add_argument(
+        "--eval-n", type=int, default=200, help="distinct held-out problems (249 exist)"
+    )
     ap.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="config override"
     )
@@ -53,7 +55,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model, tok = pretrain(args.base, **kw)
     cfg = load_config(CONFIG, args.set)
     train = rows_to_entries(make_problems(4000, cfg.trainer.seed, "train", **TASK))
-    heldout = rows_to_entries(make_problems(args.eval_n, cfg.trainer.seed + 1, "test", **TASK))
+    heldout = rows_to_entries(
+        make_problems(args.eval_n, cfg.trainer.seed + 1, "test", unique=True, **TASK)
+    )
     trainer = Trainer(cfg, model, TextAdapter(tok, cfg.sampling), train)
 
     def measure() -> tuple[float, float]:

@@ -51,25 +51,34 @@ def make_problems(
     max_operand: int = 99,
     ops: str = "+-",
     heldout_frac: float = 0.1,
+    unique: bool = False,
 ) -> list[dict[str, str]]:
     """`n` rows {"prompt": "23-58=", "answer": "-35"} of `split` ("train"/"test"), seeded.
 
-    Problems are drawn i.i.d. (repeats possible within a split); a problem's split is decided by
-    its hash, so train and test never share a problem whatever the seeds.
+    Problems are drawn i.i.d. (repeats possible; `unique=True` skips them, e.g. for a held-out
+    set); a problem's split is decided by its hash, so train and test never share a problem
+    whatever the seeds.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split={split!r}; use 'train' or 'test'")
     rng = random.Random(f"{seed}-{split}")
     rows: list[dict[str, str]] = []
-    while len(rows) < n:
+    seen: set[str] = set()
+    for _ in range(1000 * n + 100_000):
+        if len(rows) == n:
+            return rows
         terms = [str(rng.randint(0, max_operand))]
         for _ in range(n_terms - 1):
             terms += [rng.choice(ops), str(rng.randint(0, max_operand))]
         expr = "".join(terms)
         prompt = expr + "="
-        if _split_of(prompt, heldout_frac) == split:
+        if _split_of(prompt, heldout_frac) == split and not (unique and prompt in seen):
+            seen.add(prompt)
             rows.append({"prompt": prompt, "answer": str(eval(expr))})  # digits and + - * only
-    return rows
+    raise ValueError(
+        f"found only {len(rows)} of n={n} {'distinct ' if unique else ''}{split} problems; "
+        "lower n, or raise max_operand / n_terms / heldout_frac"
+    )
 
 
 def build_model(
