@@ -39,8 +39,6 @@ def build_model_and_adapter(cfg: Config) -> tuple[Any, Any]:
     from .adapters.text import TextAdapter, load_text_model
 
     model, tok = load_text_model(cfg.model.path, dtype=dtype, device=_device(cfg.model.device))
-    if cfg.model.disable_dropout:
-        disable_dropout(model)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     adapter = TextAdapter(
@@ -51,14 +49,6 @@ def build_model_and_adapter(cfg: Config) -> tuple[Any, Any]:
         system_prompt=cfg.model.system_prompt,
     )
     return model, adapter
-
-
-def disable_dropout(model: Any) -> None:
-    import torch
-
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
 
 
 def load_data(cfg: Config) -> tuple[list[Any], list[Any]]:

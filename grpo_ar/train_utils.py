@@ -55,9 +55,15 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    m = mask.bool()
-    return x.masked_fill(~m, 0).sum() / m.sum().clamp(min=1)
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off everywhere: `nn.Dropout` modules and float `*dropout*` attributes (HF
+    attention layers keep their rate as a float, e.g. Llama's `attention_dropout`)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        for name, value in list(vars(m).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(m, name, 0.0)
 
 
 def zero_std_fraction(rewards: Tensor, group_size: int) -> float:

@@ -27,7 +27,13 @@ from .data import Entry, PromptSampler
 from .reference import FrozenCopy
 from .rewards import RewardComputer, RewardContext, build_rewards, reward_metrics
 from .rollout import Rollout
-from .train_utils import StepStats, build_optimizer, build_scheduler, zero_std_fraction
+from .train_utils import (
+    StepStats,
+    build_optimizer,
+    build_scheduler,
+    disable_dropout,
+    zero_std_fraction,
+)
 
 log = logging.getLogger("grpo_ar")
 
@@ -49,6 +55,8 @@ class Trainer:
         t, a = config.trainer, config.algorithm
         if t.threads:
             torch.set_num_threads(t.threads)
+        if config.model.disable_dropout:  # training log-probs must match the sampler's
+            disable_dropout(model)
         self.train_entries, self.eval_entries = list(train_entries), list(eval_entries or [])
         self.device = next(model.parameters()).device
         everything = self.train_entries + self.eval_entries

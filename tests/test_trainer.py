@@ -219,3 +219,20 @@ def test_keep_checkpoints_prunes_old_ones(tmp_path):
         "step_000002",
         "step_000003",
     ]
+
+
+def test_dropout_disabled_so_training_logprobs_match_sampling(tmp_path):
+    tr = make(tmp_path, ["trainer.steps=1"])
+    from transformers import LlamaForCausalLM
+
+    cfg = tr.model.config
+    cfg.attention_dropout = 0.5
+    model = LlamaForCausalLM(cfg)
+    tr2 = Trainer(tr.cfg, model, tr.adapter, tr.train_entries)
+    prompts = tr2.adapter.encode(tr.train_entries[:2])
+    rollout = tr2.adapter.sample(
+        model.eval(), prompts, 2, generator=torch.Generator().manual_seed(0)
+    )
+    model.train()
+    logp, _ = tr2.adapter.token_logprobs(model, rollout)
+    torch.testing.assert_close(logp, rollout.sampling_logp, atol=1e-4, rtol=0)
