@@ -19,8 +19,10 @@ class UnknownNameError(KeyError, ValueError):
 class Registry(Mapping[str, Callable[..., Any]]):
     """A read-mostly mapping of names to functions with one shared signature."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, inputs: tuple[str, ...] = ()) -> None:
         self.kind = kind
+        # keyword-only tensors the caller supplies (e.g. `lengths`); not user options
+        self.inputs = frozenset(inputs)
         self._fns: dict[str, Callable[..., Any]] = {}
 
     def register(self, name: str) -> Callable[[F], F]:
@@ -47,13 +49,18 @@ class Registry(Mapping[str, Callable[..., Any]]):
         return len(self._fns)
 
     def options(self, name: str) -> dict[str, Any]:
-        """Keyword-only hyper-parameters of entry `name` with their defaults."""
+        """Keyword-only hyper-parameters of entry `name` with their defaults (inputs excluded)."""
         sig = inspect.signature(self[name])
         return {
             p.name: p.default
             for p in sig.parameters.values()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in self.inputs
         }
+
+    def takes(self, name: str) -> frozenset[str]:
+        """The caller-supplied inputs (of `self.inputs`) that entry `name` accepts."""
+        params = inspect.signature(self[name]).parameters
+        return frozenset(k for k in self.inputs if k in params)
 
     def check_options(self, name: str, given: Mapping[str, Any], where: str) -> None:
         """Raise one clear error when `given` holds a key entry `name` does not take."""
