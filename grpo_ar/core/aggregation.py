@@ -39,6 +39,15 @@ def token_mean(
     return _masked(loss_tok, mask).sum() / max(total_tokens, 1)
 
 
+@AGGREGATIONS.register("seq_mean_token_sum")
+def seq_mean_token_sum(
+    loss_tok: Tensor, mask: Tensor, total_tokens: float, total_seqs: float, max_len: int
+) -> Tensor:
+    """Mean over sequences of each sequence's token sum: verl's `seq-mean-token-sum`; with
+    sequence-level ratios it is TRL's `luspo` reduction (LUSPO arXiv 2602.05261)."""
+    return _masked(loss_tok, mask).sum() / max(total_seqs, 1)
+
+
 @AGGREGATIONS.register("seq_mean_token_sum_norm")
 def seq_mean_token_sum_norm(
     loss_tok: Tensor, mask: Tensor, total_tokens: float, total_seqs: float, max_len: int

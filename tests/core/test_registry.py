@@ -18,11 +18,21 @@ def test_unknown_key_error_lists_valid_names():
 
 
 def test_options_and_check_options():
-    assert LOSSES.options("clip") == {"eps_low": 0.2, "eps_high": 0.2, "dual_clip": None}
+    assert LOSSES.options("clip") == {
+        "eps_low": 0.2,
+        "eps_high": 0.2,
+        "dual_clip": None,
+        "delta": None,
+        "ratio_level": "token",
+    }  # the caller-supplied `is_weight` input is not an option
+    assert LOSSES.takes("clip") == {"is_weight"} and LOSSES.takes("clip_cov") == {
+        "is_weight",
+        "generator",
+    }
     LOSSES.check_options("clip", {"eps_high": 0.28}, "algorithm.loss_args")
     with pytest.raises(
         ValueError,
-        match=r"algorithm.loss_args: policy loss 'clip' takes no option 'epsilon'; valid options: dual_clip, eps_high, eps_low",
+        match=r"algorithm.loss_args: policy loss 'clip' takes no option 'epsilon'; valid options: delta, dual_clip, eps_high, eps_low, ratio_level",
     ):
         LOSSES.check_options("clip", {"epsilon": 0.2}, "algorithm.loss_args")
 

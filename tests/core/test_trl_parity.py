@@ -25,21 +25,52 @@ ATOL = 1e-6
 # TRL setup -> (grpo_ar loss, its options, aggregation, normaliser given to it). Normalisers:
 # "seqs": total_seqs = sequences in the optimizer step; "local": total_tokens = this micro-batch's
 # mask sum (TRL bnpo); "items": total_tokens = num_items_in_batch (global count, TRL dapo/cispo).
+# Key: (loss_type, importance_sampling_level, epsilon_low, epsilon_high, extra TRL args as a tuple).
+TRL_ARGS = {"sapo": (("sapo_temperature_pos", 1.0), ("sapo_temperature_neg", 1.05))}
+VESPO = (
+    ("vespo_k_pos", 2.0),
+    ("vespo_lambda_pos", 3.0),
+    ("vespo_k_neg", 3.0),
+    ("vespo_lambda_neg", 2.0),
+)
 CASES = {
-    # (loss_type, importance_sampling_level, epsilon_low, epsilon_high)
-    ("grpo", "token", 0.2, 0.28): ("clip", "seq_mean_token_mean", "seqs"),
-    ("bnpo", "token", 0.2, 0.28): ("clip", "token_mean", "local"),
-    ("dr_grpo", "token", 0.2, 0.28): ("clip", "seq_mean_token_sum_norm", "seqs"),
-    ("dapo", "token", 0.2, 0.28): ("clip", "token_mean", "items"),
-    ("cispo", "token", 0.2, 5.0): ("cispo", "token_mean", "items"),
-    ("grpo", "sequence", 3e-4, 4e-4): ("gspo", "seq_mean_token_mean", "seqs"),  # GSPO
-}
+    ("grpo", "token", 0.2, 0.28, ()): ("clip", {}, "seq_mean_token_mean", "seqs"),
+    ("bnpo", "token", 0.2, 0.28, ()): ("clip", {}, "token_mean", "local"),
+    ("dr_grpo", "token", 0.2, 0.28, ()): ("clip", {}, "seq_mean_token_sum_norm", "seqs"),
+    ("dapo", "token", 0.2, 0.28, ()): ("clip", {}, "token_mean", "items"),
+    ("cispo", "token", 0.2, 5.0, ()): ("cispo", {}, "token_mean", "items"),
+    ("grpo", "sequence", 3e-4, 4e-4, ()): ("gspo", {}, "seq_mean_token_mean", "seqs"),  # GSPO
+    # importance_sampling_level="sequence" with the other losses: grpo_ar's ratio_level option
+    ("dapo", "sequence", 0.2, 0.28, ()): (
+        "clip", {"ratio_level": "sequence"}, "token_mean", "items"),
+    ("cispo", "sequence", 0.2, 5.0, ()): (
+        "cispo", {"ratio_level": "sequence"}, "token_mean", "items"),
+    # two-sided clip (INTELLECT-2): TRL `delta`
+    ("dapo", "token", 0.2, 0.28, (("delta", 1.5),)): ("clip", {"delta": 1.5}, "token_mean", "items"),
+    ("sapo", "token", 0.2, 0.2, TRL_ARGS["sapo"]): (
+        "sapo", {"tau_pos": 1.0, "tau_neg": 1.05}, "seq_mean_token_mean", "seqs"),
+    ("sapo", "sequence", 0.2, 0.2, (("sapo_temperature_pos", 0.5), ("sapo_temperature_neg", 2.0))): (
+        "sapo", {"tau_pos": 0.5, "tau_neg": 2.0, "ratio_level": "sequence"},
+        "seq_mean_token_mean", "seqs"),
+    # TRL's luspo sums the whole per-token loss of a sequence (L3179-3187), the β·KL term too:
+    # grpo_ar's `luspo` (length-scaled GSPO) matches it at β = 0, and TRL's exact objective for any
+    # β is clip on sequence ratios with the seq_mean_token_sum aggregation.
+    ("luspo", "sequence", 3e-4, 4e-4, ()): (
+        "clip", {"ratio_level": "sequence"}, "seq_mean_token_sum", "seqs"),
+    ("vespo", "token", 0.2, 0.2, VESPO): ("vespo", {}, "token_mean", "items"),
+    ("vespo", "sequence", 0.2, 0.2, (("vespo_k_pos", 1.0), ("vespo_lambda_pos", 0.5),
+                                     ("vespo_k_neg", 4.0), ("vespo_lambda_neg", 1.5))): (
+        "vespo", {"k_pos": 1.0, "lambda_pos": 0.5, "k_neg": 4.0, "lambda_neg": 1.5},
+        "token_mean", "items"),
+}  # fmt: skip
 
 
-def grpo_ar_options(loss: str, eps_low: float, eps_high: float) -> dict:
-    return (
-        {"max_weight": eps_high} if loss == "cispo" else {"eps_low": eps_low, "eps_high": eps_high}
-    )
+def grpo_ar_options(loss: str, eps_low: float, eps_high: float, extra: dict) -> dict:
+    if loss == "cispo":
+        return {"max_weight": eps_high, **extra}
+    if loss in ("sapo", "vespo"):
+        return dict(extra)
+    return {"eps_low": eps_low, "eps_high": eps_high, **extra}
 
 
 class OneProcess:
@@ -59,7 +90,7 @@ class OneProcess:
         return x
 
 
-def fake_trainer(loss_type, level, eps_low, eps_high, beta, logp, ga=1, spg=1):
+def fake_trainer(loss_type, level, eps_low, eps_high, beta, logp, ga=1, spg=1, extra=()):
     def logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, **kwargs):
         assert logits_to_keep == logp.shape[1]
         return logp, torch.zeros_like(logp.detach()), None
@@ -78,11 +109,15 @@ def fake_trainer(loss_type, level, eps_low, eps_high, beta, logp, ga=1, spg=1):
         _entropy_bonus_enabled=False,
         max_completion_length=MAX_LEN,
         current_gradient_accumulation_steps=ga,
-        args=SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=spg),
+        args=SimpleNamespace(
+            **{"use_bias_correction_kl": False, "delta": None, "steps_per_generation": spg}
+            | dict(extra)
+        ),
         model=SimpleNamespace(training=True),
         accelerator=OneProcess(),
         _metrics=defaultdict(lambda: defaultdict(list)),
         _get_per_token_logps_and_entropies=logps_and_entropies,
+        get_gamma_weights=grpo_trainer.GRPOTrainer.get_gamma_weights,  # a staticmethod
     )
 
 
@@ -118,6 +153,10 @@ def grpo_ar_loss(loss, agg, logp, old, ref, adv, mask, beta, opts, tokens, seqs)
     return AGGREGATIONS[agg](tok, mask, tokens, seqs, MAX_LEN), out
 
 
+def case_id(c):
+    return "-".join([c[0], c[1]] + [f"{k}={v}" for k, v in c[4]][:1])
+
+
 def close(a, b):
     torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
 
@@ -125,21 +164,21 @@ def close(a, b):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("noise", [1e-3, 0.05, 1.5])  # 1.5: many ratios outside every clip range
 @pytest.mark.parametrize("beta", [0.0, 0.04])
-@pytest.mark.parametrize("case", list(CASES), ids=lambda c: f"{c[0]}-{c[1]}")
+@pytest.mark.parametrize("case", list(CASES), ids=case_id)
 def test_loss_and_grad_match_trl(case, beta, noise, dtype):
-    loss_type, level, eps_low, eps_high = case
-    loss, agg, norm = CASES[case]
+    loss_type, level, eps_low, eps_high, extra = case
+    loss, our_extra, agg, norm = CASES[case]
     logp0, old, ref, adv, mask = make_batch(dtype, noise)
     num_items = mask.sum()
 
     logp = logp0.clone().requires_grad_(True)
-    trainer = fake_trainer(loss_type, level, eps_low, eps_high, beta, logp)
+    trainer = fake_trainer(loss_type, level, eps_low, eps_high, beta, logp, extra=extra)
     trl_loss = trl_compute_loss(trainer, None, trl_inputs(old, ref, adv, mask, num_items))
     (trl_grad,) = torch.autograd.grad(trl_loss, logp)
 
     logp = logp0.clone().requires_grad_(True)
     tokens = mask.sum().item() if norm == "local" else num_items.item()
-    opts = grpo_ar_options(loss, eps_low, eps_high)
+    opts = grpo_ar_options(loss, eps_low, eps_high, our_extra)
     ours, out = grpo_ar_loss(loss, agg, logp, old, ref, adv, mask, beta, opts, tokens, N)
     (our_grad,) = torch.autograd.grad(ours, logp)
 
@@ -162,7 +201,8 @@ def test_loss_and_grad_match_trl(case, beta, noise, dtype):
         assert metrics["cispo_clip_ratio"][0] == pytest.approx(
             (out.clipped_high * m).sum() / m.sum()
         )
-    if noise == 1.5:  # the clipping branch is really exercised
+    # the clipping branch is really exercised (a sequence mean of ratios stays inside CISPO's [0, 5])
+    if noise == 1.5 and loss not in ("sapo", "vespo") and (loss, level) != ("cispo", "sequence"):
         assert ((out.clipped_low + out.clipped_high) * m).sum() > 0
 
 
@@ -174,24 +214,26 @@ def test_loss_and_grad_match_trl(case, beta, noise, dtype):
     # divides by the accumulation steps, a local normaliser that no global count reproduces when
     # micro-batches hold different numbers of tokens; grpo_ar's token_mean is global by design.
     [c for c in CASES if c[0] != "bnpo"],
-    ids=lambda c: f"{c[0]}-{c[1]}",
+    ids=case_id,
 )
 def test_gradient_accumulation_matches_trl(case, beta, dtype):
     """Two micro-batches of one generation batch (gradient_accumulation_steps =
     steps_per_generation = 2): the sum of TRL's micro-batch losses equals grpo_ar's aggregation of
     each micro-batch with the global counts, summed."""
-    loss_type, level, eps_low, eps_high = case
-    loss, agg, _ = CASES[case]
+    loss_type, level, eps_low, eps_high, extra = case
+    loss, our_extra, agg, _ = CASES[case]
     logp0, old, ref, adv, mask = make_batch(dtype, 1.5, seed=1)
     mask[: N // 2, T // 2 :] = 0  # the two micro-batches hold different token counts
     num_items = mask.sum()
     halves = [slice(0, N // 2), slice(N // 2, N)]
-    opts = grpo_ar_options(loss, eps_low, eps_high)
+    opts = grpo_ar_options(loss, eps_low, eps_high, our_extra)
 
     logp = logp0.clone().requires_grad_(True)
     trl_total = 0
     for s in halves:
-        trainer = fake_trainer(loss_type, level, eps_low, eps_high, beta, logp[s], ga=2, spg=2)
+        trainer = fake_trainer(
+            loss_type, level, eps_low, eps_high, beta, logp[s], ga=2, spg=2, extra=extra
+        )
         inputs = trl_inputs(old[s], ref[s], adv[s], mask[s], num_items)
         trl_total = trl_total + trl_compute_loss(trainer, None, inputs)
     (trl_grad,) = torch.autograd.grad(trl_total, logp)
