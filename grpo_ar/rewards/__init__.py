@@ -1,10 +1,11 @@
-"""Rewards: the registry, the batch computer, rule-based text rewards and the LLM judge.
+"""Rewards: the registry, the batch computer, rule-based text rewards, the LLM judge and image
+rewards (CLIP aesthetic / CLIP score / an offline aesthetic proxy).
 
 Importing this package registers every reward here; none of them imports transformers,
-diffusers or image libraries until a judge model is loaded.
+diffusers or image libraries until a judge or CLIP model is loaded.
 """
 
-from . import judge, text
+from . import image, judge, text
 from .base import (
     REWARDS,
     RewardComputer,
@@ -22,6 +23,7 @@ from .base import (
     reward_metrics,
     validate_specs,
 )
+from .image import images_to_tensor
 from .judge import LLMJudge
 from .text import (
     extract_answer,
@@ -47,6 +49,8 @@ __all__ = [
     "extract_answer",
     "extract_number",
     "find_numbers",
+    "image",
+    "images_to_tensor",
     "judge",
     "metrics",
     "overlong_penalty",
