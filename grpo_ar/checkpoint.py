@@ -1,9 +1,11 @@
 """Checkpoints: safetensors only (nothing is unpickled), written atomically.
 
-Layout of `checkpoints/step_000123/`: `model.safetensors` (policy state dict), optional
-`reference.safetensors`, `state.safetensors` (optimizer tensors, RNG states) and `state.json`
-(everything else). A checkpoint is written into a temporary sibling folder and renamed into
-place; `checkpoints/latest` names the newest complete one.
+Layout of `checkpoints/step_000123/`: `model.safetensors` (policy state dict: the whole model,
+or only the adapter tensors of a peft / LyCORIS fine-tune), optional `reference.safetensors`,
+`state.safetensors` (optimizer tensors, RNG states) and `state.json` (everything else). A
+checkpoint is written into a temporary sibling folder and renamed into place;
+`checkpoints/latest` names the newest complete one. Tensor dicts whose entries share storage
+(tied embeddings) are stored once, the other names kept as aliases in the file's metadata.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -74,23 +77,89 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator | None = Non
         generator.set_state(state["sampler"])
 
 
+ALIASES_KEY = "grpo_ar.aliases"
+Weights = torch.nn.Module | Mapping[str, Tensor]
+
+
+def save_tensors(
+    tensors: Mapping[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
+    """A name -> tensor dict into one safetensors file; entries sharing storage with an earlier
+    entry (tied weights) are written once and recorded as aliases."""
+    first: dict[tuple, str] = {}
+    out: dict[str, Tensor] = {}
+    aliases: dict[str, str] = {}
+    for name, t in tensors.items():
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride())
+        if t.numel() and key in first:
+            aliases[name] = first[key]
+            continue
+        first[key] = name
+        out[name] = t.detach().cpu().contiguous()
+    meta = dict(metadata or {})
+    if aliases:
+        meta[ALIASES_KEY] = json.dumps(aliases)
+    save_file(out, str(path), metadata=meta or None)
+
+
+def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Tensor]:
+    """The dict written by `save_tensors` (aliases resolved to the same tensor)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
+        meta = f.metadata() or {}
+    for name, target in json.loads(meta.get(ALIASES_KEY, "{}")).items():
+        tensors[name] = tensors[target]
+    return tensors
+
+
+def _save_weights(weights: Weights, path: Path) -> None:
+    if isinstance(weights, torch.nn.Module):
+        # save_model stores tied weights (embeddings = LM head) once
+        save_model(weights, str(path))
+    else:
+        save_tensors(weights, path)
+
+
+def load_tied_state_dict(module: torch.nn.Module, sd: Mapping[str, Tensor]) -> None:
+    """`module.load_state_dict(sd)`, strict, where names missing from `sd` may be filled from a
+    name tied to the same storage in `module` (files written by `save_model` keep one name)."""
+    own = module.state_dict()
+    by_storage = {}
+    for name, t in own.items():
+        by_storage.setdefault((t.untyped_storage().data_ptr(), t.shape), []).append(name)
+    full = dict(sd)
+    for names in by_storage.values():
+        present = [n for n in names if n in full]
+        for n in names:
+            if n not in full and present:
+                full[n] = full[present[0]]
+    missing, unexpected = sorted(set(own) - set(full)), sorted(set(full) - set(own))
+    if missing or unexpected:
+        raise ValueError(
+            f"the weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    module.load_state_dict(full)
+
+
 def save_checkpoint(
     directory: str | Path,
-    model: torch.nn.Module,
+    model: Weights,
     state: dict[str, Any],
-    reference: torch.nn.Module | None = None,
+    reference: Weights | None = None,
     keep: int = 0,
 ) -> Path:
-    """Write model (+ reference) weights and `state` (nested dicts/lists of tensors and JSON
-    values) atomically into `directory`; keep only the newest `keep` checkpoints (0 = all)."""
+    """Write model (+ reference) weights — a module, or a name -> tensor dict such as an
+    adapter's — and `state` (nested dicts/lists of tensors and JSON values) atomically into
+    `directory`; keep only the newest `keep` checkpoints (0 = all)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        # save_model stores tied weights (embeddings = LM head) once
-        save_model(model, str(tmp / "model.safetensors"))
+        _save_weights(model, tmp / "model.safetensors")
         if reference is not None:
-            save_model(reference, str(tmp / "reference.safetensors"))
+            _save_weights(reference, tmp / "reference.safetensors")
         tensors: dict[str, Tensor] = {}
         meta = _flatten(state, "", tensors)
         save_file(tensors, tmp / "state.safetensors")

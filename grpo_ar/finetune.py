@@ -1,0 +1,450 @@
+"""What is trained: the whole model, a peft adapter, or a LyCORIS network — one interface.
+
+`build_finetune(model, cfg, need_reference)` returns a `Finetune`: `.model` (what the trainer
+samples from, trains and optimizes; frozen tensors have requires_grad=False), `.reference`
+(see grpo_ar/reference.py), `state_dict()` / `load_state_dict()` (what a checkpoint stores for
+the policy: the whole model for `full`, only the adapter tensors otherwise) and `export(dir)` (a
+merged, plain transformers `save_pretrained` folder).
+
+Choices, each tested in tests/test_finetune*.py:
+- The adapter reference is the base with the adapter off until the first refresh, then a frozen
+  copy of the adapter tensors (reasons in grpo_ar/reference.py). Memory holds one model plus
+  the adapter twice; `algo=full` (LyCORIS) is the exception: its "adapter" is the weights.
+- Targets resolve once to the `nn.Linear` modules of the model (module-name suffixes, a regex
+  over module paths, module classes), never the output/input embeddings, so peft and LyCORIS
+  adapt the same layers. LyCORIS receives them through a preset whose class-level state
+  (`LycorisNetwork.apply_preset` writes class attributes) is restored right after.
+- LyCORIS bypass mode (y = W·x + ΔW(x), no dense ΔW matmul) is on by default for lora, loha,
+  lokr and ia3; `full` has none and diag-oft's fails on non-contiguous activations here. DoRA
+  (`dora_wd`) is silently ignored by bypass mode in lycoris-lora 4.1.3, so DoRA runs without
+  it, and its reference uses `restore()` (multiplier 0 is not the base under DoRA).
+- Mixing (TR-DPO) is exact where the adapted weight is affine in the adapter tensors: full
+  fine-tuning, LyCORIS full and ia3; LoRA-style products (lora, loha, lokr, DoRA, OFT) refuse.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .reference import AdapterReference, FrozenCopy
+
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ALGOS = {
+    "full": ("full",),
+    "peft": ("lora", "dora"),
+    "lycoris": ("lora", "dora", "loha", "lokr", "ia3", "full", "diag-oft"),
+}
+_BYPASS = ("lora", "loha", "lokr", "ia3")  # LyCORIS algos whose bypass mode works here
+_AFFINE = ("full", "ia3")  # adapted weight affine in the adapter tensors
+_OWN_ARGS = {  # set through FinetuneConfig fields, not algo_args
+    "peft": {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules"},
+    "lycoris": {"lora_dim", "linear_dim", "alpha", "linear_alpha", "dropout", "algo"}
+    | {"network_module", "bypass_mode", "multiplier", "preset"},
+}
+_LYCORIS_RENAME = {"dora_wd": "weight_decompose", "wd_on_output": "wd_on_out"}
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """What is trained: the whole model (full) or an adapter (peft, lycoris)."""
+
+    method: str = "full"
+    """full (a frozen copy is the reference), peft or lycoris (the reference is the same model)."""
+    algo: str = "lora"
+    """peft: lora, dora. lycoris: lora, dora, loha, lokr, ia3, full, diag-oft. Unused for full."""
+    rank: int = 8
+    """Adapter rank (lora_dim / r); diag-oft: block size."""
+    alpha: float = 16.0
+    """Adapter scale numerator: ΔW is scaled by alpha / rank."""
+    dropout: float = 0.0
+    """Adapter dropout (the trainer's model.disable_dropout sets it to 0 so log-probs match)."""
+    target_modules: tuple[str, ...] = LLAMA_TARGETS
+    """nn.Linear modules whose path ends with one of these names (Llama/Qwen projections)."""
+    target_regex: str = ""
+    """Also adapt nn.Linear modules whose full path matches this regex (re.fullmatch)."""
+    target_classes: tuple[str, ...] = ()
+    """Also adapt the nn.Linear modules inside modules of these classes (e.g. LlamaAttention)."""
+    exclude_regex: str = ""
+    """Never adapt modules whose path matches this regex (embeddings are never adapted)."""
+    bypass: bool | None = None
+    """LyCORIS bypass mode; None: on for lora, loha, lokr, ia3 (not DoRA), off otherwise."""
+    refresh: str = "copy"
+    """Adapter reference refresh: copy (frozen adapter copy; the base never changes)."""
+    algo_args: dict[str, Any] = field(default_factory=dict)
+    """Extra arguments: peft LoraConfig fields (use_rslora, ...) or LyCORIS create_lycoris
+    arguments (factor, dora_wd, use_scalar, rs_lora, constraint, rescaled, ...)."""
+
+    def __post_init__(self) -> None:
+        from .config import ConfigError
+
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        need(
+            self.method in ALGOS,
+            f"finetune.method={self.method!r}: use full, peft or lycoris",
+        )
+        if self.method == "full":
+            return
+        valid = ALGOS[self.method]
+        need(
+            self.algo in valid,
+            f"finetune.algo={self.algo!r} with method={self.method}: use one of {', '.join(valid)}",
+        )
+        need(self.rank >= 1, f"finetune.rank={self.rank}: need >= 1")
+        need(self.alpha > 0, f"finetune.alpha={self.alpha}: need > 0")
+        need(0 <= self.dropout < 1, f"finetune.dropout={self.dropout}: need 0 <= dropout < 1")
+        need(self.refresh == "copy", f"finetune.refresh={self.refresh!r}: use copy")
+        need(
+            bool(self.target_modules or self.target_regex or self.target_classes),
+            "finetune: no targets; set target_modules, target_regex or target_classes",
+        )
+        for name in ("target_regex", "exclude_regex"):
+            try:
+                re.compile(getattr(self, name))
+            except re.error as e:
+                raise ConfigError(f"finetune.{name}={getattr(self, name)!r}: {e}") from None
+        if self.method == "lycoris" and self.bypass:
+            need(
+                self.algo in _BYPASS and not self.dora,
+                f"finetune.bypass=true with lycoris algo={self.algo}"
+                f"{' (DoRA)' if self.dora else ''}: bypass mode works for lora, loha, lokr and "
+                "ia3 without DoRA (lycoris-lora ignores DoRA in bypass); set bypass=false",
+            )
+        own = _OWN_ARGS[self.method] & set(self.algo_args)
+        need(not own, f"finetune.algo_args: set {sorted(own)} through the finetune fields")
+        if self.method == "peft":
+            need(
+                self.algo_args.get("bias", "none") == "none",
+                "finetune.algo_args.bias: only 'none' (trained base biases would leak into "
+                "the disabled-adapter reference)",
+            )
+
+    @property
+    def dora(self) -> bool:
+        return self.algo == "dora" or bool(self.algo_args.get("dora_wd", False))
+
+    @property
+    def use_bypass(self) -> bool:
+        if self.bypass is not None:
+            return self.bypass
+        return self.algo in _BYPASS and not self.dora
+
+
+def _require(module: str, extra: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(
+            f"finetune.method={extra} needs the optional extra: pip install 'grpo-ar[{extra}]'"
+        ) from None
+
+
+def resolve_targets(model: nn.Module, cfg: FinetuneConfig) -> list[str]:
+    """Full paths of the nn.Linear modules to adapt (embeddings never)."""
+    skip = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
+    inside = set()
+    for _name, m in model.named_modules():
+        if type(m).__name__ in cfg.target_classes:
+            inside.update(id(sub) for sub in m.modules())
+    linears = [
+        (n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in skip
+    ]
+    out = [
+        n
+        for n, m in linears
+        if n.split(".")[-1] in cfg.target_modules
+        or any(n.endswith("." + t) for t in cfg.target_modules)
+        or (cfg.target_regex and re.fullmatch(cfg.target_regex, n))
+        or id(m) in inside
+    ]
+    if cfg.exclude_regex:
+        out = [n for n in out if not re.fullmatch(cfg.exclude_regex, n)]
+    if not out:
+        from .config import ConfigError
+
+        names = sorted({n.split(".")[-1] for n, _ in linears})
+        raise ConfigError(
+            f"finetune targets matched no nn.Linear of {type(model).__name__}; its Linear "
+            f"names are {', '.join(names)}: set finetune.target_modules / target_regex / "
+            "target_classes"
+        )
+    return out
+
+
+class AdaptedLM(nn.Module):
+    """One module holding a transformers causal LM and its adapter, so `parameters()` sees the
+    adapter; calls and unknown attributes (config, generation_config, get_output_embeddings,
+    generate, ...) go to the language model."""
+
+    def __init__(self, lm: nn.Module, hf: nn.Module, network: nn.Module | None = None) -> None:
+        super().__init__()
+        self.lm = lm  # what is called: the transformers model or its peft wrapper
+        self.network = network  # the LyCORIS network (its modules patch lm's Linears)
+        self.__dict__["hf"] = hf  # the plain transformers model (not registered twice)
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        past_key_values: Any = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        # an explicit logits_to_keep lets the sampler skip the prompt's (L, V) logits
+        if logits_to_keep is not None:
+            kwargs["logits_to_keep"] = logits_to_keep
+        return self.lm(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            **kwargs,
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("__") or "hf" not in self.__dict__:
+                raise
+            return getattr(self.__dict__["hf"], name)
+
+
+class Finetune:
+    """Full fine-tuning: the model itself is trained; the reference is a frozen copy."""
+
+    method = "full"
+
+    def __init__(self, model: nn.Module, need_reference: bool) -> None:
+        self.model = model
+        self.reference: Any = FrozenCopy(model) if need_reference else None
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.model.state_dict()
+
+    def load_state_dict(self, sd: Mapping[str, Tensor]) -> None:
+        from .checkpoint import load_tied_state_dict
+
+        load_tied_state_dict(self.model, sd)
+
+    def export(self, out_dir: str | Path) -> None:
+        """A plain transformers folder (AutoModelForCausalLM.from_pretrained)."""
+        self.model.save_pretrained(out_dir)
+
+
+class AdapterFinetune(Finetune):
+    """An adapter on a frozen base; the reference (an AdapterReference) is the same model."""
+
+    def __init__(self, model: AdaptedLM, cfg: FinetuneConfig, need_reference: bool) -> None:
+        self.model, self.cfg, self.method = model, cfg, cfg.method
+        frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+        self._names = [n for n, p in model.named_parameters() if p.requires_grad]
+        if not self._names or not frozen:
+            raise RuntimeError(f"{cfg.method}: the adapter has no trainable or no frozen tensors")
+        self.reference = AdapterReference(self) if need_reference else None
+
+    def trainable(self) -> dict[str, nn.Parameter]:
+        """The adapter's tensors by name in `model`."""
+        params = dict(self.model.named_parameters())
+        return {n: params[n] for n in self._names}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {n: p.detach() for n, p in self.trainable().items()}
+
+    @torch.no_grad()
+    def load_state_dict(self, sd: Mapping[str, Tensor]) -> None:
+        params = self.trainable()
+        if set(sd) != set(params):
+            extra, missing = sorted(set(sd) - set(params)), sorted(set(params) - set(sd))
+            raise ValueError(
+                f"adapter tensors do not fit this {self.method} adapter (check the finetune "
+                f"config): missing {missing[:3]}, unexpected {extra[:3]}"
+            )
+        for n, p in params.items():
+            p.copy_(sd[n])
+
+    def mix_refusal(self) -> str | None:
+        return f"{self.method} {self.cfg.algo}: the adapted weight is a product of its tensors"
+
+    def identity(self) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+
+class PeftFinetune(AdapterFinetune):
+    """LoRA / DoRA through `peft.get_peft_model`; reference under `disable_adapter()`."""
+
+    def __init__(self, model: nn.Module, cfg: FinetuneConfig, need_reference: bool) -> None:
+        peft = _require("peft", "peft")
+        args = dict(cfg.algo_args)
+        lora = peft.LoraConfig(
+            r=cfg.rank,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            target_modules=resolve_targets(model, cfg),
+            use_dora=cfg.algo == "dora" or bool(args.pop("use_dora", False)),
+            **args,
+        )
+        peft_model = peft.get_peft_model(model, lora)
+        super().__init__(AdaptedLM(peft_model, model), cfg, need_reference)
+
+    def adapter_off(self) -> contextlib.AbstractContextManager[None]:
+        return self.model.lm.disable_adapter()
+
+    def export(self, out_dir: str | Path) -> None:
+        # merge into a copy: peft's unmerge would not give the base back bitwise
+        merged = copy.deepcopy(self.model.lm).merge_and_unload()
+        merged.save_pretrained(out_dir)
+
+
+@contextlib.contextmanager
+def _lycoris_preset(preset: dict[str, Any]) -> Iterator[Any]:
+    """LycorisNetwork with `preset` applied; its class-level preset state restored after."""
+    import logging
+
+    from lycoris import LycorisNetwork
+
+    log = logging.getLogger("LyCORIS")
+    level = log.level
+    log.setLevel(max(level, logging.WARNING))  # its INFO lines on every build are noise
+    keys = ("ENABLE_CONV", "TARGET_REPLACE_MODULE", "TARGET_REPLACE_NAME", "MODULE_ALGO_MAP")
+    keys += ("NAME_ALGO_MAP", "LORA_PREFIX", "USE_FNMATCH", "TARGET_EXCLUDE_NAME")
+    saved = {k: LycorisNetwork.__dict__[k] for k in keys if k in LycorisNetwork.__dict__}
+    try:
+        LycorisNetwork.apply_preset(preset)
+        yield LycorisNetwork
+    finally:
+        log.setLevel(level)
+        for k in keys:
+            if k in saved:
+                setattr(LycorisNetwork, k, saved[k])
+            elif k in LycorisNetwork.__dict__:
+                delattr(LycorisNetwork, k)
+
+
+class LycorisFinetune(AdapterFinetune):
+    """A LyCORIS network: policy at multiplier 1, base at multiplier 0 (restore() for DoRA)."""
+
+    def __init__(self, model: nn.Module, cfg: FinetuneConfig, need_reference: bool) -> None:
+        _require("lycoris", "lycoris")
+        targets = resolve_targets(model, cfg)
+        pattern = "(?:" + "|".join(re.escape(t) for t in targets) + ")$"
+        preset = dict(enable_conv=False, target_module=[], target_name=[pattern])
+        preset.update(module_algo_map={}, name_algo_map={}, lora_prefix="lycoris")
+        preset.update(use_fnmatch=False, exclude_name=[])
+        args = {_LYCORIS_RENAME.get(k, k): v for k, v in cfg.algo_args.items()}
+        if cfg.algo == "dora":
+            args["weight_decompose"] = True
+        with _lycoris_preset(preset) as network_cls:
+            network = network_cls(
+                model,
+                multiplier=1.0,
+                lora_dim=cfg.rank,
+                alpha=cfg.alpha,
+                dropout=cfg.dropout,
+                network_module="lora" if cfg.algo == "dora" else cfg.algo,
+                bypass_mode=cfg.use_bypass,
+                warn_on_unmatched=False,
+                **args,
+            )
+        if len(network.loras) != len(targets):
+            raise RuntimeError(f"lycoris wrapped {len(network.loras)} of {len(targets)} targets")
+        model.requires_grad_(False)
+        network.apply_to()
+        network.to(next(model.parameters()).device).requires_grad_(True)
+        self.network = network
+        super().__init__(AdaptedLM(model, model, network), cfg, need_reference)
+
+    @contextlib.contextmanager
+    def adapter_off(self) -> Iterator[None]:
+        net = self.network
+        if self.cfg.dora:  # DoRA's multiplier 0 is not the base: unpatch the Linears
+            net.restore()
+            try:
+                yield
+            finally:
+                for lora in net.loras:
+                    lora.apply_to()
+            return
+        net.set_multiplier(0.0)
+        try:
+            yield
+        finally:
+            net.set_multiplier(1.0)
+
+    def mix_refusal(self) -> str | None:
+        return None if self.cfg.algo in _AFFINE and not self.cfg.dora else super().mix_refusal()
+
+    def identity(self) -> dict[str, Tensor]:
+        """Adapter tensors of the base: the original weights (full), zero scales (ia3)."""
+        out = {}
+        for lora in self.network.loras:
+            prefix = f"network.{lora.lora_name}."
+            if self.cfg.algo == "full":
+                out[prefix + "weight"] = lora.org_weight
+                if lora.org_bias is not None:
+                    out[prefix + "bias"] = lora.org_bias[0]
+            else:
+                out[prefix + "weight"] = torch.zeros_like(lora.weight)
+        return out
+
+    @torch.no_grad()
+    def export(self, out_dir: str | Path) -> None:
+        """Each adapted Linear's effective weight, read off its own forward (LyCORIS 4.1.3's
+        get_merged_weight scales LoHa's ΔW twice), into the base's layout."""
+        hf = self.model.hf
+        paths = {id(m): n for n, m in hf.named_modules()}
+        sd = dict(hf.state_dict())
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for lora in self.network.loras:
+                path = paths[id(lora.org_module[0])]
+                had_bias = f"{path}.bias" in sd or getattr(lora, "org_bias", None) is not None
+                layer, dtype = lora.org_module[0], lora.org_weight.dtype
+                weight, bias = _effective_linear(layer, lora.shape[1], dtype, lora.device)
+                sd[f"{path}.weight"] = weight
+                if had_bias:
+                    sd[f"{path}.bias"] = bias
+        finally:
+            self.model.train(was_training)
+        hf.save_pretrained(out_dir, state_dict=sd)
+
+
+@torch.no_grad()
+def _effective_linear(
+    layer: nn.Module, n_in: int, dtype: torch.dtype, dev: torch.device, chunk: int = 1024
+) -> tuple[Tensor, Tensor]:
+    """(out, in) weight and (out,) bias that a (patched) linear layer applies: its forward on
+    the zero vector and on the identity, `chunk` rows at a time."""
+    bias = layer(torch.zeros(1, n_in, dtype=dtype, device=dev))[0]
+    cols = []
+    for i in range(0, n_in, chunk):
+        rows = torch.arange(i, min(i + chunk, n_in), device=dev)
+        eye = torch.zeros(len(rows), n_in, dtype=dtype, device=dev)
+        eye[torch.arange(len(rows), device=dev), rows] = 1
+        cols.append(layer(eye) - bias)
+    return torch.cat(cols).T.contiguous(), bias.clone()
+
+
+def build_finetune(model: nn.Module, cfg: FinetuneConfig, need_reference: bool) -> Finetune:
+    """Wrap `model` for training by `cfg.method`; the reference only when `need_reference`."""
+    if cfg.method == "full":
+        return Finetune(model, need_reference)
+    cls = PeftFinetune if cfg.method == "peft" else LycorisFinetune
+    return cls(model, cfg, need_reference)
