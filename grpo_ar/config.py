@@ -21,8 +21,11 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from .core import ADVANTAGES, AGGREGATIONS, KL, LOSSES
+from .algorithm_config import AlgorithmConfig
+from .errors import ConfigError, need
 from .sampling import SamplingParams
+
+__all__ = ["AlgorithmConfig", "Config", "ConfigError", "load_config", "save_config"]
 
 
 class _Loader(yaml.SafeLoader):
@@ -40,13 +43,7 @@ def _yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
-class ConfigError(ValueError):
-    """A configuration value that must change; the message says which and how."""
-
-
-def _need(ok: bool, msg: str) -> None:
-    if not ok:
-        raise ConfigError(msg)
+_need = need
 
 
 @dataclass(frozen=True)
@@ -77,64 +74,6 @@ class ModelConfig:
             self.dtype in ("float32", "bfloat16", "float16"),
             f"model.dtype={self.dtype!r}: use float32, bfloat16 or float16",
         )
-
-
-@dataclass(frozen=True)
-class AlgorithmConfig:
-    """The GRPO objective: group size, advantage estimator, policy loss, KL, aggregation."""
-
-    group_size: int = 8
-    """GS: completions sampled per prompt."""
-    grpo_iters: int = 1
-    """μ: optimizer passes over each generated batch."""
-    advantage: str = "grpo"
-    """Advantage estimator (core.ADVANTAGES)."""
-    advantage_args: dict[str, Any] = field(default_factory=dict)
-    """Options of the estimator, e.g. {eps = 1e-4}."""
-    loss: str = "clip"
-    """Policy loss (core.LOSSES)."""
-    loss_args: dict[str, Any] = field(default_factory=dict)
-    """Options of the loss, e.g. {eps_low = 0.2, eps_high = 0.28}."""
-    aggregation: str = "token_mean"
-    """Token -> scalar reduction (core.AGGREGATIONS); token_mean is DAPO's and TRL's default."""
-    beta: float = 0.04
-    """KL coefficient; 0 builds no reference model."""
-    kl: str = "k3"
-    """KL estimator (core.KL)."""
-    kl_args: dict[str, Any] = field(default_factory=dict)
-    """Options of the KL estimator, e.g. {clamp = 20.0}."""
-    reference_refresh: str = "iteration"
-    """When the reference becomes the policy: iteration (the seed's design) or never."""
-
-    def __post_init__(self) -> None:
-        _need(
-            self.group_size >= 2,
-            f"algorithm.group_size={self.group_size}: need >= 2 "
-            "(a group of one has no baseline, every advantage would be 0)",
-        )
-        _need(self.grpo_iters >= 1, f"algorithm.grpo_iters={self.grpo_iters}: need >= 1")
-        _need(self.beta >= 0, f"algorithm.beta={self.beta}: need >= 0")
-        _need(
-            self.reference_refresh in ("iteration", "never"),
-            f"algorithm.reference_refresh={self.reference_refresh!r}: use iteration or never",
-        )
-        for reg, name, args, key in (
-            (ADVANTAGES, self.advantage, self.advantage_args, "advantage"),
-            (LOSSES, self.loss, self.loss_args, "loss"),
-            (KL, self.kl, self.kl_args, "kl"),
-            (AGGREGATIONS, self.aggregation, {}, "aggregation"),
-        ):
-            if name not in reg:
-                raise ConfigError(
-                    f"algorithm.{key}={name!r} is unknown; valid: {', '.join(sorted(reg))}"
-                )
-            try:
-                reg.check_options(name, args, f"algorithm.{key}_args")
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
-        eps_low = self.loss_args.get("eps_low", 0.0)
-        _need(0 <= eps_low < 1, f"algorithm.loss_args.eps_low={eps_low}: need 0 <= eps_low < 1")
-        _need(self.loss_args.get("eps_high", 0.0) >= 0, "algorithm.loss_args.eps_high: need >= 0")
 
 
 @dataclass(frozen=True)

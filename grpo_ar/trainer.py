@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from .checkpoint import (
     latest_checkpoint,
@@ -22,7 +23,9 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import Config, ConfigError, save_config
-from .core import AGGREGATIONS, KL, LOSSES, compute_advantages
+from .core import ADVANTAGES, AGGREGATIONS, compute_advantages
+from .core.corrections import AdaptiveEntropyCoef, entropy_bonus
+from .core.objective import token_objective
 from .data import Entry, PromptSampler
 from .reference import FrozenCopy
 from .rewards import RewardComputer, RewardContext, build_rewards, reward_metrics
@@ -71,9 +74,19 @@ class Trainer:
             self.reference = reference if reference is not None else FrozenCopy(model)
         else:
             self.reference = None
+        self.entropy = AdaptiveEntropyCoef(
+            a.entropy_coef,
+            target=a.entropy_target if a.entropy_target is not None else 0.0,
+            delta=a.entropy_coef_delta,
+            coef_min=a.entropy_coef_min,
+            coef_max=a.entropy_coef_max,
+            adaptive=a.entropy_target is not None,
+        )
         self.optimizer = build_optimizer(model, t)
         self.scheduler = build_scheduler(self.optimizer, t, total=t.steps * a.grpo_iters)
         self.step = 0
+        self.updates = 0  # optimizer steps taken (skipped ones not counted)
+        self.bonus_on = a.entropy_coef > 0 or a.entropy_target is not None
         self.run_dir = Path(config.log.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -89,16 +102,15 @@ class Trainer:
             )
         with stats.timer("reward"):
             outputs = self.adapter.decode(rollout)
-            ctx = RewardContext(
-                rollout.entries,
-                rollout.group_ids.tolist(),
-                a.group_size,
-                self.step,
-                lengths=self.adapter.output_lengths(rollout),
-            )
-            result = self.rewards(outputs, ctx)
+            result = self.rewards(outputs, self._reward_context(rollout, a.group_size))
+            inputs = self._advantage_inputs(prompts, rollout, result, stats)
         adv, valid = compute_advantages(
-            a.advantage, result.total.to(self.device), a.group_size, **a.advantage_args
+            a.advantage,
+            result.total.to(self.device),
+            a.group_size,
+            multi_objective=a.multi_objective,
+            **inputs,
+            **a.advantage_args,
         )
         rollout.data["adv"] = adv
         rollout.data["valid"] = valid
@@ -106,6 +118,36 @@ class Trainer:
         stats.update(reward_metrics(result))
         stats.update({"reward/zero_std_groups": zero_std_fraction(result.total, a.group_size)})
         return rollout
+
+    def _reward_context(self, rollout: Rollout, group_size: int) -> RewardContext:
+        return RewardContext(
+            rollout.entries,
+            rollout.group_ids.tolist(),
+            group_size,
+            self.step,
+            lengths=self.adapter.output_lengths(rollout),
+        )
+
+    def _advantage_inputs(
+        self, prompts: Any, rollout: Rollout, result: Any, stats: StepStats
+    ) -> dict[str, Tensor]:
+        """What the estimator takes beyond rewards: per-reward components (GDPO), completion
+        lengths (OPO), the reward of one greedy rollout per prompt (ReMax)."""
+        a = self.cfg.algorithm
+        takes = ADVANTAGES.takes(a.advantage)
+        out: dict[str, Tensor] = {}
+        if a.multi_objective != "sum_then_normalize":
+            out["components"] = result.components.to(self.device)
+            out["weights"] = result.weights.to(self.device)
+        if "lengths" in takes:
+            out["lengths"] = rollout.lengths.to(self.device)
+        if "baseline" in takes:  # ReMax: the greedy completion's reward is the baseline
+            with torch.no_grad():
+                greedy = self.adapter.sample(self.model, prompts, 1, greedy=True)
+            base = self.rewards(self.adapter.decode(greedy), self._reward_context(greedy, 1))
+            out["baseline"] = base.total.to(self.device)
+            stats.update({"reward/greedy_baseline": float(base.total.nanmean())})
+        return out
 
     def update(self, rollout: Rollout, stats: StepStats) -> None:
         """μ optimizer passes over the rollout; reference log-probs computed once."""
@@ -115,8 +157,11 @@ class Trainer:
             with stats.timer("reference"):
                 for mb in micro:
                     mb.data["ref_logp"] = self.reference.logprobs(self.adapter, mb)
-        totals = (rollout.completion_mask.sum(), len(rollout), self.cfg.sampling.max_new_tokens)
-        loss_fn, agg_fn, kl_fn = LOSSES[a.loss], AGGREGATIONS[a.aggregation], KL[a.kl]
+        for mb in micro:
+            mb.data["loss_mask"] = self._loss_mask(mb)
+        n_tokens = sum(mb.data["loss_mask"].sum() for mb in micro)
+        totals = (n_tokens, len(rollout), self.cfg.sampling.max_new_tokens)
+        agg_fn = AGGREGATIONS[a.aggregation]
         with stats.timer("update"):
             self.model.train()
             for it in range(a.grpo_iters):
@@ -127,23 +172,66 @@ class Trainer:
                     # pass 1 runs the sampling policy itself: old = sg(logp), no extra forward
                     if it == 0:
                         mb.data["old_logp"] = logp.detach()
-                    mask = mb.completion_mask
-                    pl = loss_fn(logp, mb.data["old_logp"], mb.data["adv"], mask, **a.loss_args)
-                    tok = pl.loss
-                    if self.reference is not None:
-                        kl = kl_fn(logp, mb.data["ref_logp"], **a.kl_args)
-                        tok = tok + a.beta * kl
-                        stats.add_tokens("kl", kl.detach(), mask)
-                    loss = agg_fn(tok, mask, *totals)
+                    mask = mb.data["loss_mask"]
+                    terms = self._objective(mb, logp, ent, mask)
+                    loss = agg_fn(terms.loss, mask, *totals)
+                    if self.bonus_on:  # loss - coef·H over the tokens the policy term acts on
+                        eff = terms.entropy_keep
+                        # the mean entropy over the tokens it acts on: global when every token
+                        # counts; with an entropy mask TRL's per-micro-batch mean / accumulation
+                        n_eff = n_tokens if a.top_entropy_quantile == 1 else eff.sum() * len(micro)
+                        loss = loss - self.entropy.coef * entropy_bonus(ent, eff, n_eff)
+                        self.entropy.observe((ent.detach() * eff).sum(), eff.sum())
                     if not torch.isfinite(loss):
                         finite = False
                         break
                     loss.backward()
-                    stats.add_scalar("loss", loss.detach())
-                    stats.add_tokens("entropy", ent.detach(), mask)
-                    stats.add_tokens("clip/low", pl.clipped_low.expand_as(mask), mask)
-                    stats.add_tokens("clip/high", pl.clipped_high.expand_as(mask), mask)
+                    self._log_terms(stats, loss, terms, ent, mask)
                 self._optimizer_step(finite, stats)
+                if self.bonus_on:
+                    self.entropy.step()
+                    stats.add_scalar("entropy_coef", self.entropy.coef)
+
+    def _loss_mask(self, mb: Rollout) -> Tensor:
+        mask = mb.completion_mask
+        if self.cfg.algorithm.mask_truncated_completions:  # DAPO: cut-off answers teach nothing
+            mask = mask * (~mb.truncated).unsqueeze(-1).to(mask.dtype)
+        return mask
+
+    def _objective(self, mb: Rollout, logp: Tensor, ent: Tensor | None, mask: Tensor) -> Any:
+        a = self.cfg.algorithm
+        return token_objective(
+            logp,
+            mb.data["old_logp"],
+            mb.data["adv"],
+            mask,
+            loss=a.loss,
+            loss_args=a.loss_args,
+            ref_logp=mb.data.get("ref_logp"),
+            beta=a.beta,
+            kl=a.kl,
+            kl_args=a.kl_args,
+            kl_bias_correction=a.kl_bias_correction,
+            sampling_logp=mb.sampling_logp,
+            is_correction=a.is_correction,
+            is_correction_args=a.is_correction_args,
+            off_policy_mask_threshold=a.off_policy_mask_threshold,
+            entropy=ent,
+            top_entropy_quantile=a.top_entropy_quantile,
+            generator=self.generator,
+        )
+
+    @staticmethod
+    def _log_terms(stats: StepStats, loss: Tensor, terms: Any, ent: Tensor, mask: Tensor) -> None:
+        stats.add_scalar("loss", loss.detach())
+        stats.add_tokens("entropy", ent.detach(), mask)
+        if terms.kl is not None:
+            stats.add_tokens("kl", terms.kl.detach(), mask)
+        stats.add_tokens("clip/low", terms.policy.clipped_low.expand_as(mask), mask)
+        stats.add_tokens("clip/high", terms.policy.clipped_high.expand_as(mask), mask)
+        stats.add_tokens("tokens/kept", terms.keep.expand_as(mask), mask)
+        if terms.is_weight is not None:
+            stats.add_tokens("is_weight", terms.is_weight.expand_as(mask), mask)
 
     def _optimizer_step(self, finite: bool, stats: StepStats) -> None:
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -159,13 +247,22 @@ class Trainer:
         else:
             self.optimizer.step()
             self.scheduler.step()
+            self.updates += 1
             stats.add_scalar("grad_norm", norm)
+            a = self.cfg.algorithm
+            if (
+                self.reference is not None
+                and a.reference_refresh == "soft"
+                and self.updates % a.reference_sync_every == 0
+            ):  # TR-DPO (arXiv 2404.09656): π_ref <- α·π + (1 - α)·π_ref
+                self.reference.mix(self.model, a.reference_mix_alpha)
 
     def train_step(self) -> dict[str, float]:
         stats = StepStats()
         start = time.perf_counter()
         rollout = self.generate(self.prompts.next_batch(), stats)
         self.update(rollout, stats)
+        self.last_rollout = rollout
         self.step += 1
         if self.step % self.cfg.trainer.steps_per_iteration == 0:
             self.end_iteration()
@@ -243,13 +340,7 @@ class Trainer:
             rollout = self.adapter.sample(
                 self.model, prompts, samples, generator=gen, greedy=greedy
             )
-            ctx = RewardContext(
-                rollout.entries,
-                rollout.group_ids.tolist(),
-                samples,
-                self.step,
-                lengths=self.adapter.output_lengths(rollout),
-            )
+            ctx = self._reward_context(rollout, samples)
             result = self.rewards(self.adapter.decode(rollout), ctx)
             totals.append(result.total)
             for k, name in enumerate(result.names):
@@ -289,6 +380,8 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         return {
             "step": self.step,
+            "updates": self.updates,
+            "entropy": self.entropy.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "prompts": self.prompts.state_dict(),
@@ -324,6 +417,9 @@ class Trainer:
         self.prompts.load_state_dict(state["prompts"])
         set_rng_state(state["rng"], self.generator)
         self.step = int(state["step"])
+        self.updates = int(state.get("updates", 0))
+        if "entropy" in state:
+            self.entropy.load_state_dict(state["entropy"])
 
 
 def _jsonable(x: Any) -> Any:

@@ -295,7 +295,10 @@ VALIDATION = [
     (["algorithm.group_size=1"], ["algorithm.group_size=1: need >= 2"]),
     (["algorithm.grpo_iters=0"], ["algorithm.grpo_iters=0: need >= 1"]),
     (["algorithm.beta=-0.1"], ["algorithm.beta=-0.1: need >= 0"]),
-    (["algorithm.reference_refresh=always"], ["reference_refresh='always'", "iteration or never"]),
+    (
+        ["algorithm.reference_refresh=always"],
+        ["reference_refresh='always'", "iteration, never, soft"],
+    ),
     (["algorithm.loss=ppo2"], ["algorithm.loss='ppo2' is unknown", f"valid: {_names(LOSSES)}"]),
     (
         ["algorithm.advantage=gae"],
@@ -318,8 +321,26 @@ VALIDATION = [
         ["algorithm.kl_args={bogus: 1}"],
         ["algorithm.kl_args", "takes no option 'bogus'", "valid options:"],
     ),
-    (["algorithm.loss_args={eps_low: 1.5}"], ["algorithm.loss_args.eps_low=1.5"]),
-    (["algorithm.loss_args={eps_high: -0.1}"], ["algorithm.loss_args.eps_high: need >= 0"]),
+    (["algorithm.loss_args={eps_low: 1.5}"], ["algorithm.loss='clip'", "need 0 <= eps_low < 1"]),
+    (["algorithm.loss_args={eps_high: -0.1}"], ["eps_high >= 0, got 0.2, -0.1"]),
+    # invalid combinations, caught by a dry run of the loss / estimator at config time
+    (
+        ["algorithm.loss=luspo", "algorithm.loss_args={ratio_level: token}"],
+        ["algorithm.loss='luspo'", "needs ratio_level='sequence'"],
+    ),
+    (
+        ["algorithm.advantage=rloo", "algorithm.multi_objective=normalize_then_sum"],
+        ["algorithm.advantage='rloo'", "normalize_then_sum"],
+    ),
+    (["algorithm.multi_objective=mean"], ["sum_then_normalize or normalize_then_sum"]),
+    (
+        ["algorithm.is_correction=token_clip"],
+        ["algorithm.is_correction='token_clip' is unknown", "valid: sequence_mask"],
+    ),
+    (["algorithm.is_correction_args={c_max: 2}"], ["is_correction_args given without"]),
+    (["algorithm.beta=0", "algorithm.kl_bias_correction=true"], ["set beta > 0"]),
+    (["algorithm.top_entropy_quantile=0"], ["need 0 < ρ <= 1"]),
+    (["algorithm.loss_args={ratio_level: tok}"], ["ratio_level='tok': use 'token' or 'sequence'"]),
     (["model.dtype=fp16"], ["model.dtype='fp16': use float32, bfloat16 or float16"]),
     (["sampling.top_p=0"], ["sampling", "top_p must be in (0, 1], got 0.0"]),
     (["sampling.top_p=1.5"], ["top_p must be in (0, 1], got 1.5"]),

@@ -15,14 +15,13 @@ from grpo_ar.core.aggregation import AGGREGATIONS
 from grpo_ar.core.corrections import (
     IS_CORRECTIONS,
     AdaptiveEntropyCoef,
-    bias_corrected_kl,
     entropy_bonus,
     entropy_threshold,
     high_entropy_mask,
     off_policy_sequence_mask,
 )
-from grpo_ar.core.kl import KL
 from grpo_ar.core.losses import LOSSES
+from grpo_ar.core.objective import token_objective
 
 grpo_trainer = pytest.importorskip("trl.trainer.grpo_trainer")
 Trainer = grpo_trainer.GRPOTrainer
@@ -239,29 +238,20 @@ def test_high_entropy_threshold_is_trls_across_processes():
 
 
 def grpo_ar_terms(logp, ent, old, ref, sampling, adv, mask, opts, level, beta):
-    """grpo_ar's composition in TRL's order (L3140-3150): policy · IS · off-policy · entropy + β·KL."""
-    w = None
-    if opts.get("use_vllm"):
-        w = IS_CORRECTIONS[opts["is_mode"]](old, sampling, mask, c_min=0.5, c_max=3.0)
-    policy = LOSSES["clip"](logp, old, adv, mask, eps_low=0.2, eps_high=0.28, ratio_level=level,
-                            is_weight=w).loss  # fmt: skip
-    keep = mask.bool()
-    if opts.get("off_policy_mask_threshold") is not None:
-        behaviour = sampling if opts.get("use_vllm") else old
-        keep = keep & off_policy_sequence_mask(
-            adv, logp, behaviour, mask, threshold=opts["off_policy_mask_threshold"]
-        )
-    emask = mask.bool()
-    if opts.get("top_entropy_quantile", 1.0) < 1.0:
-        emask = high_entropy_mask(ent, mask, opts["top_entropy_quantile"])
-        keep = keep & emask
-    tok = policy * keep
-    if beta:
-        kl = KL["k3"](logp, ref)
-        if opts.get("use_bias_correction_kl"):
-            kl = bias_corrected_kl(kl, logp, old, mask, ratio_level=level)
-        tok = tok + beta * kl
-    return tok, emask, keep, w
+    """grpo_ar's own composition, `core.objective.token_objective` (TRL's order, L3140-3150)."""
+    vllm = opts.get("use_vllm", False)
+    terms = token_objective(
+        logp, old, adv, mask,
+        loss="clip", loss_args={"eps_low": 0.2, "eps_high": 0.28, "ratio_level": level},
+        ref_logp=ref, beta=beta, kl="k3",
+        kl_bias_correction=opts.get("use_bias_correction_kl", False),
+        sampling_logp=sampling if vllm else None,
+        is_correction=opts["is_mode"] if vllm else None,
+        is_correction_args={"c_min": 0.5, "c_max": 3.0},
+        off_policy_mask_threshold=opts.get("off_policy_mask_threshold"),
+        entropy=ent, top_entropy_quantile=opts.get("top_entropy_quantile", 1.0),
+    )  # fmt: skip
+    return terms.loss, terms.entropy_keep.bool(), terms.keep.bool(), terms.is_weight
 
 
 COMBOS = {
