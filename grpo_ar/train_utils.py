@@ -66,13 +66,18 @@ def disable_dropout(model: torch.nn.Module) -> None:
                 setattr(m, name, 0.0)
 
 
-def zero_std_fraction(rewards: Tensor, group_size: int) -> float:
-    """Fraction of groups whose valid rewards are all equal (they carry no learning signal)."""
+def zero_std_groups(rewards: Tensor, group_size: int) -> Tensor:
+    """(P,) bool: groups whose valid rewards are all equal (they carry no learning signal)."""
     r = rearrange(rewards, "(p g) -> p g", g=group_size)
     valid = torch.isfinite(r)
     hi = torch.where(valid, r, torch.full_like(r, -math.inf)).amax(1)
     lo = torch.where(valid, r, torch.full_like(r, math.inf)).amin(1)
-    return float(((hi <= lo) | (valid.sum(1) <= 1)).float().mean())
+    return (hi <= lo) | (valid.sum(1) <= 1)
+
+
+def zero_std_fraction(rewards: Tensor, group_size: int) -> float:
+    """Fraction of groups whose valid rewards are all equal."""
+    return float(zero_std_groups(rewards, group_size).float().mean())
 
 
 class StepStats:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .batching import concat_results, concat_rollouts, keep_groups
 from .checkpoint import (
     latest_checkpoint,
     load_state,
@@ -36,6 +37,7 @@ from .train_utils import (
     build_scheduler,
     disable_dropout,
     zero_std_fraction,
+    zero_std_groups,
 )
 
 log = logging.getLogger("grpo_ar")
@@ -94,16 +96,11 @@ class Trainer:
     def generate(self, entries: Sequence[Entry], stats: StepStats) -> Rollout:
         """Sample groups, decode, score; returns the rollout with advantages in `data`."""
         a = self.cfg.algorithm
-        with stats.timer("sample"):
-            self.model.eval()
-            prompts = self.adapter.encode(entries).to(self.device)
-            rollout = self.adapter.sample(
-                self.model, prompts, a.group_size, generator=self.generator
-            )
+        rollout, result = self._sample_and_score(entries, stats)
+        if a.dynamic_sampling:
+            rollout, result = self._dynamic_sampling(rollout, result, stats)
         with stats.timer("reward"):
-            outputs = self.adapter.decode(rollout)
-            result = self.rewards(outputs, self._reward_context(rollout, a.group_size))
-            inputs = self._advantage_inputs(prompts, rollout, result, stats)
+            inputs = self._advantage_inputs(rollout.prompts, rollout, result, stats)
         adv, valid = compute_advantages(
             a.advantage,
             result.total.to(self.device),
@@ -114,10 +111,56 @@ class Trainer:
         )
         rollout.data["adv"] = adv
         rollout.data["valid"] = valid
-        rollout.extras.update(outputs=outputs, reward=result)
+        rollout.extras["reward"] = result
         stats.update(reward_metrics(result))
         stats.update({"reward/zero_std_groups": zero_std_fraction(result.total, a.group_size)})
         return rollout
+
+    def _sample_and_score(self, entries: Sequence[Entry], stats: StepStats) -> tuple[Rollout, Any]:
+        g = self.cfg.algorithm.group_size
+        with stats.timer("sample"):
+            self.model.eval()
+            prompts = self.adapter.encode(entries).to(self.device)
+            rollout = self.adapter.sample(self.model, prompts, g, generator=self.generator)
+        with stats.timer("reward"):
+            outputs = self.adapter.decode(rollout)
+            result = self.rewards(outputs, self._reward_context(rollout, g))
+        rollout.extras["outputs"] = outputs
+        return rollout, result
+
+    def _dynamic_sampling(self, rollout: Rollout, result: Any, stats: StepStats) -> tuple:
+        """DAPO (arXiv 2503.14476 §3.2): keep groups whose rewards differ, sample more prompts
+        until the batch is full or the round budget is spent; then fill up with the dropped
+        groups (zero advantage, so the batch shape and the loss normalisers stay fixed)."""
+        a = self.cfg.algorithm
+        need, kept, dropped, n_kept, rounds = len(rollout.prompts), [], [], 0, 1
+        while True:
+            flat = zero_std_groups(result.total, a.group_size)
+            ok, bad = (~flat).nonzero().flatten(), flat.nonzero().flatten()
+            take = ok[: need - n_kept]
+            if len(take):
+                kept.append(keep_groups(rollout, result, take.to(self.device)))
+                n_kept += len(take)
+            if len(bad):
+                dropped.append(keep_groups(rollout, result, bad.to(self.device)))
+            if n_kept >= need or rounds >= a.dynamic_sampling_max_rounds:
+                break
+            rollout, result = self._sample_and_score(self.prompts.next_batch(), stats)
+            rounds += 1
+        filled = 0
+        for sub, res in reversed(dropped):  # the newest dropped groups first
+            if n_kept + filled >= need:
+                break
+            k = min(need - n_kept - filled, len(sub) // a.group_size)
+            kept.append(keep_groups(sub, res, torch.arange(k, device=self.device)))
+            filled += k
+        stats.update(
+            {"dynamic/rounds": rounds, "dynamic/kept": n_kept / need, "dynamic/filled": filled}
+        )
+        pad = getattr(self.adapter, "sampling", self.cfg.sampling).pad_token_id or 0
+        joined = concat_rollouts([r for r, _ in kept], pad)
+        joined.extras["outputs"] = [o for r, _ in kept for o in r.extras["outputs"]]
+        return joined, concat_results([res for _, res in kept])
 
     def _reward_context(self, rollout: Rollout, group_size: int) -> RewardContext:
         return RewardContext(
