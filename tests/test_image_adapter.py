@@ -351,9 +351,12 @@ def make_trainer(tmp_path, vq, overrides=(), cfg_train="same", reward="toy_brigh
 
 
 @pytest.mark.parametrize(
-    "cfg_scale,cfg_train", [(1.0, "same"), (3.0, "same"), (3.0, "conditional")]
+    "cfg_scale,cfg_train,is_weight_is_one",
+    [(1.0, "same", True), (3.0, "same", True), (3.0, "conditional", False)],
 )
-def test_trainer_runs_unchanged_with_the_image_adapter(tmp_path, vq, cfg_scale, cfg_train):
+def test_trainer_runs_unchanged_with_the_image_adapter(
+    tmp_path, vq, cfg_scale, cfg_train, is_weight_is_one
+):
     tr = make_trainer(
         tmp_path,
         vq,
@@ -362,6 +365,7 @@ def test_trainer_runs_unchanged_with_the_image_adapter(tmp_path, vq, cfg_scale, 
             "algorithm.grpo_iters=2",
             "trainer.grad_accum=2",
             "algorithm.beta=0.04",
+            "algorithm.is_correction=token_truncate",
         ],
         cfg_train=cfg_train,
     )
@@ -370,6 +374,9 @@ def test_trainer_runs_unchanged_with_the_image_adapter(tmp_path, vq, cfg_scale, 
     for m in history:
         assert 0.0 <= m["reward/mean"] <= 1.0 and np.isfinite(m["loss"])
         assert m["completion/length_mean"] == N_TOK
+        # "same": the first pass recomputes the sampler's own distribution (weight 1);
+        # "conditional": training log-probs differ from the CFG sampler's, and IS reweights
+        assert (abs(m["is_weight"] - 1.0) < 1e-4) == is_weight_is_one, m["is_weight"]
     sample_line = (tmp_path / "samples.jsonl").read_text().splitlines()[0]
     assert "PIL.Image" in sample_line  # rewards read decoded images
 
