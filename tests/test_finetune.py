@@ -257,3 +257,14 @@ def test_frozen_copy_state_round_trip_with_tied_weights(tmp_path):
     assert torch.equal(logits(fresh.model, x), logits(ft.model, x))
     assert torch.equal(logits(fresh.reference.model, x), logits(ft.reference.model, x))
     assert fresh_model.lm_head.weight.data_ptr() == fresh_model.model.embed_tokens.weight.data_ptr()
+
+
+def test_peft_and_lycoris_lora_are_the_same_function():
+    """Same rank, alpha and init (kaiming A, zero B) from the same RNG state: the two libraries'
+    LoRA train along the same path."""
+    a, _ = build("peft-lora")
+    b, _ = build("lycoris-lora")
+    train(a)
+    train(b)
+    x = inputs()
+    torch.testing.assert_close(logits(a.model, x), logits(b.model, x), atol=1e-5, rtol=0)
