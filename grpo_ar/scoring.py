@@ -1,0 +1,200 @@
+"""Teacher-forced log-probs of a rollout under the sampling transform, for the policy (with
+gradients), the reference and the old policy.
+
+Two savings over `model(prompt + completion).logits -> log_softmax`:
+- the prompt is scored once per group: the P prompts run once, their KV cache is gathered to the
+  N samples (differentiably: gradients of all G completions flow back into the shared prompt),
+  and the completions continue from it;
+- the (N, T, V) logits never exist: where the model is `body + linear head` (HF `model.model`
+  and `lm_head`, checked once per model), the body's hidden states go through
+  `fused_head_logprobs`, which projects row chunks and recomputes them in backward.
+Models of any other structure take the logits path (chunked log-softmax, same results).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import weakref
+from functools import lru_cache
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .core.logprobs import fused_head_logprobs, logprobs_and_entropy
+from .rollout import Rollout
+from .sampling import (
+    SamplingParams,
+    _forward,
+    _positions,
+    allowed_mask,
+    cfg_combine,
+    mask_logits,
+)
+
+_SPLIT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def head_split(model: Any) -> tuple[nn.Module, nn.Linear] | None:
+    """(body, head) when `model(x).logits == head(body(x).last_hidden_state)` (checked once per
+    model on a 3-token input: logit soft-capping or scaling would fail it), else None."""
+    try:
+        return _SPLIT[model]
+    except (KeyError, TypeError):
+        pass
+    body = getattr(model, "model", None)
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else getattr(model, "lm_head", None)
+    split = (body, head) if isinstance(body, nn.Module) and type(head) is nn.Linear else None
+    if split is not None and not _same_logits(model, body, head):
+        split = None
+    with contextlib.suppress(TypeError):  # objects that cannot be weakly referenced
+        _SPLIT[model] = split
+    return split
+
+
+@torch.no_grad()
+def _same_logits(model: Any, body: nn.Module, head: nn.Linear) -> bool:
+    was_training = model.training
+    model.eval()
+    try:
+        ids = torch.tensor([[1, 2, 3]], device=head.weight.device) % head.out_features
+        want = model(input_ids=ids).logits.float()
+        got = head(body(input_ids=ids).last_hidden_state).float()
+        scale = float(want.abs().max()) + 1.0
+        return got.shape == want.shape and bool(((got - want).abs() <= 1e-4 * scale).all())
+    except Exception:  # any other calling convention: the logits path is always correct
+        return False
+    finally:
+        model.train(was_training)
+
+
+@lru_cache(maxsize=64)
+def _takes_cache(cls: type) -> bool:
+    return "past_key_values" in inspect.signature(cls.forward).parameters
+
+
+def can_share_prefix(model: Any) -> bool:
+    """A KV cache survives this forward (HF drops it under gradient checkpointing in training)."""
+    checkpointing = getattr(model, "is_activation_checkpointing", None)
+    if checkpointing is None:  # transformers < 5 names it this way
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    return _takes_cache(type(model)) and not (model.training and checkpointing)
+
+
+def _out(out: Any, hidden: bool) -> Tensor:
+    return out.last_hidden_state if hidden else out.logits
+
+
+def completion_outputs(
+    net: Any,
+    ids: Tensor,
+    mask: Tensor,
+    idx: Tensor,
+    comp: Tensor,
+    comp_mask: Tensor,
+    share: bool,
+    hidden: bool,
+) -> Tensor:
+    """(P, L) prompts, (n,) prompt row per sample, (n, T) completions -> (n, T, X) outputs at
+    the positions predicting each completion token: hidden states (X = H) of a body when
+    `hidden`, else logits (X = V) of the whole model."""
+    t = comp.shape[1]
+    keep = 0 if hidden else 1
+    if not share:  # one pass over full sequences, the prompt repeated per sample
+        full = torch.cat([ids[idx], comp], 1)
+        full_mask = torch.cat([mask[idx].long(), comp_mask.long()], 1)
+        out = _forward(
+            net, full, full_mask, _positions(full_mask), None, keep=0 if hidden else t + 1
+        )
+        return _out(out, hidden)[:, -(t + 1) : -1]
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    first = _out(_forward(net, ids, mask, _positions(mask), cache, keep=keep), hidden)[:, -1:]
+    if t == 1:
+        return first[idx]
+    cache.batch_select_indices(idx)  # differentiable gather of the prompts' keys and values
+    rest_mask = torch.cat([mask[idx].long(), comp_mask[:, :-1].long()], 1)
+    pos = mask.long().sum(1)[idx, None] + torch.arange(t - 1, device=comp.device)
+    out = _forward(net, comp[:, :-1], rest_mask, pos, cache, keep=0)
+    return torch.cat([first[idx], _out(out, hidden)], 1)
+
+
+def token_logprobs(
+    model: Any,
+    rollout: Rollout,
+    params: SamplingParams,
+    with_entropy: bool = False,
+    detach_uncond: bool = False,
+    share_prefix: bool | None = None,
+    fused: bool | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Teacher-forced (n, T) log-probs (and entropies) of the rollout's tokens under the
+    sampling transform; 0 under mask == 0. Differentiable.
+
+    `share_prefix` / `fused`: None = wherever the model allows (the default); False forces the
+    plain full-sequence pass / the logits path (the references the fast paths are tested against).
+    """
+    prompts, idx = rollout.prompts, rollout.prompt_index
+    comp, comp_mask = rollout.completion_ids, rollout.completion_mask
+    split = head_split(model) if fused is not False else None
+    if fused and split is None:
+        raise ValueError(f"{type(model).__name__} has no plain `model.model` + linear `lm_head`")
+    share = can_share_prefix(model) and len(idx) > len(prompts)
+    share = share if share_prefix is None else share_prefix
+    net = split[0] if split is not None else model
+    ids, mask, idx2 = _prompt_rows(prompts, idx, params.uses_cfg)
+    comp2 = torch.cat([comp, comp]) if params.uses_cfg else comp
+    cmask2 = torch.cat([comp_mask, comp_mask]) if params.uses_cfg else comp_mask
+    out = completion_outputs(net, ids, mask, idx2, comp2, cmask2, share, split is not None)
+    if params.uses_cfg:  # linear head: CFG on hidden states equals CFG on logits
+        out = cfg_combine(out[: len(comp)], out[len(comp) :], params.cfg_scale, detach_uncond)
+    mask_fn = _mask_fn(params, out.shape[-1] if split is None else split[1].out_features, comp)
+    if split is not None:
+        head = split[1]
+        logp, ent = fused_head_logprobs(
+            out, head.weight, comp, head.bias, params.temperature, with_entropy, mask_fn
+        )
+    elif mask_fn is None:
+        logp, ent = logprobs_and_entropy(out, comp, params.temperature, with_entropy)
+    else:
+        scaled = lambda z, start: mask_fn(z / params.temperature, start)  # noqa: E731
+        logp, ent = logprobs_and_entropy(out, comp, 1.0, with_entropy, transform=scaled)
+    m = comp_mask.bool()
+    logp = logp.masked_fill(~m, 0.0)
+    return logp, None if ent is None else ent.masked_fill(~m, 0.0)
+
+
+def _prompt_rows(prompts: Any, idx: Tensor, cfg: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Prompt rows and the row of each sample; with CFG the uncond prompts follow the cond ones
+    (one padded width) and the samples are doubled: (2P, L), (2n,)."""
+    if not cfg:
+        return prompts.input_ids, prompts.attention_mask, idx
+    if prompts.uncond_input_ids is None or prompts.uncond_attention_mask is None:
+        raise ValueError("cfg_scale != 1 needs unconditional prompts in the rollout")
+    from .sampling import _stack_cfg
+
+    ids, mask = _stack_cfg(prompts)
+    return ids, mask, torch.cat([idx, idx + len(prompts)])
+
+
+def _mask_fn(params: SamplingParams, vocab: int, comp: Tensor) -> Any:
+    """The sampler's masking for flattened (n·T, V) rows (row r is completion position r % T,
+    where EOS is banned before `min_new_tokens`), or None when nothing is masked."""
+    allowed = allowed_mask(params, vocab, comp.device)
+    filters = params.train_filters and params.filters_on()
+    forbid_upto = params.min_new_tokens if params.eos_token_ids else 0
+    if allowed is None and not filters and forbid_upto == 0:
+        return None
+    width = comp.shape[1]
+
+    def fn(z: Tensor, start: int) -> Tensor:
+        forbid: bool | Tensor = False
+        if forbid_upto:
+            pos = torch.arange(start, start + z.shape[0], device=z.device) % width
+            forbid = pos < forbid_upto
+        return mask_logits(z, params, allowed, filters, forbid)
+
+    return fn
