@@ -87,15 +87,20 @@ def save_tensors(
     """A name -> tensor dict into one safetensors file; entries sharing storage with an earlier
     entry (tied weights) are written once and recorded as aliases."""
     first: dict[tuple, str] = {}
+    storages: set[tuple] = set()
     out: dict[str, Tensor] = {}
     aliases: dict[str, str] = {}
     for name, t in tensors.items():
-        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride())
+        storage = (t.device, t.untyped_storage().data_ptr())
+        key = (*storage, t.storage_offset(), t.shape, t.stride())
         if t.numel() and key in first:
             aliases[name] = first[key]
             continue
         first[key] = name
-        out[name] = t.detach().cpu().contiguous()
+        t = t.detach()
+        # other views of a stored storage are written as copies (safetensors refuses sharing)
+        out[name] = (t.clone() if t.numel() and storage in storages else t).cpu().contiguous()
+        storages.add(storage)
     meta = dict(metadata or {})
     if aliases:
         meta[ALIASES_KEY] = json.dumps(aliases)

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import inspect
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -35,6 +37,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .checkpoint import load_tied_state_dict
+from .errors import ConfigError, need
 from .reference import AdapterReference, FrozenCopy
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -84,16 +88,7 @@ class FinetuneConfig:
     arguments (factor, dora_wd, use_scalar, rs_lora, constraint, rescaled, ...)."""
 
     def __post_init__(self) -> None:
-        from .config import ConfigError
-
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ConfigError(msg)
-
-        need(
-            self.method in ALGOS,
-            f"finetune.method={self.method!r}: use full, peft or lycoris",
-        )
+        need(self.method in ALGOS, f"finetune.method={self.method!r}: use full, peft or lycoris")
         if self.method == "full":
             return
         valid = ALGOS[self.method]
@@ -165,16 +160,13 @@ def resolve_targets(model: nn.Module, cfg: FinetuneConfig) -> list[str]:
     out = [
         n
         for n, m in linears
-        if n.split(".")[-1] in cfg.target_modules
-        or any(n.endswith("." + t) for t in cfg.target_modules)
+        if any(n == t or n.endswith("." + t) for t in cfg.target_modules)
         or (cfg.target_regex and re.fullmatch(cfg.target_regex, n))
         or id(m) in inside
     ]
     if cfg.exclude_regex:
         out = [n for n in out if not re.fullmatch(cfg.exclude_regex, n)]
     if not out:
-        from .config import ConfigError
-
         names = sorted({n.split(".")[-1] for n, _ in linears})
         raise ConfigError(
             f"finetune targets matched no nn.Linear of {type(model).__name__}; its Linear "
@@ -195,27 +187,8 @@ class AdaptedLM(nn.Module):
         self.network = network  # the LyCORIS network (its modules patch lm's Linears)
         self.__dict__["hf"] = hf  # the plain transformers model (not registered twice)
 
-    def forward(
-        self,
-        input_ids: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        position_ids: Tensor | None = None,
-        past_key_values: Any = None,
-        use_cache: bool | None = None,
-        logits_to_keep: int | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        # an explicit logits_to_keep lets the sampler skip the prompt's (L, V) logits
-        if logits_to_keep is not None:
-            kwargs["logits_to_keep"] = logits_to_keep
-        return self.lm(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-            **kwargs,
-        )
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.lm(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -224,6 +197,22 @@ class AdaptedLM(nn.Module):
             if name.startswith("__") or "hf" not in self.__dict__:
                 raise
             return getattr(self.__dict__["hf"], name)
+
+
+@functools.lru_cache(maxsize=16)
+def _adapted_class(cls: type) -> type:
+    """An AdaptedLM whose forward shows the signature of `cls.forward`: the sampler and scorer
+    read it (logits_to_keep, past_key_values) to pick their fast paths, as for the bare model."""
+
+    def forward(self: AdaptedLM, *args: Any, **kwargs: Any) -> Any:
+        return self.lm(*args, **kwargs)
+
+    forward.__signature__ = inspect.signature(cls.forward)  # type: ignore[attr-defined]
+    return type(f"Adapted{cls.__name__}", (AdaptedLM,), {"forward": forward})
+
+
+def _wrap(lm: nn.Module, hf: nn.Module, network: nn.Module | None = None) -> AdaptedLM:
+    return _adapted_class(type(hf))(lm, hf, network)
 
 
 class Finetune:
@@ -239,8 +228,6 @@ class Finetune:
         return self.model.state_dict()
 
     def load_state_dict(self, sd: Mapping[str, Tensor]) -> None:
-        from .checkpoint import load_tied_state_dict
-
         load_tied_state_dict(self.model, sd)
 
     def export(self, out_dir: str | Path) -> None:
@@ -301,7 +288,7 @@ class PeftFinetune(AdapterFinetune):
             **args,
         )
         peft_model = peft.get_peft_model(model, lora)
-        super().__init__(AdaptedLM(peft_model, model), cfg, need_reference)
+        super().__init__(_wrap(peft_model, model), cfg, need_reference)
 
     def adapter_off(self) -> contextlib.AbstractContextManager[None]:
         return self.model.lm.disable_adapter()
@@ -368,7 +355,7 @@ class LycorisFinetune(AdapterFinetune):
         network.apply_to()
         network.to(next(model.parameters()).device).requires_grad_(True)
         self.network = network
-        super().__init__(AdaptedLM(model, model, network), cfg, need_reference)
+        super().__init__(_wrap(model, model, network), cfg, need_reference)
 
     @contextlib.contextmanager
     def adapter_off(self) -> Iterator[None]:
@@ -442,9 +429,16 @@ def _effective_linear(
     return torch.cat(cols).T.contiguous(), bias.clone()
 
 
-def build_finetune(model: nn.Module, cfg: FinetuneConfig, need_reference: bool) -> Finetune:
-    """Wrap `model` for training by `cfg.method`; the reference only when `need_reference`."""
+def build_finetune(
+    model: nn.Module, cfg: FinetuneConfig, need_reference: bool, seed: int | None = None
+) -> Finetune:
+    """Wrap `model` for training by `cfg.method`; the reference only when `need_reference`.
+    `seed`: adapter initialisation from this seed (the global RNG is left as it was)."""
     if cfg.method == "full":
         return Finetune(model, need_reference)
     cls = PeftFinetune if cfg.method == "peft" else LycorisFinetune
-    return cls(model, cfg, need_reference)
+    if seed is None:
+        return cls(model, cfg, need_reference)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return cls(model, cfg, need_reference)

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from .checkpoint import load_tied_state_dict
 from .rollout import Rollout
 
 
@@ -76,8 +77,6 @@ class FrozenCopy:
         return self.model.state_dict()
 
     def load_state_dict(self, sd: Mapping[str, Tensor]) -> None:
-        from .checkpoint import load_tied_state_dict
-
         load_tied_state_dict(self.model, sd)
 
 

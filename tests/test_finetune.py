@@ -6,6 +6,9 @@ import copy
 import pytest
 import torch
 
+pytest.importorskip("peft", reason="the peft extra is not installed")
+pytest.importorskip("lycoris", reason="the lycoris extra is not installed")
+
 from grpo_ar.checkpoint import load_tensors, save_tensors
 from grpo_ar.finetune import FinetuneConfig, build_finetune
 from tiny import tiny_llama
@@ -110,8 +113,12 @@ def test_reference_logprobs_through_the_adapter_equal_the_base():
     assert not torch.equal(ref, policy)
 
 
-def test_wrapper_passes_logits_to_keep_and_delegates_attributes():
+def test_wrapper_mirrors_the_model_signature_and_delegates_attributes():
+    import inspect
+
     ft, base = build("lycoris-lora")
+    params = inspect.signature(type(ft.model).forward).parameters
+    assert "logits_to_keep" in params and "past_key_values" in params  # the fast paths see them
     out = ft.model(input_ids=inputs(), logits_to_keep=1)
     assert out.logits.shape == (3, 1, VOCAB)
     assert ft.model.config is ft.model.hf.config
@@ -268,3 +275,15 @@ def test_peft_and_lycoris_lora_are_the_same_function():
     train(b)
     x = inputs()
     torch.testing.assert_close(logits(a.model, x), logits(b.model, x), atol=1e-5, rtol=0)
+
+
+def test_seeded_adapter_init_is_reproducible_and_leaves_the_global_rng():
+    cfg = FinetuneConfig(method="lycoris", rank=4)
+    models = [tiny_llama(vocab_size=VOCAB) for _ in range(2)]
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    a = build_finetune(models[0], cfg, False, seed=3).state_dict()
+    assert torch.equal(torch.get_rng_state(), before)  # the global RNG is untouched
+    torch.manual_seed(123)  # another global state: the seed alone decides the init
+    b = build_finetune(models[1], cfg, False, seed=3).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -77,7 +77,7 @@ def test_no_match_lists_the_linear_names():
 
 
 def test_lycoris_wraps_exactly_the_targets_and_leaves_no_class_state():
-    from lycoris import LycorisNetwork
+    LycorisNetwork = pytest.importorskip("lycoris").LycorisNetwork
 
     keys = ("TARGET_REPLACE_MODULE", "TARGET_REPLACE_NAME", "TARGET_EXCLUDE_NAME")
     keys += ("MODULE_ALGO_MAP", "NAME_ALGO_MAP", "ENABLE_CONV", "LORA_PREFIX", "USE_FNMATCH")
@@ -97,6 +97,7 @@ def test_lycoris_wraps_exactly_the_targets_and_leaves_no_class_state():
 
 def test_qwen2_biases_full_algo_export(tmp_path):
     """Biased projections (Qwen2 q/k/v): LyCORIS full trains the bias; export keeps it."""
+    pytest.importorskip("lycoris")
     from transformers import AutoModelForCausalLM
 
     ft = build_finetune(tiny_qwen2(), FinetuneConfig(method="lycoris", algo="full"), False)
@@ -120,6 +121,8 @@ def test_missing_extra_names_it(monkeypatch, extra):
 
 
 def test_mix_refusal_is_raised_up_front():
+    pytest.importorskip("peft")
+    pytest.importorskip("lycoris")
     ft = build_finetune(tiny_llama(), FinetuneConfig(method="peft"), need_reference=True)
     with pytest.raises(ValueError, match="peft lora: the adapted weight is a product"):
         ft.reference.check_mix(0.6)
@@ -127,3 +130,14 @@ def test_mix_refusal_is_raised_up_front():
     lyc = build_finetune(tiny_llama(), FinetuneConfig(method="lycoris", algo="ia3"), True)
     lyc.reference.check_mix(0.6)
     assert build_finetune(tiny_llama(), FinetuneConfig(method="peft"), False).reference is None
+
+
+def test_save_tensors_aliases_tied_names_and_copies_other_views(tmp_path):
+    from grpo_ar.checkpoint import load_tensors, save_tensors
+
+    w = torch.randn(6, 4)
+    sd = {"emb": w, "head": w, "top": w[:3], "bottom": w[3:], "other": torch.ones(2)}
+    save_tensors(sd, tmp_path / "t.safetensors")
+    back = load_tensors(tmp_path / "t.safetensors")
+    assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+    assert back["head"] is back["emb"]  # stored once, restored as one tensor
