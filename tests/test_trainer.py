@@ -32,12 +32,17 @@ if "toy_sevens" not in REWARDS:
         return float(len(output))
 
 
-if "toy_nan_loss" not in LOSSES:
+@pytest.fixture
+def nan_loss():
+    """A loss that is NaN everywhere, registered only for the test that needs it."""
 
-    @LOSSES.register("toy_nan_loss")
     def toy_nan_loss(logp, old_logp, adv, mask):
         z = torch.zeros_like(logp)
         return PolicyLoss(logp * float("nan"), z, z)
+
+    LOSSES.register("toy_nan_loss")(toy_nan_loss)
+    yield "toy_nan_loss"
+    LOSSES._fns.pop("toy_nan_loss")
 
 
 def make(tmp_path, overrides=(), reward="toy_sevens", seed=0, n_entries=8):
@@ -123,8 +128,8 @@ def test_failed_rewards_are_skipped_not_fatal(tmp_path, caplog):
         assert torch.isfinite(p).all()
 
 
-def test_non_finite_loss_skips_the_update(tmp_path, caplog):
-    tr = make(tmp_path, ["algorithm.loss=toy_nan_loss"])
+def test_non_finite_loss_skips_the_update(tmp_path, caplog, nan_loss):
+    tr = make(tmp_path, [f"algorithm.loss={nan_loss}"])
     before = params(tr)
     m = tr.train_step()
     assert m["skipped_updates"] == 1
