@@ -31,11 +31,10 @@ def build_model_and_adapter(cfg: Config) -> tuple[Any, Any]:
             "model.path is empty: give a local folder or hub id of the model to train"
         )
     dtype = getattr(torch, cfg.model.dtype)
+    if cfg.model.adapter == "image":
+        return _build_image(cfg, dtype)
     if cfg.model.adapter != "text":
-        raise ConfigError(
-            f"model.adapter={cfg.model.adapter!r}: the CLI builds 'text' models; "
-            "other modalities are built by their example scripts"
-        )
+        raise ConfigError(f"model.adapter={cfg.model.adapter!r}: use text or image")
     from .adapters.text import TextAdapter, load_text_model
 
     model, tok = load_text_model(cfg.model.path, dtype=dtype, device=_device(cfg.model.device))
@@ -48,6 +47,33 @@ def build_model_and_adapter(cfg: Config) -> tuple[Any, Any]:
         max_prompt_tokens=cfg.model.max_prompt_tokens,
         system_prompt=cfg.model.system_prompt,
     )
+    return model, adapter
+
+
+def _build_image(cfg: Config, dtype: Any) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .adapters.image import ClassCondition, ImageAdapter, TextCondition
+    from .adapters.vq import load_vq_decoder
+
+    im, device = cfg.image, _device(cfg.model.device)
+    if not im.decoder_path:
+        raise ConfigError("image.decoder_path is empty: give the folder of the VQ tokenizer")
+    model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=dtype).to(device)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    kw = {"subfolder": im.decoder_subfolder} if im.decoder_subfolder else {}
+    decoder = load_vq_decoder(im.decoder, im.decoder_path, device=device, **kw)  # fp32 decode
+    if im.condition == "class":
+        cond = ClassCondition(im.class_offset, im.num_classes, im.bos_token_id, im.null_class_token)
+    else:
+        tok = AutoTokenizer.from_pretrained(cfg.model.path)
+        cond = TextCondition(tok, im.prompt_template, im.uncond, im.negative_prompt)
+    adapter = ImageAdapter(
+        decoder, cfg.sampling, im.grid, im.code_offset, cond, im.image_prefix_ids,
+        cfg_train=im.cfg_train, detach_uncond=im.detach_uncond, output=im.output,
+        decode_batch_size=im.decode_batch_size,
+    )  # fmt: skip
     return model, adapter
 
 
