@@ -3,10 +3,11 @@ class-conditioned prompts from JSONL, the offline aesthetic proxy as reward."""
 
 import json
 
+from test_vq import K, tiny_vqmodel
+
 from grpo_ar.cli import build_model_and_adapter, main
 from grpo_ar.config import load_config
 from grpo_ar.data import Entry
-from test_vq import K, tiny_vqmodel
 from tiny import tiny_llama
 
 BOS, OFFSET, GRID = 1, 8, (4, 6)
@@ -52,7 +53,7 @@ def test_config_builds_image_model_and_adapter(tmp_path):
 
 def test_cli_trains_an_image_model(tmp_path):
     cfg = tmp_path / "image.toml"
-    cfg.write_text("[model]\nadapter = \"image\"\n")
+    cfg.write_text('[model]\nadapter = "image"\n')
     sets = [x for kv in image_run(tmp_path) for x in ("--set", kv)]
     assert main(["train", str(cfg), *sets]) == 0
     metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
