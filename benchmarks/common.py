@@ -162,3 +162,37 @@ def tiny_llama(vocab_size: int, seed: int = 0):
 def n_params(model: torch.nn.Module) -> int:
     """Parameters counted once (tied embeddings once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+# -- the issue's two configurations --------------------------------------------------------------
+
+TINY_PROMPTS = ["12+34=", "5+77=", "301+4=", "9*9=", "40-13=", "7+8=", "66+21=", "3*12="]
+SMOL_QUESTIONS = [
+    "Calculate 5 - 33.",
+    "Calculate 41 + 7.",
+    "Calculate 12 - 9.",
+    "Calculate 8 + 64.",
+]
+INSTRUCTION = "Reason briefly, then give the final number inside <answer></answer>."
+
+
+def smol_prompt(question: str) -> list[dict[str, str]]:
+    """examples/smollm2_reasoning's chat prompt: one worked example, then the question."""
+    return [
+        {"role": "user", "content": f"Calculate 23 + 9.\n{INSTRUCTION}"},
+        {"role": "assistant", "content": "23 + 9 = 32.\n<answer>32</answer>"},
+        {"role": "user", "content": f"{question}\n{INSTRUCTION}"},
+    ]
+
+
+def setup(name: str, prompts: int):
+    """(model, tokenizer, prompt list, group size, max new tokens) of config `tiny` or `smol`."""
+    if name == "tiny":
+        tok = char_tokenizer()
+        return tiny_llama(len(tok)), tok, TINY_PROMPTS[:prompts], 8, 32
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = need_smollm2()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    return model, tok, [smol_prompt(q) for q in SMOL_QUESTIONS[:prompts]], 8, 64

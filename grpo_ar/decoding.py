@@ -8,10 +8,12 @@ storage sized for prompt + completion once, and hands attention a view of the fi
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from .sampling import SamplingParams, _forward, _positions
 
@@ -87,9 +89,12 @@ def new_cache(model: Any, capacity: int) -> Any:
 class Decoder:
     """Prefill, then `step(tokens) -> next logits`, for R running rows (2N with CFG)."""
 
-    def __init__(self, model: Any, params: SamplingParams, use_cache: bool = True) -> None:
-        self.model, self.params, self.use_cache = model, params, use_cache
+    def __init__(
+        self, model: Any, params: SamplingParams, use_cache: bool = True, fast: bool = True
+    ) -> None:
+        self.model, self.params, self.use_cache, self.allow_fast = model, params, use_cache, fast
         self.cache: Any = None
+        self.fast: FastStep | None = None
 
     def prefill(self, ids: Tensor, mask: Tensor, group_size: int, share_prefix: bool) -> Tensor:
         """(P', L) prompts (P' = P, or 2P cond+uncond) -> (P'·G, V) logits of the first token.
@@ -104,6 +109,8 @@ class Decoder:
             self.ids = ids[idx]
             return self._uncached()
         self.cache = new_cache(self.model, width + self.params.max_new_tokens)
+        if self.allow_fast:
+            self.fast = fast_step_for(self.model, width + self.params.max_new_tokens)
         if share_prefix:
             out = _forward(self.model, ids, mask, _positions(mask), self.cache, keep=1)
             self.cache.batch_select_indices(idx)
@@ -118,10 +125,13 @@ class Decoder:
         if not self.use_cache:
             self.ids = torch.cat([self.ids, tok[:, None]], 1)
             return self._uncached()
-        mask = self.mask[:, : self.length]
-        out = _forward(self.model, tok[:, None], mask, self.pos[:, None], self.cache, keep=1)
+        mask, pos = self.mask[:, : self.length], self.pos
         self.pos = self.pos + 1
-        return out.logits[:, -1]
+        if self.fast is not None:
+            return self.fast(tok, mask, pos, self.cache)
+        return _forward(self.model, tok[:, None], mask, pos[:, None], self.cache, keep=1).logits[
+            :, -1
+        ]
 
     def select(self, keep: Tensor) -> None:
         """Keep only running rows `keep` (finished rows leave the batch)."""
@@ -134,3 +144,133 @@ class Decoder:
     def _uncached(self) -> Tensor:
         mask = self.mask[:, : self.length]
         return _forward(self.model, self.ids, mask, _positions(mask), None, keep=1).logits[:, -1]
+
+
+_FAST_OK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _rms(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """HF LlamaRMSNorm, op for op."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _llama_like(model: Any) -> bool:
+    """Llama-style decoder (Llama, Qwen2, Mistral, SmolLM2, ...): plain Linear projections,
+    SiLU gated MLP, RMSNorm, static RoPE tables, full attention, no q/k norms."""
+    body, head = getattr(model, "model", None), getattr(model, "lm_head", None)
+    layers = getattr(body, "layers", None)
+    rope = getattr(body, "rotary_emb", None)
+    if type(head) is not nn.Linear or layers is None or rope is None:
+        return False
+    if getattr(rope, "rope_type", "default") not in ("default", "linear", "llama3"):
+        return False
+    lin = lambda m, *names: all(type(getattr(m, n, None)) is nn.Linear for n in names)  # noqa: E731
+    norm = lambda m: hasattr(m, "weight") and hasattr(m, "variance_epsilon")  # noqa: E731
+    for layer in layers:
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if not (
+            lin(attn, "q_proj", "k_proj", "v_proj", "o_proj")
+            and lin(mlp, "gate_proj", "up_proj", "down_proj")
+            and type(getattr(mlp, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")
+            and norm(getattr(layer, "input_layernorm", None))
+            and norm(getattr(layer, "post_attention_layernorm", None))
+            and getattr(attn, "sliding_window", None) is None
+            and not hasattr(attn, "q_norm")
+        ):
+            return False
+    return isinstance(body.embed_tokens, nn.Embedding) and norm(body.norm)
+
+
+class FastStep:
+    """One decode step of a Llama-style model straight from its modules' weights (q/k/v and
+    gate/up concatenated, RoPE tables built once) into the preallocated cache: the same math
+    as the HF forward without its per-call machinery (~20 Python-level ops per layer)."""
+
+    def __init__(self, model: Any, capacity: int) -> None:
+        body = model.model
+        self.embed, self.head, self.norm = body.embed_tokens, model.lm_head, body.norm
+        self.layers = []
+        for layer in body.layers:
+            a, m = layer.self_attn, layer.mlp
+            cat = lambda *ls: torch.cat([x.weight for x in ls])  # noqa: E731
+            bias = (
+                None
+                if a.q_proj.bias is None
+                else torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
+            )
+            self.layers.append(
+                (layer.input_layernorm, cat(a.q_proj, a.k_proj, a.v_proj), bias, a.o_proj,
+                 layer.post_attention_layernorm, cat(m.gate_proj, m.up_proj), m.down_proj,
+                 a.q_proj.out_features // a.head_dim, a.k_proj.out_features // a.head_dim,
+                 a.head_dim, a.scaling)
+            )  # fmt: skip
+        x = self.embed.weight[:1]
+        cos, sin = body.rotary_emb(x, torch.arange(capacity, device=x.device)[None])
+        self.cos, self.sin = cos[0], sin[0]  # (capacity, hd)
+
+    def __call__(self, tok: Tensor, mask: Tensor, pos: Tensor, cache: Any) -> Tensor:
+        """(R,) tokens at positions (R,), (R, S) attention mask incl. them -> (R, V) logits."""
+        x = self.embed(tok)  # (R, H)
+        r, at = tok.shape[0], mask.shape[1] - 1
+        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # (R, 1, hd)
+        keep = mask.bool()[:, None, None, :]  # (R, 1, 1, S)
+        for i, (ln1, wqkv, bqkv, o, ln2, wgu, down, nh, nkv, hd, scale) in enumerate(self.layers):
+            qkv = F.linear(_rms(x, ln1.weight, ln1.variance_epsilon), wqkv, bqkv)
+            q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], -1)
+            q, k = _rope(q.view(r, nh, hd), cos, sin), _rope(k.view(r, nkv, hd), cos, sin)
+            layer = cache.layers[i]
+            layer.k_store[:, :, at] = k
+            layer.v_store[:, :, at] = v.view(r, nkv, hd)
+            keys, values = layer.k_store[:, :, : at + 1], layer.v_store[:, :, : at + 1]
+            att = F.scaled_dot_product_attention(
+                q[:, :, None], keys, values, keep, scale=scale, enable_gqa=nh != nkv
+            )
+            x = x + o(att.reshape(r, nh * hd))
+            gu = F.linear(_rms(x, ln2.weight, ln2.variance_epsilon), wgu)
+            gate, up = gu.chunk(2, -1)
+            x = x + down(F.silu(gate) * up)
+        for layer in cache.layers:
+            layer.length = at + 1
+        return self.head(_rms(x, self.norm.weight, self.norm.variance_epsilon))
+
+
+def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+
+
+@torch.no_grad()
+def fast_step_for(model: Any, capacity: int) -> FastStep | None:
+    """A FastStep when the model is Llama-style and one step of it reproduces the HF forward
+    (checked once per model on a left-padded 2-row input), else None."""
+    ok = _FAST_OK.get(model) if isinstance(model, nn.Module) else False
+    if ok is None:
+        ok = _llama_like(model) and _check(model)
+        _FAST_OK[model] = ok
+    return FastStep(model, capacity) if ok else None
+
+
+def _check(model: Any) -> bool:
+    try:
+        device = model.lm_head.weight.device
+        v = model.lm_head.out_features
+        ids = torch.tensor([[0, 5, 6], [7, 8, 9]], device=device) % v
+        mask = torch.tensor([[0, 1, 1], [1, 1, 1]], device=device)
+        full = torch.cat([mask, mask[:, :1] * 0 + 1], 1)
+        tok, pos = torch.tensor([3, 4], device=device) % v, mask.sum(1)
+        logits = []
+        for fast in (False, True):
+            cache = new_cache(model, 6)
+            _forward(model, ids, mask, _positions(mask), cache, keep=1)
+            if fast:
+                logits.append(FastStep(model, 6)(tok, full, pos, cache))
+            else:
+                logits.append(
+                    _forward(model, tok[:, None], full, pos[:, None], cache, 1).logits[:, -1]
+                )
+        want, got = (x.float() for x in logits)
+        return bool(((got - want).abs() <= 1e-4 * (want.abs().max() + 1)).all())
+    except Exception:
+        return False

@@ -132,8 +132,16 @@ class Rollout:
             data={k: cut(v) for k, v in self.data.items()},
         )
 
-    def micro_batches(self, n: int) -> list[Rollout]:
-        """Split into n contiguous micro-batches of whole groups where possible."""
+    def micro_batches(self, n: int, token_budget: int | None = None) -> list[Rollout]:
+        """Split into n contiguous micro-batches of whole groups where possible.
+
+        With `token_budget`, n is ignored: whole groups, longest completions first, are packed
+        into as few micro-batches as keep rows x (prompt width + completion width) <= budget
+        after each micro-batch's padding is trimmed (a group over the budget alone is split by
+        rows). The loss is unchanged: aggregations take global token counts.
+        """
+        if token_budget is not None:
+            return [self.select(rows) for rows in self._pack(token_budget)]
         groups = len(self) // self.group_size
         if n <= groups and groups % n == 0:
             per = (groups // n) * self.group_size
@@ -142,3 +150,33 @@ class Rollout:
         else:
             raise ValueError(f"{len(self)} samples do not split into {n} micro-batches")
         return [self.select(list(range(i, i + per))) for i in range(0, len(self), per)]
+
+    def _pack(self, budget: int) -> list[list[int]]:
+        """Row lists of token-budget micro-batches (greedy first fit over groups by length)."""
+        if budget < 1:
+            raise ValueError(f"token_budget must be >= 1, got {budget}")
+        lengths = self.completion_mask.sum(-1).long().clamp(min=1).tolist()
+        widths = self.prompts.attention_mask.sum(-1).long().tolist()  # real prompt tokens
+        prompt_of = self.prompt_index.tolist()
+        groups: dict[int, list[int]] = {}
+        for row, g in enumerate(self.group_ids.tolist()):
+            groups.setdefault(g, []).append(row)
+        order = sorted(groups.values(), key=lambda rows: -max(lengths[r] for r in rows))
+
+        def cost(rows: list[int]) -> int:
+            width = max(widths[prompt_of[r]] for r in rows) + max(lengths[r] for r in rows)
+            return len(rows) * width
+
+        batches: list[list[int]] = []
+        cur: list[int] = []
+        for rows in order:
+            if cur and cost(cur + rows) > budget:
+                batches, cur = batches + [cur], []
+            if cost(rows) <= budget:
+                cur = cur + rows
+                continue
+            for row in rows:  # a group over the budget alone: split it by rows
+                if cur and cost(cur + [row]) > budget:
+                    batches, cur = batches + [cur], []
+                cur = cur + [row]
+        return batches + [cur] if cur else batches

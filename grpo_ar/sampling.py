@@ -232,27 +232,31 @@ def sample(
     greedy: bool = False,
     share_prefix: bool = True,
     use_cache: bool = True,
+    fast: bool = True,
 ) -> Rollout:
     """Sample `group_size` completions per prompt with a preallocated KV cache.
 
     With `share_prefix` each prompt is prefilled once and its cache gathered to the G members of
     its group; without it the prompt is repeated G times. Finished rows are dropped from the batch
     once half of it has finished. `use_cache=False` re-runs the whole sequence every step (the
-    slow reference the cached path is tested against).
+    slow reference the cached path is tested against). `fast` lets Llama-style models take
+    `decoding.FastStep` instead of the HF forward for the one-token steps.
     """
     from .decoding import Decoder
 
     g, n = group_size, len(prompts) * group_size
     cfg = params.uses_cfg
     ids, mask = _stack_cfg(prompts) if cfg else (prompts.input_ids, prompts.attention_mask)
-    dec = Decoder(model, params, use_cache)
+    dec = Decoder(model, params, use_cache, fast)
     logits = dec.prefill(ids, mask, g, share_prefix)  # (N or 2N, V)
     device = logits.device
     allowed = allowed_mask(params, logits.shape[-1], device)
     eos = torch.tensor(params.eos_token_ids, dtype=torch.long, device=device)
     shape = (n, params.max_new_tokens)
     tokens = torch.full(shape, params.pad_token_id, dtype=torch.long, device=device)
-    logps = torch.zeros(shape, device=device)
+    logps = torch.zeros(
+        shape, device=device, dtype=torch.promote_types(logits.dtype, torch.float32)
+    )
     draw = _Draw(n, generator, greedy)
     rows = torch.arange(n, device=device)  # the original row of each running row
     alive = torch.ones(n, dtype=torch.bool, device=device)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from grpo_ar.data import Entry
+from grpo_ar.decoding import fast_step_for
 from grpo_ar.rollout import PromptBatch
 from grpo_ar.sampling import (
     SamplingParams,
@@ -114,18 +115,46 @@ def test_cached_sampler_equals_naive_uncached_loop(model, name):
 
 @pytest.mark.parametrize("name", ["eos_top_p", "cfg"])
 def test_sampler_paths_agree(model, name):
-    """Cache on/off and prefix sharing on/off: identical tokens and log-probs."""
+    """Prefix sharing, cache, and the fast Llama step (vs the HF forward) on/off: identical
+    tokens and log-probs."""
     params = PARAMS[name]
     prompts = _prompts(PROMPTS, UNCOND if params.uses_cfg else None)
+    flags = [(True, True, True), (True, True, False), (False, True, True), (False, False, False)]
     runs = [
         sample(
-            model, prompts, 3, params, torch.Generator().manual_seed(5), share_prefix=s, use_cache=c
+            model,
+            prompts,
+            3,
+            params,
+            torch.Generator().manual_seed(5),
+            share_prefix=f[0],
+            use_cache=f[1],
+            fast=f[2],
         )
-        for s, c in [(True, True), (False, True), (False, False)]
+        for f in flags
     ]
     for r in runs[1:]:
         assert torch.equal(r.completion_ids, runs[0].completion_ids)
         torch.testing.assert_close(r.sampling_logp, runs[0].sampling_logp, atol=1e-5, rtol=0)
+
+
+@pytest.fixture()
+def exact_fp64(monkeypatch):
+    """fp64 models, with HF's RMSNorm kept in fp64 (it computes in fp32 whatever the dtype, which
+    would cap any fp64 comparison at fp32 precision)."""
+    from transformers.models.llama import modeling_llama
+    from transformers.models.qwen2 import modeling_qwen2
+
+    def forward(self, x):
+        return self.weight * (
+            x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        )
+
+    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", forward)
+    monkeypatch.setattr(modeling_qwen2.Qwen2RMSNorm, "forward", forward)
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
 
 
 def _grads(model, rollout, params, **kw):
@@ -137,32 +166,29 @@ def _grads(model, rollout, params, **kw):
     return logp.detach(), ent.detach(), grads
 
 
-def _assert_same(a, b, atol=1e-5):
+def _assert_same(a, b, atol, rel):
     torch.testing.assert_close(a[0], b[0], atol=atol, rtol=0)
     torch.testing.assert_close(a[1], b[1], atol=atol, rtol=0)
     assert a[2].keys() == b[2].keys()
     for k in a[2]:
         scale = b[2][k].abs().max().clamp(min=1e-6)
-        assert float((a[2][k] - b[2][k]).abs().max() / scale) <= 1e-5, k
+        assert float((a[2][k] - b[2][k]).abs().max() / scale) <= rel, k
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_qwen2])
 @pytest.mark.parametrize("name", ["eos_top_p", "min_new_top_k", "cfg", "fixed_length"])
-def test_scoring_fast_paths_equal_full_sequences(make, name):
+def test_scoring_fast_paths_equal_full_sequences(make, name, exact_fp64):
     """Prompt scored once per group + fused chunked head == full sequences through the logits,
     values and gradients (the plain path is the reference: no sharing, no fused head)."""
-    torch.set_default_dtype(torch.float64)
-    try:
-        model = make(vocab_size=80).double().train()
-        params = PARAMS[name]
-        prompts = _prompts(PROMPTS, UNCOND if params.uses_cfg else None)
-        r = sample(model.eval(), prompts, 3, params, generator=torch.Generator().manual_seed(1))
-        model.train()
-        ref = _grads(model, r, params, share_prefix=False, fused=False)
-        for share, fused in [(True, True), (True, False), (False, True)]:
-            _assert_same(_grads(model, r, params, share_prefix=share, fused=fused), ref, atol=1e-9)
-    finally:
-        torch.set_default_dtype(torch.float32)
+    model = make(vocab_size=80).double()
+    params = PARAMS[name]
+    prompts = _prompts(PROMPTS, UNCOND if params.uses_cfg else None)
+    r = sample(model.eval(), prompts, 3, params, generator=torch.Generator().manual_seed(1))
+    model.train()
+    ref = _grads(model, r, params, share_prefix=False, fused=False)
+    for share, fused in [(True, True), (True, False), (False, True)]:
+        got = _grads(model, r, params, share_prefix=share, fused=fused)
+        _assert_same(got, ref, atol=1e-10, rel=1e-10)
 
 
 def test_scoring_fp32_matches_sampler_on_micro_batches(model):
@@ -215,6 +241,7 @@ class ScaledLogits(torch.nn.Module):
 def test_models_without_plain_head_take_the_logits_path(model):
     wrapped = ScaledLogits(model)
     assert head_split(wrapped) is None
+    assert fast_step_for(wrapped, 8) is None and fast_step_for(model, 8) is not None
     params = SamplingParams(max_new_tokens=6, temperature=1.0)
     r = sample(wrapped, _prompts(PROMPTS), 2, params, generator=torch.Generator().manual_seed(0))
     logp, _ = token_logprobs(wrapped, r, params)
