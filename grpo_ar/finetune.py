@@ -324,6 +324,12 @@ def _lycoris_preset(preset: dict[str, Any]) -> Iterator[Any]:
                 delattr(LycorisNetwork, k)
 
 
+class LycorisLinear(nn.Linear):
+    """An nn.Linear whose forward LyCORIS replaced, so its `.weight` alone is not the layer: a
+    distinct type keeps fast paths that fuse plain Linears' weights (the sampler's Llama decode
+    step checks `type(m) is nn.Linear`) from skipping the adapter."""
+
+
 class LycorisFinetune(AdapterFinetune):
     """A LyCORIS network: policy at multiplier 1, base at multiplier 0 (restore() for DoRA)."""
 
@@ -331,9 +337,10 @@ class LycorisFinetune(AdapterFinetune):
         _require("lycoris", "lycoris")
         targets = resolve_targets(model, cfg)
         pattern = "(?:" + "|".join(re.escape(t) for t in targets) + ")$"
-        preset = dict(enable_conv=False, target_module=[], target_name=[pattern])
-        preset.update(module_algo_map={}, name_algo_map={}, lora_prefix="lycoris")
-        preset.update(use_fnmatch=False, exclude_name=[])
+        preset = dict(enable_conv=False, target_module=[], target_name=[pattern], exclude_name=[])
+        preset.update(
+            module_algo_map={}, name_algo_map={}, lora_prefix="lycoris", use_fnmatch=False
+        )
         args = {_LYCORIS_RENAME.get(k, k): v for k, v in cfg.algo_args.items()}
         if cfg.algo == "dora":
             args["weight_decompose"] = True
@@ -353,26 +360,26 @@ class LycorisFinetune(AdapterFinetune):
             raise RuntimeError(f"lycoris wrapped {len(network.loras)} of {len(targets)} targets")
         model.requires_grad_(False)
         network.apply_to()
+        for lora in network.loras:  # mark the patched Linears (see LycorisLinear)
+            if type(lora.org_module[0]) is nn.Linear:
+                lora.org_module[0].__class__ = LycorisLinear
         network.to(next(model.parameters()).device).requires_grad_(True)
         self.network = network
         super().__init__(_wrap(model, model, network), cfg, need_reference)
 
     @contextlib.contextmanager
     def adapter_off(self) -> Iterator[None]:
-        net = self.network
-        if self.cfg.dora:  # DoRA's multiplier 0 is not the base: unpatch the Linears
-            net.restore()
-            try:
-                yield
-            finally:
-                for lora in net.loras:
-                    lora.apply_to()
-            return
-        net.set_multiplier(0.0)
+        net, dora = self.network, self.cfg.dora
+        # DoRA's multiplier 0 is not the base: unpatch the Linears instead
+        net.restore() if dora else net.set_multiplier(0.0)
         try:
             yield
         finally:
-            net.set_multiplier(1.0)
+            if dora:
+                for lora in net.loras:
+                    lora.apply_to()
+            else:
+                net.set_multiplier(1.0)
 
     def mix_refusal(self) -> str | None:
         return None if self.cfg.algo in _AFFINE and not self.cfg.dora else super().mix_refusal()
@@ -422,9 +429,8 @@ def _effective_linear(
     bias = layer(torch.zeros(1, n_in, dtype=dtype, device=dev))[0]
     cols = []
     for i in range(0, n_in, chunk):
-        rows = torch.arange(i, min(i + chunk, n_in), device=dev)
-        eye = torch.zeros(len(rows), n_in, dtype=dtype, device=dev)
-        eye[torch.arange(len(rows), device=dev), rows] = 1
+        eye = torch.zeros(min(chunk, n_in - i), n_in, dtype=dtype, device=dev)
+        eye[:, i : i + chunk].fill_diagonal_(1)
         cols.append(layer(eye) - bias)
     return torch.cat(cols).T.contiguous(), bias.clone()
 
@@ -437,8 +443,7 @@ def build_finetune(
     if cfg.method == "full":
         return Finetune(model, need_reference)
     cls = PeftFinetune if cfg.method == "peft" else LycorisFinetune
-    if seed is None:
-        return cls(model, cfg, need_reference)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
         return cls(model, cfg, need_reference)
