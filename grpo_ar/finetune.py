@@ -202,7 +202,7 @@ class AdaptedLM(nn.Module):
 @functools.lru_cache(maxsize=16)
 def _adapted_class(cls: type) -> type:
     """An AdaptedLM whose forward shows the signature of `cls.forward`: the sampler and scorer
-    read it (logits_to_keep, past_key_values) to pick their fast paths, as for the bare model."""
+    read it (logits_to_keep, the cache argument) to pick their fast paths, as for the bare model."""
 
     def forward(self: AdaptedLM, *args: Any, **kwargs: Any) -> Any:
         return self.lm(*args, **kwargs)

@@ -106,7 +106,8 @@ def transform_logits(
 ) -> Tensor:
     """(R, V) raw (CFG-combined) logits -> (R, V) fp32 logits of the sampling distribution,
     -inf on excluded tokens. Order: allowed ranges, temperature, top-k, top-p, min-p."""
-    z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / params.temperature
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    z = z / params.temperature if params.temperature != 1.0 else z  # mask_logits never writes z
     return mask_logits(z, params, allowed, filters, forbid_eos)
 
 
@@ -177,12 +178,20 @@ def _takes_logits_to_keep(cls: type) -> bool:
     return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
+@lru_cache(maxsize=64)
+def cache_kwarg(cls: type) -> str | None:
+    """The name under which `cls.forward` takes a KV cache: `cache` (transformers >= 5.24),
+    `past_key_values` (earlier releases), or None when it takes none."""
+    params = inspect.signature(cls.forward).parameters
+    return next((k for k in ("cache", "past_key_values") if k in params), None)
+
+
 def _forward(model: Any, ids: Tensor, mask: Tensor, pos: Tensor, cache: Any, keep: int) -> Any:
     kw: dict[str, Any] = dict(
         input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=cache is not None
     )
     if cache is not None:
-        kw["past_key_values"] = cache
+        kw[cache_kwarg(type(model)) or "past_key_values"] = cache
     if keep and _takes_logits_to_keep(type(model)):
         kw["logits_to_keep"] = keep
     return model(**kw)
@@ -283,7 +292,8 @@ def sample(
 def _finish(
     prompts: PromptBatch, g: int, tokens: Tensor, logps: Tensor, eos: Tensor, pad: int
 ) -> Rollout:
-    """Mask everything after the first EOS (pad tokens, log-prob 0) and build the Rollout."""
+    """Mask everything after the first EOS (pad tokens, log-prob 0) and build the Rollout.
+    Without EOS tokens (fixed-length generation, e.g. image grids) no row counts as truncated."""
     n, width = tokens.shape
     device = tokens.device
     steps = torch.arange(width, device=device)
@@ -299,7 +309,7 @@ def _finish(
         completion_ids=tokens,
         completion_mask=comp_mask,
         sampling_logp=logps * comp_mask,
-        truncated=~ended,
+        truncated=~ended if eos.numel() else torch.zeros_like(ended),
         prompt_index=prompt_index,
         group_ids=prompt_index.clone(),
     )

@@ -14,9 +14,7 @@ Models of any other structure take the logits path (chunked log-softmax, same re
 from __future__ import annotations
 
 import contextlib
-import inspect
 import weakref
-from functools import lru_cache
 from typing import Any
 
 import torch
@@ -29,6 +27,7 @@ from .sampling import (
     _forward,
     _positions,
     allowed_mask,
+    cache_kwarg,
     cfg_combine,
     mask_logits,
 )
@@ -70,17 +69,12 @@ def _same_logits(model: Any, body: nn.Module, head: nn.Linear) -> bool:
         model.train(was_training)
 
 
-@lru_cache(maxsize=64)
-def _takes_cache(cls: type) -> bool:
-    return "past_key_values" in inspect.signature(cls.forward).parameters
-
-
 def can_share_prefix(model: Any) -> bool:
     """A KV cache survives this forward (HF drops it under gradient checkpointing in training)."""
     checkpointing = getattr(model, "is_activation_checkpointing", None)
     if checkpointing is None:  # transformers < 5 names it this way
         checkpointing = getattr(model, "is_gradient_checkpointing", False)
-    return _takes_cache(type(model)) and not (model.training and checkpointing)
+    return cache_kwarg(type(model)) is not None and not (model.training and checkpointing)
 
 
 def _out(out: Any, hidden: bool) -> Tensor:
@@ -139,9 +133,13 @@ def token_logprobs(
     """
     prompts, idx = rollout.prompts, rollout.prompt_index
     comp, comp_mask = rollout.completion_ids, rollout.completion_mask
-    split = head_split(model) if fused is not False else None
+    # a detached uncond branch must cut the head's gradient through W·u as well, which CFG on
+    # hidden states cannot express: that case takes the logits path
+    detached_cfg = params.uses_cfg and detach_uncond
+    split = head_split(model) if fused is not False and not detached_cfg else None
     if fused and split is None:
-        raise ValueError(f"{type(model).__name__} has no plain `model.model` + linear `lm_head`")
+        why = "detach_uncond under CFG" if detached_cfg else "no plain `model.model` + `lm_head`"
+        raise ValueError(f"fused=True is not possible for {type(model).__name__}: {why}")
     share = can_share_prefix(model) and len(idx) > len(prompts)
     share = share if share_prefix is None else share_prefix
     net = split[0] if split is not None else model
