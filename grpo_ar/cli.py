@@ -1,4 +1,4 @@
-"""`grpo-ar train|eval|report`."""
+"""`grpo-ar train|eval|export|report`."""
 
 from __future__ import annotations
 
@@ -109,26 +109,53 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint_dir(path: str | Path) -> Path:
+    """A checkpoint folder, or a run directory's latest checkpoint."""
+    from .checkpoint import latest_checkpoint
+
+    path = Path(path)
+    return latest_checkpoint(path) if (path / "checkpoints").is_dir() else path
+
+
+def load_trained(cfg: Config, checkpoint: str | Path | None) -> tuple[Any, Any]:
+    """(finetune, adapter) of the configured model, with a checkpoint's policy weights (the
+    whole model or only the adapter, per `cfg.finetune`) when `checkpoint` is given."""
+    from .finetune import build_finetune
+
+    model, adapter = build_model_and_adapter(cfg)
+    ft = build_finetune(model, cfg.finetune, need_reference=False, seed=cfg.trainer.seed)
+    if checkpoint:
+        ft.load_checkpoint_weights(_checkpoint_dir(checkpoint) / "model.safetensors")
+    return ft, adapter
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .trainer import Trainer
 
     cfg = load_config(args.config, args.set)
     train, evals = load_data(cfg)
-    model, adapter = build_model_and_adapter(cfg)
-    if args.checkpoint:
-        from .checkpoint import latest_checkpoint, load_weights
-
-        ckpt = Path(args.checkpoint)
-        if (ckpt / "checkpoints").is_dir():
-            ckpt = latest_checkpoint(ckpt)
-        load_weights(model, ckpt / "model.safetensors")
+    ft, adapter = load_trained(cfg, args.checkpoint)
     cfg = replace(cfg, algorithm=replace(cfg.algorithm, beta=0.0))  # scoring needs no reference
-    trainer = Trainer(cfg, model, adapter, train, evals)
+    trainer = Trainer(cfg, ft.model, adapter, train, evals, finetune=ft)
     entries = evals or train
     out = trainer.evaluate(entries, greedy=True)
     if args.samples > 0:
         out.update(trainer.evaluate(entries, greedy=False, samples=args.samples))
     print(json.dumps(out, indent=2))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """A run's policy as a plain transformers folder: adapters merged into the base weights."""
+    run = Path(args.run_dir)
+    cfg = load_config(run / "config.yaml", args.set)
+    ft, adapter = load_trained(cfg, args.checkpoint or run)
+    out = Path(args.out_dir)
+    ft.export(out)
+    tokenizer = getattr(adapter, "tokenizer", None)
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(out)
+    print(f"exported {cfg.finetune.method} policy of {run} to {out}")
     return 0
 
 
@@ -173,6 +200,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DIR",
         help="checkpoint folder, or run directory (its latest), to score",
     )
+    ex = sub.add_parser("export", help="write a run's policy as a plain transformers model")
+    ex.add_argument("run_dir", help="run directory (its config.yaml and checkpoints)")
+    ex.add_argument("out_dir", help="folder for save_pretrained (adapters merged)")
+    ex.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ex.add_argument("--checkpoint", metavar="DIR", help="a checkpoint folder (default: latest)")
     rp = sub.add_parser("report", help="summarise a run's metrics")
     rp.add_argument("run_dir")
     args = p.parse_args(argv)
@@ -180,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "train" and not (args.config or args.resume):
         p.error("train needs a CONFIG file or --resume RUN_DIR")
     try:
-        return {"train": cmd_train, "eval": cmd_eval, "report": cmd_report}[args.cmd](args)
+        cmds = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "report": cmd_report}
+        return cmds[args.cmd](args)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -23,9 +23,17 @@ else:  # pragma: no cover
 
 from .algorithm_config import AlgorithmConfig
 from .errors import ConfigError, need
+from .finetune import FinetuneConfig
 from .sampling import SamplingParams
 
-__all__ = ["AlgorithmConfig", "Config", "ConfigError", "load_config", "save_config"]
+__all__ = [
+    "AlgorithmConfig",
+    "Config",
+    "ConfigError",
+    "FinetuneConfig",
+    "load_config",
+    "save_config",
+]
 
 
 class _Loader(yaml.SafeLoader):
@@ -110,6 +118,9 @@ class TrainerConfig:
     """Evaluate on held-out entries every N steps (0 = only at start and end when given)."""
     threads: int = 0
     """CPU threads for torch (0 = torch's default); 1 is often fastest on a loaded machine."""
+    micro_batch_tokens: int = 0
+    """Token budget per micro-batch (rows x trimmed prompt+completion width; whole groups,
+    longest first); replaces grad_accum's equal split when > 0. The loss is unchanged."""
 
     def __post_init__(self) -> None:
         _need(self.batch_size >= 1, f"trainer.batch_size={self.batch_size}: need >= 1")
@@ -117,6 +128,10 @@ class TrainerConfig:
         _need(
             self.batch_size % self.grad_accum == 0,
             f"trainer.batch_size={self.batch_size} is not divisible by trainer.grad_accum={self.grad_accum}",
+        )
+        _need(
+            self.micro_batch_tokens >= 0,
+            f"trainer.micro_batch_tokens={self.micro_batch_tokens}: need >= 0 (0 = off)",
         )
         _need(self.iterations >= 1, f"trainer.iterations={self.iterations}: need >= 1")
         _need(
@@ -241,6 +256,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     log: LogConfig = field(default_factory=LogConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 def _build(cls: type, raw: Any, where: str) -> Any:

@@ -3,7 +3,6 @@ optimizer passes of grad-accumulated micro-batches through the core registries."
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -14,37 +13,35 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .batching import concat_results, concat_rollouts, keep_groups
-from .checkpoint import (
-    latest_checkpoint,
-    load_state,
-    load_weights,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
-from .config import Config, ConfigError, save_config
+from .config import Config, save_config
 from .core import ADVANTAGES, AGGREGATIONS, compute_advantages
 from .core.corrections import AdaptiveEntropyCoef, entropy_bonus
 from .core.objective import token_objective
 from .data import Entry, PromptSampler
-from .reference import FrozenCopy
+from .dynamic_sampling import fill_batch
+from .evaluation import evaluate_rewards
+from .finetune import Finetune, build_finetune
 from .rewards import RewardComputer, RewardContext, build_rewards, reward_metrics
 from .rollout import Rollout
+from .run_io import append_metrics, append_samples, progress
+from .run_state import resume_trainer, save_trainer, trainer_state
 from .train_utils import (
     StepStats,
     build_optimizer,
     build_scheduler,
     disable_dropout,
     zero_std_fraction,
-    zero_std_groups,
 )
 
 log = logging.getLogger("grpo_ar")
 
 
 class Trainer:
-    """GRPO over any adapter. `train()` runs `config.trainer.steps` steps."""
+    """GRPO over any adapter. `train()` runs `config.trainer.steps` steps.
+
+    What is trained follows `config.finetune` (the whole model, a peft adapter or a LyCORIS
+    network; grpo_ar/finetune.py) unless a built `finetune` is passed; `reference` overrides the
+    KL reference it brings (a frozen copy, or the same model with the adapter off)."""
 
     def __init__(
         self,
@@ -55,15 +52,24 @@ class Trainer:
         eval_entries: Sequence[Entry] | None = None,
         rewards: RewardComputer | None = None,
         reference: Any | None = None,
+        finetune: Finetune | None = None,
     ) -> None:
-        self.cfg, self.model, self.adapter = config, model, adapter
         t, a = config.trainer, config.algorithm
         if t.threads:
             torch.set_num_threads(t.threads)
+        if finetune is None:
+            want_ref = a.beta > 0 and reference is None
+            finetune = build_finetune(model, config.finetune, want_ref, seed=t.seed)
+        self.cfg, self.finetune, self.model, self.adapter = (
+            config,
+            finetune,
+            finetune.model,
+            adapter,
+        )
         if config.model.disable_dropout:  # training log-probs must match the sampler's
-            disable_dropout(model)
+            disable_dropout(self.model)
         self.train_entries, self.eval_entries = list(train_entries), list(eval_entries or [])
-        self.device = next(model.parameters()).device
+        self.device = next(self.model.parameters()).device
         everything = self.train_entries + self.eval_entries
         if rewards is None:  # builds and validates every reward the entries name, before any step
             rewards = build_rewards(config.data.reward_setup, everything)
@@ -72,10 +78,11 @@ class Trainer:
         self.rewards = rewards
         self.prompts = PromptSampler(self.train_entries, t.batch_size, t.seed)
         self.generator = torch.Generator(device=self.device).manual_seed(t.seed)
+        self.reference = None
         if a.beta > 0:
-            self.reference = reference if reference is not None else FrozenCopy(model)
-        else:
-            self.reference = None
+            self.reference = reference if reference is not None else finetune.reference
+            if a.reference_refresh == "soft":  # refuse an inexact TR-DPO mix before any step
+                self.reference.check_mix(a.reference_mix_alpha)
         self.entropy = AdaptiveEntropyCoef(
             a.entropy_coef,
             target=a.entropy_target if a.entropy_target is not None else 0.0,
@@ -84,7 +91,7 @@ class Trainer:
             coef_max=a.entropy_coef_max,
             adaptive=a.entropy_target is not None,
         )
-        self.optimizer = build_optimizer(model, t)
+        self.optimizer = build_optimizer(self.model, t)
         self.scheduler = build_scheduler(self.optimizer, t, total=t.steps * a.grpo_iters)
         self.step = 0
         self.updates = 0  # optimizer steps taken (skipped ones not counted)
@@ -129,38 +136,15 @@ class Trainer:
         return rollout, result
 
     def _dynamic_sampling(self, rollout: Rollout, result: Any, stats: StepStats) -> tuple:
-        """DAPO (arXiv 2503.14476 §3.2): keep groups whose rewards differ, sample more prompts
-        until the batch is full or the round budget is spent; then fill up with the dropped
-        groups (zero advantage, so the batch shape and the loss normalisers stay fixed)."""
+        """DAPO's dynamic sampling (grpo_ar/dynamic_sampling.py)."""
         a = self.cfg.algorithm
-        need, kept, dropped, n_kept, rounds = len(rollout.prompts), [], [], 0, 1
-        while True:
-            flat = zero_std_groups(result.total, a.group_size)
-            ok, bad = (~flat).nonzero().flatten(), flat.nonzero().flatten()
-            take = ok[: need - n_kept]
-            if len(take):
-                kept.append(keep_groups(rollout, result, take.to(self.device)))
-                n_kept += len(take)
-            if len(bad):
-                dropped.append(keep_groups(rollout, result, bad.to(self.device)))
-            if n_kept >= need or rounds >= a.dynamic_sampling_max_rounds:
-                break
-            rollout, result = self._sample_and_score(self.prompts.next_batch(), stats)
-            rounds += 1
-        filled = 0
-        for sub, res in reversed(dropped):  # the newest dropped groups first
-            if n_kept + filled >= need:
-                break
-            k = min(need - n_kept - filled, len(sub) // a.group_size)
-            kept.append(keep_groups(sub, res, torch.arange(k, device=self.device)))
-            filled += k
-        stats.update(
-            {"dynamic/rounds": rounds, "dynamic/kept": n_kept / need, "dynamic/filled": filled}
-        )
         pad = getattr(self.adapter, "sampling", self.cfg.sampling).pad_token_id or 0
-        joined = concat_rollouts([r for r, _ in kept], pad)
-        joined.extras["outputs"] = [o for r, _ in kept for o in r.extras["outputs"]]
-        return joined, concat_results([res for _, res in kept])
+        draw = lambda: self._sample_and_score(self.prompts.next_batch(), stats)  # noqa: E731
+        rollout, result, info = fill_batch(
+            rollout, result, a.group_size, a.dynamic_sampling_max_rounds, draw, pad
+        )
+        stats.update(info)
+        return rollout, result
 
     def _reward_context(self, rollout: Rollout, group_size: int) -> RewardContext:
         return RewardContext(
@@ -195,7 +179,7 @@ class Trainer:
     def update(self, rollout: Rollout, stats: StepStats) -> None:
         """μ optimizer passes over the rollout; reference log-probs computed once."""
         a, t = self.cfg.algorithm, self.cfg.trainer
-        micro = rollout.micro_batches(t.grad_accum)
+        micro = rollout.micro_batches(t.grad_accum, t.micro_batch_tokens or None)
         if self.reference is not None:
             with stats.timer("reference"):
                 for mb in micro:
@@ -322,7 +306,7 @@ class Trainer:
                 "tokens_per_s": n_tok / max(stats.times.get("sample", 0.0), 1e-9),
             }
         )
-        self._write_samples(rollout)
+        append_samples(self.run_dir, rollout, self.step, self.cfg.log.samples_per_step)
         return metrics
 
     def end_iteration(self) -> None:
@@ -338,7 +322,7 @@ class Trainer:
         history = []
         if self.eval_entries and self.step == 0:
             self._log({"step": 0, **self.evaluate(self.eval_entries)})
-        bar = _progress(self.cfg.log.progress, t.steps, self.step)
+        bar = progress(self.cfg.log.progress, t.steps, self.step)
         while self.step < t.steps:
             metrics = self.train_step()
             if (
@@ -362,7 +346,6 @@ class Trainer:
         self.save()
         return history
 
-    @torch.no_grad()
     def evaluate(
         self,
         entries: Sequence[Entry],
@@ -372,112 +355,31 @@ class Trainer:
     ) -> dict[str, float]:
         """Mean reward (overall and per reward) on held-out entries, greedy or sampled."""
         limit = self.cfg.data.eval_size or len(entries)
-        entries = list(entries)[:limit]
-        bs = batch_size or self.cfg.data.eval_batch_size
-        self.model.eval()
-        totals, comps = [], {}
-        for i in range(0, len(entries), bs):
-            chunk = entries[i : i + bs]
-            prompts = self.adapter.encode(chunk).to(self.device)
-            gen = torch.Generator(device=self.device).manual_seed(self.cfg.trainer.seed + 7919 + i)
-            rollout = self.adapter.sample(
-                self.model, prompts, samples, generator=gen, greedy=greedy
-            )
-            ctx = self._reward_context(rollout, samples)
-            result = self.rewards(self.adapter.decode(rollout), ctx)
-            totals.append(result.total)
-            for k, name in enumerate(result.names):
-                comps.setdefault(name, []).append(result.components[:, k])
-        mode = "greedy" if greedy else "sampled"
-        out = {f"eval/{mode}/reward": float(torch.cat(totals).nanmean())}
-        out.update({f"eval/{mode}/{k}": float(torch.cat(v).nanmean()) for k, v in comps.items()})
-        return out
+        return evaluate_rewards(
+            self.model,
+            self.adapter,
+            self.rewards,
+            list(entries)[:limit],
+            greedy=greedy,
+            samples=samples,
+            batch_size=batch_size or self.cfg.data.eval_batch_size,
+            seed=self.cfg.trainer.seed,
+            step=self.step,
+        )
 
     # -- outputs -----------------------------------------------------------------------------
     def _log(self, metrics: dict[str, float]) -> None:
-        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps({k: _jsonable(v) for k, v in metrics.items()}) + "\n")
-
-    def _write_samples(self, rollout: Rollout) -> None:
-        k = self.cfg.log.samples_per_step
-        if k <= 0:
-            return
-        outputs, result = rollout.extras["outputs"], rollout.extras["reward"]
-        with open(self.run_dir / "samples.jsonl", "a", encoding="utf-8") as f:
-            for i in range(min(k, len(rollout))):
-                entry = rollout.entries[i]
-                f.write(
-                    json.dumps(
-                        {
-                            "step": self.step,
-                            "group": int(rollout.group_ids[i]),
-                            "prompt": _jsonable(entry.prompt),
-                            "output": _jsonable(outputs[i]),
-                            "reward": _jsonable(float(result.total[i])),
-                            "advantage": float(rollout.data["adv"][i]),
-                        }
-                    )
-                    + "\n"
-                )
+        append_metrics(self.run_dir, metrics)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "updates": self.updates,
-            "entropy": self.entropy.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "prompts": self.prompts.state_dict(),
-            "rng": rng_state(self.generator),
-            "dtype": self.cfg.model.dtype,
-        }
+        """The trainer state a checkpoint stores besides weights (grpo_ar/run_state.py)."""
+        return trainer_state(self)
 
     def save(self) -> Path:
-        ref = self.reference.module() if self.reference is not None else None
-        return save_checkpoint(
-            self.run_dir / "checkpoints" / f"step_{self.step:06d}",
-            self.model,
-            self.state_dict(),
-            reference=ref,
-            keep=self.cfg.log.keep_checkpoints,
-        )
+        """Policy weights (the whole model, or only the adapter), the reference's and the
+        trainer state, atomically, under run_dir/checkpoints/step_N."""
+        return save_trainer(self)
 
     def resume(self, run_dir: str | Path | None = None) -> None:
         """Continue from the newest checkpoint of `run_dir` (default: this run's)."""
-        ckpt = latest_checkpoint(run_dir or self.run_dir)
-        state = load_state(ckpt)
-        saved, now = state["dtype"], self.cfg.model.dtype
-        if {saved, now} == {"bfloat16", "float16"}:
-            raise ConfigError(
-                f"the run was trained in {saved}; resuming in {now} is refused "
-                "(never switch between bf16 and fp16 mid-training)"
-            )
-        load_weights(self.model, ckpt / "model.safetensors")
-        if self.reference is not None and (ckpt / "reference.safetensors").exists():
-            load_weights(self.reference.module(), ckpt / "reference.safetensors")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.prompts.load_state_dict(state["prompts"])
-        set_rng_state(state["rng"], self.generator)
-        self.step = int(state["step"])
-        self.updates = int(state.get("updates", 0))
-        if "entropy" in state:
-            self.entropy.load_state_dict(state["entropy"])
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, (str, int, float, bool, type(None), list, dict)):
-        return x
-    if isinstance(x, torch.Tensor) and x.numel() == 1:
-        return _jsonable(float(x))
-    return repr(x)
-
-
-def _progress(enabled: bool, total: int, initial: int) -> Any:
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="grpo", dynamic_ncols=True)
+        resume_trainer(self, run_dir or self.run_dir)

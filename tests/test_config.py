@@ -229,7 +229,7 @@ def test_unknown_top_level_key_lists_the_sections():
         load_config(overrides=["trainr.lr=0.1"])
     msg = str(e.value)
     assert "unknown key trainr" in msg
-    assert "valid keys: algorithm, data, image, log, model, sampling, trainer" in msg
+    assert "valid keys: algorithm, data, finetune, image, log, model, sampling, trainer" in msg
 
 
 @pytest.mark.parametrize(
@@ -461,7 +461,16 @@ def test_save_then_load_defaults(tmp_path):
 def test_config_to_dict_is_plain():
     d = config_to_dict(load_config(overrides=["sampling.allowed_ranges=[[0,5]]"]))
     assert d["sampling"]["allowed_ranges"] == [[0, 5]]
-    assert set(d) == {"model", "sampling", "algorithm", "trainer", "data", "log", "image"}
+    assert set(d) == {
+        "model",
+        "sampling",
+        "algorithm",
+        "trainer",
+        "data",
+        "log",
+        "image",
+        "finetune",
+    }
 
 
 def test_defaults_are_sane():

@@ -1,8 +1,6 @@
 """Fine-tuning through the Trainer and the CLI: `finetune` config section, adapter-only
 checkpoints that resume exactly (policy, frozen reference, optimizer), `grpo-ar export`."""
 
-import inspect
-
 import pytest
 import torch
 
@@ -15,10 +13,6 @@ from grpo_ar.data import load_rows  # noqa: E402
 from grpo_ar.trainer import Trainer  # noqa: E402
 from tiny import char_tokenizer, tiny_llama  # noqa: E402
 
-pytestmark = pytest.mark.skipif(
-    "finetune" not in inspect.signature(Trainer.__init__).parameters,
-    reason="needs the Trainer integration of tracker issue 4 (Trainer(..., finetune=))",
-)
 ROWS = [{"prompt": f"{i}+{i}=", "answer": 2 * i} for i in range(8)]
 
 
@@ -81,13 +75,22 @@ def test_adapter_checkpoint_holds_only_the_adapter_and_resumes_exactly(tmp_path,
         torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0)
 
 
+def test_resume_with_another_finetune_method_is_refused(tmp_path):
+    from grpo_ar.config import ConfigError
+
+    make(tmp_path, "run", "lycoris", ["trainer.steps=1"]).train()
+    other = make(tmp_path, "run", "peft", ["trainer.steps=2"])
+    with pytest.raises(ConfigError, match="set finetune.method=lycoris"):
+        other.resume()
+
+
 def test_soft_sync_with_lora_is_refused_at_construction(tmp_path):
     soft = ["algorithm.reference_refresh=soft", "algorithm.reference_mix_alpha=0.6"]
     with pytest.raises(ValueError, match="not exact here: peft lora"):
         make(tmp_path, "soft", "peft", soft)
 
 
-@pytest.mark.parametrize("method", ["full", "lycoris"])
+@pytest.mark.parametrize("method", ["full", "peft", "lycoris"])
 def test_cli_export_gives_a_plain_model_equal_to_the_policy(tmp_path, method):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -91,6 +91,37 @@ def test_grad_accum_gives_the_full_batch_update(tmp_path):
             torch.testing.assert_close(other[k], results[0][k], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_mean"])
+def test_token_budget_micro_batches_give_the_full_batch_update(tmp_path, agg):
+    """trainer.micro_batch_tokens packs groups by length and trims padding per micro-batch
+    (trimming itself: tests/test_speed_microbatch.py): same weights as one micro-batch."""
+    results, shapes = [], []
+    for budget in (0, 40):
+        tr = make(
+            tmp_path / str(budget),
+            [
+                f"trainer.micro_batch_tokens={budget}",
+                "trainer.steps=1",
+                f"algorithm.aggregation={agg}",
+            ],
+            reward="toy_len",
+        )
+        seen, score = [], tr.adapter.token_logprobs
+
+        def spy(m, r, score=score, seen=seen, **kw):
+            if torch.is_grad_enabled():  # the policy passes (not the no-grad reference pass)
+                seen.append(r.completion_ids.shape)
+            return score(m, r, **kw)
+
+        tr.adapter.token_logprobs = spy
+        tr.train_step()
+        results.append(params(tr))
+        shapes.append(seen)
+    assert len(shapes[0]) == 1 and len(shapes[1]) > 1  # the budget really split the batch
+    for k in results[0]:
+        torch.testing.assert_close(results[1][k], results[0][k], atol=1e-6, rtol=0)
+
+
 def test_first_pass_is_on_policy_and_later_passes_clip(tmp_path):
     tr = make(
         tmp_path,

@@ -1,0 +1,54 @@
+"""What a run writes besides checkpoints: metrics.jsonl, samples.jsonl, the progress bar."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .rollout import Rollout
+
+
+def jsonable(x: Any) -> Any:
+    """A JSON value for `x`: non-finite floats become null, 1-element tensors floats."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, (str, int, float, bool, type(None), list, dict)):
+        return x
+    if isinstance(x, torch.Tensor) and x.numel() == 1:
+        return jsonable(float(x))
+    return repr(x)
+
+
+def append_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
+    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({k: jsonable(v) for k, v in metrics.items()}) + "\n")
+
+
+def append_samples(run_dir: Path, rollout: Rollout, step: int, k: int) -> None:
+    """The first `k` samples of a scored rollout (prompt, output, reward, advantage)."""
+    if k <= 0:
+        return
+    outputs, result = rollout.extras["outputs"], rollout.extras["reward"]
+    with open(run_dir / "samples.jsonl", "a", encoding="utf-8") as f:
+        for i in range(min(k, len(rollout))):
+            row = {
+                "step": step,
+                "group": int(rollout.group_ids[i]),
+                "prompt": jsonable(rollout.entries[i].prompt),
+                "output": jsonable(outputs[i]),
+                "reward": jsonable(float(result.total[i])),
+                "advantage": float(rollout.data["adv"][i]),
+            }
+            f.write(json.dumps(row) + "\n")
+
+
+def progress(enabled: bool, total: int, initial: int) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="grpo", dynamic_ncols=True)

@@ -1,0 +1,79 @@
+"""A Trainer's checkpoint: policy weights (the whole model, or only the adapter tensors of a
+peft / LyCORIS fine-tune), the reference's (a frozen copy; a frozen adapter copy once refreshed,
+no file while it is still the base) and the trainer state (optimizer, scheduler, data order,
+RNG, entropy controller). Written atomically by grpo_ar.checkpoint; nothing is unpickled."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import (
+    latest_checkpoint,
+    load_state,
+    load_tensors,
+    load_weights,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from .errors import ConfigError
+
+
+def trainer_state(tr: Any) -> dict[str, Any]:
+    return {
+        "step": tr.step,
+        "updates": tr.updates,
+        "entropy": tr.entropy.state_dict(),
+        "optimizer": tr.optimizer.state_dict(),
+        "scheduler": tr.scheduler.state_dict(),
+        "prompts": tr.prompts.state_dict(),
+        "rng": rng_state(tr.generator),
+        "dtype": tr.cfg.model.dtype,
+        "finetune": tr.finetune.method,
+    }
+
+
+def save_trainer(tr: Any) -> Path:
+    ref = tr.reference
+    if ref is not None:
+        ref = ref.module() if hasattr(ref, "module") else (ref.state_dict() or None)
+    return save_checkpoint(
+        tr.run_dir / "checkpoints" / f"step_{tr.step:06d}",
+        tr.finetune.checkpoint_weights(),
+        trainer_state(tr),
+        reference=ref,
+        keep=tr.cfg.log.keep_checkpoints,
+    )
+
+
+def resume_trainer(tr: Any, run_dir: str | Path) -> None:
+    ckpt = latest_checkpoint(run_dir)
+    state = load_state(ckpt)
+    saved, now = state["dtype"], tr.cfg.model.dtype
+    if {saved, now} == {"bfloat16", "float16"}:
+        raise ConfigError(
+            f"the run was trained in {saved}; resuming in {now} is refused "
+            "(never switch between bf16 and fp16 mid-training)"
+        )
+    method = state.get("finetune", "full")
+    if method != tr.finetune.method:
+        raise ConfigError(
+            f"the checkpoint was trained with finetune.method={method}; this run has "
+            f"{tr.finetune.method}: set finetune.method={method}"
+        )
+    tr.finetune.load_checkpoint_weights(ckpt / "model.safetensors")
+    ref, ref_path = tr.reference, ckpt / "reference.safetensors"
+    if ref is not None and hasattr(ref, "module"):
+        if ref_path.exists():
+            load_weights(ref.module(), ref_path)
+    elif ref is not None:  # adapter reference: no file = still the base
+        ref.load_state_dict(load_tensors(ref_path) if ref_path.exists() else {})
+    tr.optimizer.load_state_dict(state["optimizer"])
+    tr.scheduler.load_state_dict(state["scheduler"])
+    tr.prompts.load_state_dict(state["prompts"])
+    set_rng_state(state["rng"], tr.generator)
+    tr.step = int(state["step"])
+    tr.updates = int(state.get("updates", 0))
+    if "entropy" in state:
+        tr.entropy.load_state_dict(state["entropy"])
