@@ -20,11 +20,14 @@ the same distribution: the row constants cancel in the softmax. Training log-pro
 Every rollout records the scale it was sampled with (`rollout.extras["cfg_scale"]`); a
 rollout sampled under another scale than this adapter's is refused.
 
-Emu3's own LM layout ends every row with EOL and the image with EOF. The shared sampler has one
-global allowed-token set and cannot force a token at given positions, so this adapter samples
-and trains on the h·w codes only: the LM sequence omits EOL/EOF (LlamaGen's layout). A model
-trained on Emu3's layout then sees sequences off its training distribution; `vq.with_row_ends`
-builds Emu3's view of the codes (for its `decode_image_tokens`, or for data).
+Emu3's own LM layout ends every row with EOL and the image with EOF: give `eol_token_id` /
+`eof_token_id` and the sequence is h·(w + 1) + 1 tokens, the layout tokens forced at their
+positions (`SamplingParams.position_ranges`, log-prob exactly 0 in sampling and training alike).
+Without them the sequence is the h·w codes alone (LlamaGen's layout).
+
+`CodeGridAdapter` is everything an adapter over VQ code grids needs (prompts and CFG branches,
+fixed-length sampling in the codebook, layout tokens, the CFG-scale record, chunked decoding);
+`ImageAdapter` and `adapters.video.VideoAdapter` differ only in grid rank and output format.
 """
 
 from __future__ import annotations
@@ -146,39 +149,42 @@ def _left_pad(rows: list[list[int]], pad: int) -> tuple[Tensor, Tensor]:
     return ids, mask
 
 
-class ImageAdapter(Adapter):
-    """Class- or text-conditioned AR image generation over a VQ codebook, with CFG.
+class CodeGridAdapter(Adapter):
+    """Condition prefix -> a fixed-length grid of VQ codes (plus layout tokens), with CFG.
 
-    `grid` is (h, w) codes per image; `code_offset` the LM id of code 0 (the LM's codebook block
-    has the decoder's `codebook_size` ids); `image_prefix_ids` follow the condition in both CFG
-    branches (e.g. Janus's `<begin_of_image>`). `output`: what `decode` returns per sample, a PIL
-    image, a (H, W, 3) uint8 tensor or a (3, H, W) float tensor in [0, 1] (views of one batch).
+    `layout` places the codes (and EOL/EOF) in the LM sequence; `prefix_ids` follow the condition
+    in both CFG branches (e.g. `<begin_of_image>`). Subclasses choose the grid rank (`kind` names
+    the sample in messages) and what `decode` returns.
     """
+
+    kind = "a sample"
 
     def __init__(
         self,
         decoder: VQDecoder,
         sampling: SamplingParams,
-        grid: Sequence[int],
-        code_offset: int,
+        layout: CodeLayout,
         condition: ClassCondition | TextCondition,
-        image_prefix_ids: Sequence[int] = (),
+        prefix_ids: Sequence[int] = (),
         cfg_train: Literal["same", "conditional"] = "same",
         detach_uncond: bool = False,
-        output: Literal["pil", "uint8", "float"] = "pil",
         decode_batch_size: int = 0,
     ) -> None:
-        layout = CodeLayout(tuple(grid), code_offset, decoder.codebook_size)
         decoder.check_grid(layout.grid)
-        super().__init__(_image_sampling(sampling, layout))
+        if layout.codebook_size != decoder.codebook_size:
+            raise ValueError(
+                f"the layout's codebook has {layout.codebook_size} codes, the decoder's "
+                f"{decoder.codebook_size}"
+            )
+        super().__init__(code_sampling(sampling, layout, self.kind))
         if cfg_train not in ("same", "conditional"):
             raise ValueError(f"cfg_train={cfg_train!r}: use 'same' or 'conditional'")
-        if output not in ("pil", "uint8", "float"):
-            raise ValueError(f"output={output!r}: use 'pil', 'uint8' or 'float'")
+        if decode_batch_size < 0:
+            raise ValueError(f"decode_batch_size must be >= 0, got {decode_batch_size}")
         self.decoder, self.layout, self.condition = decoder, layout, condition
-        self.image_prefix_ids = list(image_prefix_ids)
+        self.prefix_ids = list(prefix_ids)
         self.cfg_train, self.detach_uncond = cfg_train, detach_uncond
-        self.output, self.decode_batch_size = output, decode_batch_size
+        self.decode_batch_size = decode_batch_size
 
     @property
     def train_sampling(self) -> SamplingParams:
@@ -190,7 +196,7 @@ class ImageAdapter(Adapter):
     # -- prompts -----------------------------------------------------------------------------
     def encode(self, entries: Sequence[Entry]) -> PromptBatch:
         cond = [self.condition.tokens(e) for e in entries]
-        pad, boi = self.condition.pad_token_id, self.image_prefix_ids
+        pad, boi = self.condition.pad_token_id, self.prefix_ids
         batch = PromptBatch(*_left_pad([c + boi for c in cond], pad), list(entries))
         if self.sampling.uses_cfg:  # CFG off: no unconditional branch at all
             rows = [self.condition.uncond(e, c) + boi for e, c in zip(entries, cond)]
@@ -201,13 +207,14 @@ class ImageAdapter(Adapter):
     def _check_vocab(self, model: Any) -> None:
         head = model.get_output_embeddings()
         vocab = head.weight.shape[0] if head is not None else model.config.vocab_size
+        layout = [t for t in (self.layout.eol, self.layout.eof) if t is not None]
         top = max(
-            self.layout.code_range[1] - 1, self.condition.max_token_id, *self.image_prefix_ids
+            self.layout.code_range[1] - 1, self.condition.max_token_id, *self.prefix_ids, *layout
         )
         if top >= vocab:
             raise ValueError(
-                f"token id {top} (codebook range {list(self.layout.code_range)}, condition and "
-                f"image-prefix tokens) does not fit the model's vocabulary of {vocab}"
+                f"token id {top} (codebook range {list(self.layout.code_range)}, condition, "
+                f"prefix and layout tokens) does not fit the model's vocabulary of {vocab}"
             )
 
     def sample(
@@ -218,7 +225,7 @@ class ImageAdapter(Adapter):
         generator: torch.Generator | None = None,
         greedy: bool = False,
     ) -> Rollout:
-        """G images per prompt (h·w codes each); records the CFG scale sampled with."""
+        """G grids per prompt (layout.num_tokens each); records the CFG scale sampled with."""
         self._check_vocab(model)
         rollout = super().sample(model, prompts, group_size, generator=generator, greedy=greedy)
         rollout.extras["cfg_scale"] = self.sampling.cfg_scale
@@ -227,13 +234,13 @@ class ImageAdapter(Adapter):
     def token_logprobs(
         self, model: Any, rollout: Rollout, with_entropy: bool = False
     ) -> tuple[Tensor, Tensor | None]:
-        """(n, h·w) teacher-forced log-probs under `train_sampling`; refuses a rollout sampled
+        """(n, T) teacher-forced log-probs under `train_sampling`; refuses a rollout sampled
         with another CFG scale."""
         sampled = rollout.extras.get("cfg_scale")
         if sampled is None:
             raise ValueError(
                 "the rollout does not record the CFG scale it was sampled with "
-                "(rollout.extras['cfg_scale']); sample it with ImageAdapter.sample"
+                f"(rollout.extras['cfg_scale']); sample it with {type(self).__name__}.sample"
             )
         if sampled != self.sampling.cfg_scale:
             raise ValueError(
@@ -249,16 +256,71 @@ class ImageAdapter(Adapter):
             detach_uncond=self.detach_uncond,
         )
 
-    # -- decoding ----------------------------------------------------------------------------
+    # -- codes and pixels --------------------------------------------------------------------
+    def encode_pixels(self, pixels: Tensor) -> Tensor:
+        """Pixels in the decoder's range -> (N, layout.num_tokens) LM token ids (e.g. to build
+        training sequences); refuses sizes and frame counts the tokenizer cannot take."""
+        return self.layout.to_ids(self.decoder.encode(pixels).cpu())
+
     def decode_codes(self, codes: Tensor) -> Tensor:
-        """(N, h, w) codes -> (N, 3, H, W) float32 in [0, 1], in chunks of `decode_batch_size`."""
+        """(N, *grid) codes -> (N, 3, H, W) or (N, T, 3, H, W) float32 in [0, 1], in chunks of
+        `decode_batch_size`."""
         step = self.decode_batch_size or max(codes.shape[0], 1)
         parts = [self.decoder.decode(codes[i : i + step]) for i in range(0, codes.shape[0], step)]
         return to_unit(torch.cat(parts), self.decoder.pixel_range)
 
     def decode_pixels(self, rollout: Rollout) -> Tensor:
-        """(N, 3, H, W) float32 in [0, 1]; refuses a wrong grid or a token outside the codebook."""
+        """Float32 pixels in [0, 1]; refuses a wrong token count, a misplaced layout token or a
+        token outside the codebook."""
         return self.decode_codes(self.layout.to_codes(rollout.completion_ids))
+
+
+class ImageAdapter(CodeGridAdapter):
+    """Class- or text-conditioned AR image generation over a VQ codebook, with CFG.
+
+    `grid` is (h, w) codes per image; `code_offset` the LM id of code 0 (the LM's codebook block
+    has the decoder's `codebook_size` ids); `image_prefix_ids` follow the condition in both CFG
+    branches (e.g. Janus's `<begin_of_image>`); `eol_token_id` / `eof_token_id` give Emu3's row
+    layout. `output`: what `decode` returns per sample, a PIL image, a (H, W, 3) uint8 tensor or
+    a (3, H, W) float tensor in [0, 1] (views of one batch).
+    """
+
+    kind = "an image"
+
+    def __init__(
+        self,
+        decoder: VQDecoder,
+        sampling: SamplingParams,
+        grid: Sequence[int],
+        code_offset: int,
+        condition: ClassCondition | TextCondition,
+        image_prefix_ids: Sequence[int] = (),
+        cfg_train: Literal["same", "conditional"] = "same",
+        detach_uncond: bool = False,
+        output: Literal["pil", "uint8", "float"] = "pil",
+        decode_batch_size: int = 0,
+        eol_token_id: int | None = None,
+        eof_token_id: int | None = None,
+    ) -> None:
+        if len(grid) != 2:
+            raise ValueError(
+                f"ImageAdapter takes an (h, w) code grid, got {tuple(grid)}; clips go through "
+                "adapters.video.VideoAdapter"
+            )
+        if output not in ("pil", "uint8", "float"):
+            raise ValueError(f"output={output!r}: use 'pil', 'uint8' or 'float'")
+        layout = CodeLayout(
+            tuple(grid), code_offset, decoder.codebook_size, eol_token_id, eof_token_id
+        )
+        super().__init__(
+            decoder, sampling, layout, condition, image_prefix_ids, cfg_train, detach_uncond,
+            decode_batch_size,
+        )  # fmt: skip
+        self.output = output
+
+    @property
+    def image_prefix_ids(self) -> list[int]:
+        return self.prefix_ids
 
     def decode(self, rollout: Rollout) -> list[Any]:
         unit = self.decode_pixels(rollout)
@@ -268,17 +330,24 @@ class ImageAdapter(Adapter):
         return list(images) if self.output == "uint8" else to_pil(images)
 
 
-def _image_sampling(sampling: SamplingParams, layout: CodeLayout) -> SamplingParams:
-    """Fixed-length h·w codes inside the codebook; refuses settings that contradict that."""
+def code_sampling(sampling: SamplingParams, layout: CodeLayout, kind: str) -> SamplingParams:
+    """Fixed-length layout.num_tokens tokens: codes inside the codebook, layout tokens forced at
+    their positions; refuses settings that contradict that (`kind` names the sample)."""
     n, rng = layout.num_tokens, layout.code_range
     if sampling.max_new_tokens != n:
+        how = (
+            f"{layout.num_codes} codes + {n - layout.num_codes} EOL/EOF"
+            if n > layout.num_codes
+            else ""
+        )
         raise ValueError(
-            f"sampling.max_new_tokens={sampling.max_new_tokens}, but an image of grid "
-            f"{layout.grid} is exactly {n} tokens; set sampling.max_new_tokens={n}"
+            f"sampling.max_new_tokens={sampling.max_new_tokens}, but {kind} of grid "
+            f"{layout.grid} is exactly {n} tokens{f' ({how})' if how else ''}; "
+            f"set sampling.max_new_tokens={n}"
         )
     if sampling.eos_token_ids:
         raise ValueError(
-            f"image generation is fixed-length; leave sampling.eos_token_ids empty "
+            f"{kind.split()[-1]} generation is fixed-length; leave sampling.eos_token_ids empty "
             f"(got {list(sampling.eos_token_ids)})"
         )
     if sampling.allowed_ranges and tuple(map(tuple, sampling.allowed_ranges)) != (rng,):
@@ -286,4 +355,10 @@ def _image_sampling(sampling: SamplingParams, layout: CodeLayout) -> SamplingPar
             f"sampling.allowed_ranges={[list(r) for r in sampling.allowed_ranges]} differs from "
             f"the codebook range [{rng[0]}, {rng[1]}); leave it empty (the adapter sets it)"
         )
-    return replace(sampling, allowed_ranges=(rng,), min_new_tokens=0)
+    forced = layout.position_ranges
+    if sampling.position_ranges and tuple(map(tuple, sampling.position_ranges)) != forced:
+        raise ValueError(
+            "sampling.position_ranges differs from the layout tokens' positions; leave it empty "
+            "(the adapter forces EOL/EOF where they belong)"
+        )
+    return replace(sampling, allowed_ranges=(rng,), position_ranges=forced, min_new_tokens=0)

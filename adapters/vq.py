@@ -1,15 +1,19 @@
 """VQ tokenizers behind one interface, code grids in an LM vocabulary, and pixel conversions.
 
 Shared by the image and video adapters. A `VQDecoder` maps code grids `(B, *grid)` (grid `(h, w)`
-for an image, `(t, h, w)` for a clip) to pixels `(B, 3, H, W)` / `(B, T, 3, H, W)` and back.
-A per-frame video decoder or a 3D tokenizer (Emu3 video, VidTok) is one more subclass with a
-rank-3 grid; nothing else changes. A `CodeLayout` says where the codes sit in the LM's
-vocabulary and validates LM tokens -> grid (wrong count or out-of-codebook id: a clear error,
-never a clamp). diffusers and transformers are imported lazily.
+for an image, `(t, h, w)` for a clip) to pixels `(B, 3, H, W)` / `(B, T, 3, H, W)` and back:
+diffusers `VQModel`, `JanusVQVAE` and `Emu3VQVAE` for images; for clips any image decoder frame by
+frame (`PerFrameVQ`), `Emu3VQVAE` (4 frames per code slice) and diffusers `AutoencoderVidTok`
+(FSQ, causal: 1 + 4·(t − 1) frames). `grid_for` maps a pixel size to its code grid and refuses
+sizes and frame counts a tokenizer cannot take. A `CodeLayout` says where the codes sit in the
+LM sequence (code ids, and Emu3's EOL/EOF layout tokens at their positions) and validates LM
+tokens -> grid (wrong count, misplaced layout token or out-of-codebook id: a clear error, never
+a clamp). diffusers and transformers are imported lazily.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -46,7 +50,9 @@ def check_codes(codes: Tensor, codebook_size: int, grid: Sequence[int] | None = 
 @dataclass(frozen=True)
 class CodeLayout:
     """A code grid in an LM sequence: raster order (t, h, w), code i is LM token
-    `code_offset + i`. Emu3's EOL/EOF rows are a separate view (`with_row_ends`)."""
+    `code_offset + i`; optionally Emu3's layout tokens: `eol` after every row of w codes, `eof`
+    after every (h, w) slice (the image, or each code slice of a clip). Without them the sequence
+    is the codes alone (LlamaGen's layout)."""
 
     grid: tuple[int, ...]
     """Codes per sample: (h, w) for an image, (t, h, w) for a clip."""
@@ -54,6 +60,10 @@ class CodeLayout:
     """LM token id of code 0."""
     codebook_size: int
     """K: codes 0 .. K-1 are LM tokens code_offset .. code_offset + K - 1."""
+    eol: int | None = None
+    """LM token ending every row of codes (Emu3: `<|extra_200|>`), or None."""
+    eof: int | None = None
+    """LM token ending every (h, w) slice (Emu3: `<|extra_201|>`), or None."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "grid", tuple(int(g) for g in self.grid))
@@ -64,35 +74,84 @@ class CodeLayout:
                 f"need code_offset >= 0 and codebook_size >= 1, got {self.code_offset}, "
                 f"{self.codebook_size}"
             )
+        lo, hi = self.code_range
+        for name, tok in (("eol", self.eol), ("eof", self.eof)):
+            if tok is not None and (tok < 0 or lo <= tok < hi):
+                raise ValueError(
+                    f"{name} token {tok} must be a token id >= 0 outside the codebook [{lo}, {hi})"
+                )
+
+    @property
+    def num_codes(self) -> int:
+        return math.prod(self.grid)
 
     @property
     def num_tokens(self) -> int:
-        return math.prod(self.grid)
+        """LM tokens per sample: the codes plus the layout tokens."""
+        return self.template.shape[0]
 
     @property
     def code_range(self) -> tuple[int, int]:
         """Half-open LM token-id range of the codebook (for SamplingParams.allowed_ranges)."""
         return (self.code_offset, self.code_offset + self.codebook_size)
 
+    @functools.cached_property
+    def template(self) -> Tensor:
+        """(num_tokens,) long: the layout token at each position, -1 where a code goes."""
+        *lead, h, w = self.grid
+        row = [-1] * w + ([self.eol] if self.eol is not None else [])
+        piece = row * h + ([self.eof] if self.eof is not None else [])
+        return torch.tensor(piece * math.prod(lead), dtype=torch.long)
+
+    @functools.cached_property
+    def code_positions(self) -> Tensor:
+        """(num_codes,) long: the sequence position of each code, raster order."""
+        return (self.template < 0).nonzero().squeeze(-1)
+
+    @property
+    def position_ranges(self) -> tuple[tuple[int, int, int], ...]:
+        """The layout tokens forced at their positions (SamplingParams.position_ranges)."""
+        pos = (self.template >= 0).nonzero().squeeze(-1).tolist()
+        return tuple((t, int(self.template[t]), int(self.template[t]) + 1) for t in pos)
+
     def to_codes(self, ids: Tensor) -> Tensor:
-        """(N, n) LM token ids -> (N, *grid) codes; refuses a wrong count or a non-code id."""
+        """(N, n) LM token ids -> (N, *grid) codes; refuses a wrong count, a layout token out of
+        place or a non-code id where a code belongs."""
         if ids.ndim != 2 or ids.shape[1] != self.num_tokens:
+            extra = " (codes and EOL/EOF)" if self.num_tokens != self.num_codes else ""
             raise ValueError(
-                f"got {tuple(ids.shape)} tokens; the grid {self.grid} needs (N, {self.num_tokens})"
+                f"got {tuple(ids.shape)} tokens; the grid {self.grid} needs "
+                f"(N, {self.num_tokens}){extra}"
+            )
+        template = self.template.to(ids.device)
+        fixed = template >= 0
+        wrong = fixed & (ids != template)
+        if wrong.any():
+            i, t = wrong.nonzero()[0].tolist()
+            name = "EOL" if int(template[t]) == self.eol else "EOF"
+            raise ValueError(
+                f"expected the {name} token {int(template[t])} at sample {i}, position {t}, got "
+                f"{int(ids[i, t])}; sample with the adapter's sampling.position_ranges"
             )
         lo, hi = self.code_range
-        bad = (ids < lo) | (ids >= hi)
+        bad = ~fixed & ((ids < lo) | (ids >= hi))
         if bad.any():
             raise ValueError(
                 f"token id {int(ids[bad][0])} at {_where(bad)} is outside the codebook range "
                 f"[{lo}, {hi}); sample with sampling.allowed_ranges=[[{lo}, {hi}]]"
             )
-        return (ids - lo).reshape(ids.shape[0], *self.grid)
+        codes = ids[:, self.code_positions.to(ids.device)] if fixed.any() else ids
+        return (codes - lo).reshape(ids.shape[0], *self.grid)
 
     def to_ids(self, codes: Tensor) -> Tensor:
-        """(N, *grid) codes -> (N, n) LM token ids (raster order)."""
+        """(N, *grid) codes -> (N, n) LM token ids (raster order, layout tokens in place)."""
         check_codes(codes, self.codebook_size, self.grid)
-        return codes.reshape(codes.shape[0], -1) + self.code_offset
+        flat = codes.reshape(codes.shape[0], -1) + self.code_offset
+        if self.num_tokens == self.num_codes:
+            return flat
+        out = self.template.to(codes.device).repeat(codes.shape[0], 1)
+        out[:, self.code_positions.to(codes.device)] = flat
+        return out
 
 
 def with_row_ends(ids: Tensor, width: int, eol: int, eof: int | None = None) -> Tensor:
@@ -170,14 +229,37 @@ class VQDecoder(ABC):
             can = " or ".join(kinds[r] for r in self.grid_ranks)
             raise ValueError(f"{type(self).__name__} decodes {can}, got grid {tuple(grid)}")
 
+    def frames(self, slices: int) -> int:
+        """Frames decoded from `slices` code slices."""
+        return slices * self.temporal_factor
+
+    def slices(self, frames: int) -> int:
+        """Code slices of a clip of `frames` frames; refuses a count the tokenizer cannot take."""
+        if frames < 1 or frames % self.temporal_factor:
+            raise ValueError(
+                f"{type(self).__name__} takes clips of a multiple of {self.temporal_factor} "
+                f"frames, got {frames}"
+            )
+        return frames // self.temporal_factor
+
     def pixel_size(self, grid: Sequence[int]) -> tuple[int, ...]:
         """Pixel size of a decoded grid: (H, W), or (T, H, W) for a clip."""
         *t, h, w = grid
-        return (
-            *(n * self.temporal_factor for n in t),
-            h * self.spatial_factor,
-            w * self.spatial_factor,
-        )
+        return (*(self.frames(n) for n in t), h * self.spatial_factor, w * self.spatial_factor)
+
+    def grid_for(self, size: Sequence[int]) -> tuple[int, ...]:
+        """Code grid of pixels of `size` (H, W) or (T, H, W); refuses a size or frame count
+        this tokenizer cannot take (never rounds)."""
+        *t, hh, ww = (int(x) for x in size)
+        f = self.spatial_factor
+        if hh % f or ww % f or min(hh, ww) < 1:
+            raise ValueError(
+                f"{type(self).__name__} takes frames whose height and width are multiples of "
+                f"{f}, got {hh}×{ww}"
+            )
+        grid = (*(self.slices(n) for n in t), hh // f, ww // f)
+        self.check_grid(grid)
+        return grid
 
     @torch.no_grad()
     def decode(self, codes: Tensor) -> Tensor:
@@ -189,7 +271,18 @@ class VQDecoder(ABC):
     @torch.no_grad()
     def encode(self, pixels: Tensor) -> Tensor:
         """Pixels (B, 3, H, W) or (B, T, 3, H, W) in `pixel_range` -> (B, *grid) long codes."""
-        return self._encode(pixels.to(self.device, self.dtype)).long()
+        if pixels.ndim not in (4, 5) or pixels.shape[-3] != 3:
+            raise ValueError(
+                f"pixels must be (B, 3, H, W) images or (B, T, 3, H, W) clips, got "
+                f"{tuple(pixels.shape)}"
+            )
+        grid = self.grid_for((*pixels.shape[1:-3], *pixels.shape[-2:]))
+        codes = self._encode(pixels.to(self.device, self.dtype)).long()
+        if tuple(codes.shape[1:]) != grid:  # a tokenizer that disagrees with its own factors
+            raise ValueError(
+                f"{type(self).__name__} encoded to {tuple(codes.shape[1:])}, not {grid}"
+            )
+        return codes
 
     @abstractmethod
     def _decode(self, codes: Tensor) -> Tensor: ...
@@ -266,13 +359,82 @@ class Emu3VQ(VQDecoder):
         return self.model.decode(codes)
 
     def _encode(self, pixels: Tensor) -> Tensor:
-        if pixels.ndim == 5 and pixels.shape[1] % self.temporal_factor:
-            raise ValueError(
-                f"Emu3VQVAE encodes clips of a multiple of {self.temporal_factor} frames, "
-                f"got {pixels.shape[1]}"
-            )
         size = [list(pixels.shape[-2:])] * pixels.shape[0]
         return torch.stack(self.model.encode(pixels, image_sizes=size).image_tokens)
+
+
+class PerFrameVQ(VQDecoder):
+    """Any image decoder applied frame by frame: a clip grid (t, h, w) is t frames, each coded
+    on its own (tokens `b (f h w)`); a clip (B, T, 3, H, W) encodes to (B, T, h, w)."""
+
+    grid_ranks = (3,)
+
+    def __init__(self, image: VQDecoder) -> None:
+        if 2 not in image.grid_ranks:
+            raise ValueError(f"{type(image).__name__} does not decode (h, w) images")
+        super().__init__(image.model)
+        self.image = image
+        self.codebook_size, self.spatial_factor = image.codebook_size, image.spatial_factor
+        self.pixel_range = image.pixel_range
+
+    def check_grid(self, grid: Sequence[int]) -> None:
+        super().check_grid(grid)
+        self.image.check_grid(tuple(grid)[1:])
+
+    def _decode(self, codes: Tensor) -> Tensor:
+        px = self.image._decode(rearrange(codes, "b t h w -> (b t) h w"))
+        return rearrange(px, "(b t) c hh ww -> b t c hh ww", b=codes.shape[0])
+
+    def _encode(self, pixels: Tensor) -> Tensor:
+        codes = self.image._encode(rearrange(pixels, "b t c hh ww -> (b t) c hh ww"))
+        return rearrange(codes, "(b t) h w -> b t h w", b=pixels.shape[0])
+
+
+class VidTokVQ(VQDecoder):
+    """diffusers `AutoencoderVidTok` with the FSQ regularizer, causal: a grid (t, h, w) decodes
+    to 1 + r·(t − 1) frames (r = temporal factor, 4 by default): the first code slice holds
+    frame 0 alone, which the encoder sees front-padded by r − 1 copies of itself (what
+    `AutoencoderVidTok.forward` does), and the decoder drops those r − 1 frames again.
+    Clips of another length are refused (VidTok itself would pad them silently)."""
+
+    grid_ranks = (3,)
+
+    def __init__(self, model: Any) -> None:
+        if model.config.regularizer != "fsq":
+            raise ValueError(
+                "AutoencoderVidTok with regularizer='kl' is continuous (no code indices); "
+                "use a regularizer='fsq' checkpoint"
+            )
+        if not model.is_causal:
+            raise ValueError(
+                "non-causal AutoencoderVidTok works on 16-frame chunks and truncates the rest; "
+                "use a causal (is_causal=True) checkpoint"
+            )
+        super().__init__(model)
+        self.codebook_size = int(model.regularization.codebook_size)
+        self.spatial_factor = 2 ** len(model.encoder.spatial_ds)
+        self.temporal_factor = int(model.temporal_compression_ratio)
+
+    def frames(self, slices: int) -> int:
+        return 1 + self.temporal_factor * (slices - 1)
+
+    def slices(self, frames: int) -> int:
+        r = self.temporal_factor
+        if frames < 1 or (frames - 1) % r:
+            raise ValueError(
+                f"AutoencoderVidTok (causal, temporal factor {r}) takes clips of 1 + {r}·k "
+                f"frames (1, {1 + r}, {1 + 2 * r}, ...), got {frames}"
+            )
+        return 1 + (frames - 1) // r
+
+    def _decode(self, codes: Tensor) -> Tensor:
+        return self.model.decode(codes, decode_from_indices=True).transpose(1, 2)
+
+    def _encode(self, pixels: Tensor) -> Tensor:
+        x = pixels.transpose(1, 2)  # (B, 3, T, H, W)
+        x = torch.cat([x[:, :, :1]] * (self.temporal_factor - 1) + [x], 2)
+        _, idx = self.model.encode(x)
+        return idx
 
 
 # -- loading by name ----------------------------------------------------------------------------
@@ -300,16 +462,25 @@ def _load_emu3_vq(path: str, dtype: torch.dtype, **kw: Any) -> VQDecoder:
     return Emu3VQ(Emu3VQVAE.from_pretrained(path, dtype=dtype, **kw))
 
 
+@VQ_DECODERS.register("vidtok")
+def _load_vidtok(path: str, dtype: torch.dtype, **kw: Any) -> VQDecoder:
+    from diffusers import AutoencoderVidTok
+
+    return VidTokVQ(AutoencoderVidTok.from_pretrained(path, torch_dtype=dtype, **kw))
+
+
 def load_vq_decoder(
     kind: str,
     path: str,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    per_frame: bool = False,
     **kw: Any,
 ) -> VQDecoder:
-    """A saved VQ tokenizer by kind (`VQ_DECODERS`: diffusers_vq, janus_vq, emu3_vq); `kw` goes
-    to `from_pretrained` (e.g. subfolder="vqvae")."""
+    """A saved VQ tokenizer by kind (`VQ_DECODERS`: diffusers_vq, janus_vq, emu3_vq, vidtok);
+    `per_frame` wraps an image tokenizer for clips (`PerFrameVQ`); `kw` goes to
+    `from_pretrained` (e.g. subfolder="vqvae")."""
     loader: Callable[..., VQDecoder] = VQ_DECODERS[kind]
     dec = loader(path, dtype, **kw)
     dec.model.to(device)
-    return dec
+    return PerFrameVQ(dec) if per_frame else dec

@@ -2,7 +2,8 @@
 the very same logits transform, for every modality.
 
 One transform (`transform_logits`) turns raw logits into the distribution that is sampled from:
-CFG combination, allowed-token ranges, temperature, top-k, top-p, min-p. Recomputing log-probs
+CFG combination, allowed-token ranges (global, or per completion position: layout tokens such as
+Emu3's EOL/EOF forced where they belong), temperature, top-k, top-p, min-p. Recomputing log-probs
 for training goes through it too, so `token_logprobs` equals the recorded `sampling_logp`.
 """
 
@@ -40,6 +41,10 @@ class SamplingParams:
     """Drop tokens below min_p × the top probability (0 = off)."""
     allowed_ranges: tuple[tuple[int, int], ...] = ()
     """Half-open [lo, hi) token-id ranges that may be sampled (empty = all)."""
+    position_ranges: tuple[tuple[int, int, int], ...] = ()
+    """(t, lo, hi): at completion position t only [lo, hi) may be sampled, in place of
+    allowed_ranges (triples of one t form a union; EOS is not added). (t, x, x + 1) forces token x
+    at t, which then has log-prob 0 (adapters force layout tokens this way, e.g. Emu3 EOL/EOF)."""
     eos_token_ids: tuple[int, ...] = ()
     """Tokens that end a completion (empty = fixed-length generation)."""
     pad_token_id: int = 0
@@ -74,6 +79,28 @@ class SamplingParams:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
+        self._check_position_ranges()
+
+    def _check_position_ranges(self) -> None:
+        by_pos: dict[int, list[tuple[int, int]]] = {}
+        for rule in self.position_ranges:
+            if len(rule) != 3 or not all(isinstance(v, int) for v in rule):
+                raise ValueError(f"position_ranges holds (t, lo, hi) int triples, got {rule!r}")
+            t, lo, hi = rule
+            if not (0 <= t < self.max_new_tokens and 0 <= lo < hi):
+                raise ValueError(
+                    f"position_ranges: {tuple(rule)} needs 0 <= t < max_new_tokens="
+                    f"{self.max_new_tokens} and 0 <= lo < hi"
+                )
+            by_pos.setdefault(t, []).append((lo, hi))
+        for t, ranges in by_pos.items():  # EOS is banned there: the row would have no token
+            if t < self.min_new_tokens and all(
+                all(x in self.eos_token_ids for x in range(lo, hi)) for lo, hi in ranges
+            ):
+                raise ValueError(
+                    f"position_ranges allow only EOS at position {t} < min_new_tokens="
+                    f"{self.min_new_tokens}"
+                )
 
     @property
     def uses_cfg(self) -> bool:
@@ -95,6 +122,35 @@ def allowed_mask(params: SamplingParams, vocab: int, device: torch.device) -> Te
     for t in params.eos_token_ids:  # EOS always ends a completion, even outside the ranges
         mask[t] = True
     return mask
+
+
+def position_masks(
+    params: SamplingParams, vocab: int, device: torch.device
+) -> tuple[Tensor, list[int]] | None:
+    """Allowed tokens per completion position: an (M, V) bool table of distinct sets and the
+    table row of each of the `max_new_tokens` positions (row 0: `allowed_mask`, all True when
+    that is None); None when `params.position_ranges` is empty."""
+    if not params.position_ranges:
+        return None
+    base = allowed_mask(params, vocab, device)
+    by_pos: dict[int, set[tuple[int, int]]] = {}
+    for t, lo, hi in params.position_ranges:
+        if hi > vocab:
+            raise ValueError(f"position range [{lo}, {hi}) exceeds the vocabulary of {vocab}")
+        by_pos.setdefault(t, set()).add((lo, hi))
+    rows = [torch.ones(vocab, dtype=torch.bool, device=device) if base is None else base]
+    index: dict[tuple[tuple[int, int], ...], int] = {}
+    kinds = [0] * params.max_new_tokens
+    for t, ranges in by_pos.items():
+        key = tuple(sorted(ranges))
+        if key not in index:
+            index[key] = len(rows)
+            mask = torch.zeros(vocab, dtype=torch.bool, device=device)
+            for lo, hi in key:
+                mask[lo:hi] = True
+            rows.append(mask)
+        kinds[t] = index[key]
+    return torch.stack(rows), kinds
 
 
 def transform_logits(
@@ -120,7 +176,8 @@ def mask_logits(
 ) -> Tensor:
     """(R, V) temperature-scaled fp32 logits -> the same with excluded tokens at -inf (allowed
     ranges, EOS before `min_new_tokens`, top-k, top-p, min-p); masking only, so its gradient is
-    the masked softmax's. `forbid_eos` may be an (R,) bool tensor (one flag per row)."""
+    the masked softmax's. `allowed` is (V,) or one set per row (R, V); `forbid_eos` may be an
+    (R,) bool tensor (one flag per row)."""
     if allowed is not None:
         z = z.masked_fill(~allowed, NEG_INF)
     if params.eos_token_ids and forbid_eos is not False:
@@ -260,6 +317,7 @@ def sample(
     logits = dec.prefill(ids, mask, g, share_prefix)  # (N or 2N, V)
     device = logits.device
     allowed = allowed_mask(params, logits.shape[-1], device)
+    per_pos = position_masks(params, logits.shape[-1], device)
     eos = torch.tensor(params.eos_token_ids, dtype=torch.long, device=device)
     shape = (n, params.max_new_tokens)
     tokens = torch.full(shape, params.pad_token_id, dtype=torch.long, device=device)
@@ -273,7 +331,8 @@ def sample(
     for t in range(params.max_new_tokens):
         k = rows.shape[0]
         step = cfg_combine(logits[:k], logits[k:], params.cfg_scale) if cfg else logits
-        z = transform_logits(step, params, allowed, not greedy, t < params.min_new_tokens)
+        at = allowed if per_pos is None else per_pos[0][per_pos[1][t]]
+        z = transform_logits(step, params, at, not greedy, t < params.min_new_tokens)
         tok, lp = draw(z, None if k == n else rows)
         tokens[rows, t], logps[rows, t] = tok, lp
         width = t + 1

@@ -30,6 +30,7 @@ from .sampling import (
     cache_kwarg,
     cfg_combine,
     mask_logits,
+    position_masks,
 )
 
 _SPLIT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -180,19 +181,26 @@ def _prompt_rows(prompts: Any, idx: Tensor, cfg: bool) -> tuple[Tensor, Tensor, 
 
 def _mask_fn(params: SamplingParams, vocab: int, comp: Tensor) -> Any:
     """The sampler's masking for flattened (n·T, V) rows (row r is completion position r % T,
-    where EOS is banned before `min_new_tokens`), or None when nothing is masked."""
+    with that position's allowed set, and EOS banned before `min_new_tokens`), or None when
+    nothing is masked."""
     allowed = allowed_mask(params, vocab, comp.device)
+    per_pos = position_masks(params, vocab, comp.device)
     filters = params.train_filters and params.filters_on()
     forbid_upto = params.min_new_tokens if params.eos_token_ids else 0
-    if allowed is None and not filters and forbid_upto == 0:
+    if allowed is None and per_pos is None and not filters and forbid_upto == 0:
         return None
     width = comp.shape[1]
+    kinds = None
+    if per_pos is not None:
+        kinds = torch.tensor(per_pos[1][:width], dtype=torch.long, device=comp.device)
 
     def fn(z: Tensor, start: int) -> Tensor:
         forbid: bool | Tensor = False
-        if forbid_upto:
+        at = allowed
+        if forbid_upto or kinds is not None:
             pos = torch.arange(start, start + z.shape[0], device=z.device) % width
-            forbid = pos < forbid_upto
-        return mask_logits(z, params, allowed, filters, forbid)
+            forbid = pos < forbid_upto if forbid_upto else False
+            at = allowed if kinds is None else per_pos[0][kinds[pos]]
+        return mask_logits(z, params, at, filters, forbid)
 
     return fn

@@ -277,6 +277,6 @@ def test_load_vq_decoder_by_name(tmp_path, kind, make, cls):
 
 
 def test_unknown_decoder_kind_lists_valid_names():
-    assert set(VQ_DECODERS) == {"diffusers_vq", "janus_vq", "emu3_vq"}
-    with pytest.raises(KeyError, match="valid names: diffusers_vq, emu3_vq, janus_vq"):
+    assert set(VQ_DECODERS) == {"diffusers_vq", "janus_vq", "emu3_vq", "vidtok"}
+    with pytest.raises(KeyError, match="valid names: diffusers_vq, emu3_vq, janus_vq, vidtok"):
         load_vq_decoder("vqgan", "/nowhere")
