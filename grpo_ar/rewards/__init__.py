@@ -1,11 +1,12 @@
-"""Rewards: the registry, the batch computer, rule-based text rewards, the LLM judge and image
-rewards (CLIP aesthetic / CLIP score / an offline aesthetic proxy).
+"""Rewards: the registry, the batch computer, rule-based text rewards, the LLM judge, image
+rewards (CLIP aesthetic / CLIP score / an offline aesthetic proxy) and video rewards (temporal
+consistency, motion, per-frame image rewards, CLIP video score).
 
 Importing this package registers every reward here; none of them imports transformers,
 diffusers or image libraries until a judge or CLIP model is loaded.
 """
 
-from . import image, judge, text
+from . import image, judge, text, video
 from .base import (
     REWARDS,
     RewardComputer,
@@ -61,4 +62,5 @@ __all__ = [
     "tagged_answer",
     "text",
     "validate_specs",
+    "video",
 ]

@@ -58,10 +58,14 @@ def images_to_tensor(outputs: Sequence[Any] | Tensor) -> Tensor:
 
 
 def map_images(
-    fn: Callable[[Tensor, list[int]], Tensor], outputs: Sequence[Any], batch_size: int = 64
+    fn: Callable[[Tensor, list[int]], Tensor],
+    outputs: Sequence[Any],
+    batch_size: int = 64,
+    to_tensor: Callable[[Any], Tensor] = image_to_tensor,
 ) -> Tensor:
-    """`fn(x (b, 3, H, W), idx) -> (b, ...)` over same-size chunks of <= batch_size; (N, ...)."""
-    xs = [image_to_tensor(o) for o in outputs]
+    """`fn(x (b, 3, H, W), idx) -> (b, ...)` over same-size chunks of <= batch_size; (N, ...).
+    `to_tensor` converts one output (video rewards pass clips -> (F, 3, H, W))."""
+    xs = [to_tensor(o) for o in outputs]
     if not xs:
         return torch.zeros(0)
     groups: dict[tuple[int, ...], list[int]] = {}
@@ -433,16 +437,27 @@ class ClipScore(ClipReward):
     @torch.no_grad()
     def score_images(self, x: Tensor, texts: list[str]) -> Tensor:
         """(B, 3, H, W) in [0, 1], B texts -> (B,) scale * cosine (floored at 0 if clip_negative)."""
-        cos = (self.embed_images(x) * self.embed_texts(texts)).sum(-1)
+        return self.score_embeddings(self.embed_images(x), texts)
+
+    @torch.no_grad()
+    def score_embeddings(self, emb: Tensor, texts: list[str]) -> Tensor:
+        """(B, D) L2-normalised image embeddings, B texts -> (B,) scale * cosine (floored)."""
+        cos = (emb * self.embed_texts(texts)).sum(-1)
         return (cos.clamp_min(0) if self.clip_negative else cos) * self.scale
+
+    # what one output is and how a batch of them is scored (the video score overrides these)
+    to_tensor = staticmethod(image_to_tensor)
+
+    def score_outputs(self, x: Tensor, texts: list[str]) -> Tensor:
+        return self.score_images(x, texts)
 
     def __call__(
         self, outputs: list[Any], args: list[dict], ctx: RewardContext
     ) -> list[float | None]:
         texts = [a.get("text") or caption(e.prompt) for a, e in zip(args, ctx.entries)]
         ok = [i for i, t in enumerate(texts) if t is not None]
-        fn = lambda x, idx: self.score_images(x, [texts[ok[i]] for i in idx]).cpu()  # noqa: E731
-        got = map_images(fn, [outputs[i] for i in ok], self.batch_size).tolist()
+        fn = lambda x, idx: self.score_outputs(x, [texts[ok[i]] for i in idx]).cpu()  # noqa: E731
+        got = map_images(fn, [outputs[i] for i in ok], self.batch_size, self.to_tensor).tolist()
         out: list[float | None] = [None] * len(outputs)
         for i, v in zip(ok, got):
             out[i] = v
