@@ -272,10 +272,24 @@ def _positions(mask: Tensor) -> Tensor:
 class _Draw:
     """Token choice per step. Sampling is Gumbel-max with noise drawn for all N rows every step
     (what `torch.multinomial` does for one sample), so the tokens of a row do not depend on which
-    other rows are still running: cached, uncached, shared-prefix and compacted runs agree."""
+    other rows are still running: cached, uncached, shared-prefix and compacted runs agree.
 
-    def __init__(self, n: int, generator: torch.Generator | None, greedy: bool) -> None:
+    A shard (rows `offset .. offset + n` of a global batch of `total` rows, e.g. one rank's
+    prompts under torchrun) draws the whole batch's noise and keeps its slice, so with the same
+    generator state it samples exactly what the whole batch would in one process."""
+
+    def __init__(
+        self,
+        n: int,
+        generator: torch.Generator | None,
+        greedy: bool,
+        offset: int = 0,
+        total: int | None = None,
+    ) -> None:
         self.n, self.generator, self.greedy = n, generator, greedy
+        self.offset, self.total = offset, n if total is None else total
+        if not 0 <= offset <= self.total - n:
+            raise ValueError(f"shard rows {offset}..{offset + n} outside a batch of {self.total}")
 
     def __call__(self, z: Tensor, rows: Tensor | None) -> tuple[Tensor, Tensor]:
         """(R, V) transformed logits of rows `rows` (None = all) -> (R,) tokens and log-probs."""
@@ -283,7 +297,8 @@ class _Draw:
             tok = z.argmax(-1)
             return tok, z.gather(-1, tok[:, None]).squeeze(-1) - torch.logsumexp(z, -1)
         probs = z.softmax(-1)
-        q = torch.empty(self.n, z.shape[-1], device=z.device).exponential_(generator=self.generator)
+        q = torch.empty(self.total, z.shape[-1], device=z.device)
+        q = q.exponential_(generator=self.generator)[self.offset : self.offset + self.n]
         tok = (probs / (q if rows is None else q[rows])).argmax(-1)
         return tok, probs.gather(-1, tok[:, None]).squeeze(-1).log()
 
@@ -307,6 +322,8 @@ def sample(
     once half of it has finished. `use_cache=False` re-runs the whole sequence every step (the
     slow reference the cached path is tested against). `fast` lets Llama-style models take
     `decoding.FastStep` instead of the HF forward for the one-token steps.
+    `prompts.extras["shard"] = (first, total)`: these prompts are prompts first.. of a global
+    batch of `total` (one rank's share); the draws equal the global batch's (see `_Draw`).
     """
     from .decoding import Decoder
 
@@ -324,7 +341,8 @@ def sample(
     logps = torch.zeros(
         shape, device=device, dtype=torch.promote_types(logits.dtype, torch.float32)
     )
-    draw = _Draw(n, generator, greedy)
+    first, total = prompts.extras.get("shard", (0, len(prompts)))  # see _Draw
+    draw = _Draw(n, generator, greedy, offset=first * g, total=total * g)
     rows = torch.arange(n, device=device)  # the original row of each running row
     alive = torch.ones(n, dtype=torch.bool, device=device)
     width = 0

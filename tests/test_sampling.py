@@ -148,3 +148,31 @@ def test_bad_params_rejected():
         SamplingParams(top_p=0.0)
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=0.0)
+
+
+@pytest.mark.parametrize("params", PARAMS)
+def test_shards_sample_what_the_whole_batch_samples(model, params):
+    """One rank's prompts, marked as rows of the global batch, draw the global batch's noise:
+    the shards' tokens are the one-process tokens (what torchrun data parallelism relies on)."""
+    rows = [[5, 6, 7], [3, 4, 5, 6, 7, 8, 9], [9, 9], [4, 8, 15, 16]]
+    whole = sample(model, _prompts(rows), 3, params, generator=torch.Generator().manual_seed(2))
+    for first in (0, 2):
+        part = _prompts(rows[first : first + 2])
+        part.extras["shard"] = (first, 4)
+        r = sample(model, part, 3, params, generator=torch.Generator().manual_seed(2))
+        want = whole.completion_ids[first * 3 : (first + 2) * 3, : r.completion_ids.shape[1]]
+        assert torch.equal(r.completion_ids, want)
+        assert (
+            whole.completion_ids[first * 3 : (first + 2) * 3, r.completion_ids.shape[1] :] == 0
+        ).all()
+    alone = sample(model, _prompts(rows[2:]), 3, params, generator=torch.Generator().manual_seed(2))
+    assert not torch.equal(
+        alone.completion_ids, whole.completion_ids[6:, : alone.completion_ids.shape[1]]
+    )
+
+
+def test_shard_outside_the_batch_is_refused(model):
+    part = _prompts([[5, 6, 7]])
+    part.extras["shard"] = (3, 3)
+    with pytest.raises(ValueError, match="outside a batch of 6"):
+        sample(model, part, 2, PARAMS[0], generator=torch.Generator().manual_seed(0))
