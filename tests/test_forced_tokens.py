@@ -48,6 +48,7 @@ CASES = {
 @torch.no_grad()
 def naive_logprobs(model, r, params):
     """Per sample: one unpadded forward per CFG branch, the positional allowed set by hand."""
+    vocab = model.config.vocab_size
     out = []
     for i in range(len(r)):
         j, comp = int(r.prompt_index[i]), r.completion_ids[i]
@@ -63,9 +64,9 @@ def naive_logprobs(model, r, params):
             z = cfg_combine(z, u, params.cfg_scale)
         z = z / params.temperature
         for t in range(z.shape[0]):
-            keep = torch.zeros(V, dtype=torch.bool)
+            keep = torch.zeros(vocab, dtype=torch.bool)
             rules = [(lo, hi) for p, lo, hi in params.position_ranges if p == t]
-            for lo, hi in rules or params.allowed_ranges:
+            for lo, hi in rules or params.allowed_ranges or [(0, vocab)]:
                 keep[lo:hi] = True
             z[t, ~keep] = float("-inf")
             if params.top_k:
