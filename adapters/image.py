@@ -2,8 +2,9 @@
 
 The LM's vocabulary is `[special / condition tokens ... | K codes at code_offset]`. A prompt is
 the condition prefix (a class id: `[BOS, class token]`; or text through a user tokenizer) then
-optional image-start tokens; the completion is exactly h·w codes in raster order (no EOS),
-sampled only inside the codebook range. Decoding goes through a `VQDecoder` (adapters/vq.py).
+optional image-start tokens; the completion is exactly h·w codes in raster order (no EOS; plus
+Emu3's layout tokens where asked, below), sampled only inside the codebook range. Decoding goes
+through a `VQDecoder` (adapters/vq.py).
 
 Classifier-free guidance (`sampling.cfg_scale = s != 1`): the adapter builds the unconditional
 prompt (null class token; or text masked to pad except BOS, as Janus; or a negative prompt),
