@@ -1,1 +1,42 @@
-"""Modality adapters (installed as `grpo_ar.adapters`): tokenizer, sampler and decoder per modality."""
+"""Modality adapters (installed as `grpo_ar.adapters`): tokenizer, sampler and decoder per
+modality. The public names are `__all__`; the contract is `Adapter` (docs/adapters.md). Names
+load on first use, so importing this package does not import diffusers or PIL."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_PUBLIC = {
+    "Adapter": "base",
+    "TextAdapter": "text",
+    "load_text_model": "text",
+    "CodeGridAdapter": "image",
+    "ImageAdapter": "image",
+    "ClassCondition": "image",
+    "TextCondition": "image",
+    "VideoAdapter": "video",
+    "save_clip": "video",
+    "save_clips": "video",
+    "CodeLayout": "vq",
+    "VQDecoder": "vq",
+    "DiffusersVQ": "vq",
+    "JanusVQ": "vq",
+    "Emu3VQ": "vq",
+    "PerFrameVQ": "vq",
+    "VidTokVQ": "vq",
+    "load_vq_decoder": "vq",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_PUBLIC[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

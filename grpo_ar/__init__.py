@@ -1,6 +1,46 @@
 """grpo_ar: GRPO and its relatives for any autoregressive token model.
 
-Importing the package stays light: adapters, diffusers and reward models load lazily.
+The public API is `__all__` below (and `grpo_ar.adapters.__all__`); everything else is private
+and may change. Importing the package stays light: names load on first use.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+_PUBLIC = {
+    # the run
+    "Trainer": "grpo_ar.trainer",
+    "Config": "grpo_ar.config",
+    "ConfigError": "grpo_ar.errors",
+    "load_config": "grpo_ar.config",
+    "FinetuneConfig": "grpo_ar.finetune",
+    "build_finetune": "grpo_ar.finetune",
+    # data and rewards
+    "Entry": "grpo_ar.data",
+    "load_rows": "grpo_ar.data",
+    "load_entries": "grpo_ar.data",
+    "register_reward": "grpo_ar.rewards",
+    "per_sample": "grpo_ar.rewards",
+    "RewardContext": "grpo_ar.rewards",
+    # what an adapter builds and returns
+    "PromptBatch": "grpo_ar.rollout",
+    "Rollout": "grpo_ar.rollout",
+    "SamplingParams": "grpo_ar.sampling",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'grpo_ar' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
