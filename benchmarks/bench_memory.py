@@ -79,7 +79,7 @@ def run_variant(name: str, tokens: int, steps: int, threads: int, model_dir: Pat
     rows = [{"prompt": [{"role": "user", "content": p}]} for p in PROMPTS]
     spec = {"name": "regex_format", "args": {"pattern": r"\d+"}}
     entries = load_rows([{**r, "rewards": [spec]} for r in rows])
-    trainer = Trainer(cfg, ft.model, adapter, entries, reference=ft.reference)
+    trainer = Trainer(cfg, ft.model, adapter, entries, finetune=ft)
     ft.reference.refresh(ft.model)  # measure the steady state: a reference after an iteration
     torch.manual_seed(0)
     times, lengths = [], []
