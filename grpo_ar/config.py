@@ -121,6 +121,9 @@ class TrainerConfig:
     micro_batch_tokens: int = 0
     """Token budget per micro-batch (rows x trimmed prompt+completion width; whole groups,
     longest first); replaces grad_accum's equal split when > 0. The loss is unchanged."""
+    strategy: str = "auto"
+    """Data parallelism under torchrun: none, ddp, fsdp2 (fully_shard per decoder layer), or
+    auto (ddp with several processes, else none). grad_accum splits each rank's share."""
 
     def __post_init__(self) -> None:
         _need(self.batch_size >= 1, f"trainer.batch_size={self.batch_size}: need >= 1")

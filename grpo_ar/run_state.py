@@ -1,22 +1,18 @@
 """A Trainer's checkpoint: policy weights (the whole model, or only the adapter tensors of a
 peft / LyCORIS fine-tune), the reference's (a frozen copy; a frozen adapter copy once refreshed,
 no file while it is still the base) and the trainer state (optimizer, scheduler, data order,
-RNG, entropy controller). Written atomically by grpo_ar.checkpoint; nothing is unpickled."""
+RNG, entropy controller). Written atomically by grpo_ar.checkpoint; nothing is unpickled.
+
+Under torchrun every rank calls these (FSDP2 gathers full state dicts, a collective); rank 0
+writes, in the one-process format, so a checkpoint resumes in one process or any world size.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import (
-    latest_checkpoint,
-    load_state,
-    load_tensors,
-    load_weights,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from .checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
 from .errors import ConfigError
 
 
@@ -25,7 +21,7 @@ def trainer_state(tr: Any) -> dict[str, Any]:
         "step": tr.step,
         "updates": tr.updates,
         "entropy": tr.entropy.state_dict(),
-        "optimizer": tr.optimizer.state_dict(),
+        "optimizer": tr.dist.optimizer_state(tr.optimizer),
         "scheduler": tr.scheduler.state_dict(),
         "prompts": tr.prompts.state_dict(),
         "rng": rng_state(tr.generator),
@@ -35,16 +31,14 @@ def trainer_state(tr: Any) -> dict[str, Any]:
 
 
 def save_trainer(tr: Any) -> Path:
-    ref = tr.reference
-    if ref is not None:
-        ref = ref.module() if hasattr(ref, "module") else (ref.state_dict() or None)
-    return save_checkpoint(
-        tr.run_dir / "checkpoints" / f"step_{tr.step:06d}",
-        tr.finetune.checkpoint_weights(),
-        trainer_state(tr),
-        reference=ref,
-        keep=tr.cfg.log.keep_checkpoints,
-    )
+    directory = tr.run_dir / "checkpoints" / f"step_{tr.step:06d}"
+    weights = tr.dist.policy_weights(tr.finetune)
+    ref = tr.dist.reference_weights(tr.reference)
+    state = trainer_state(tr)
+    if tr.dist.is_main:
+        save_checkpoint(directory, weights, state, reference=ref, keep=tr.cfg.log.keep_checkpoints)
+    tr.dist.barrier()  # no rank reads the checkpoint before it is complete
+    return directory
 
 
 def resume_trainer(tr: Any, run_dir: str | Path) -> None:
@@ -62,14 +56,9 @@ def resume_trainer(tr: Any, run_dir: str | Path) -> None:
             f"the checkpoint was trained with finetune.method={method}; this run has "
             f"{tr.finetune.method}: set finetune.method={method}"
         )
-    tr.finetune.load_checkpoint_weights(ckpt / "model.safetensors")
-    ref, ref_path = tr.reference, ckpt / "reference.safetensors"
-    if ref is not None and hasattr(ref, "module"):
-        if ref_path.exists():
-            load_weights(ref.module(), ref_path)
-    elif ref is not None:  # adapter reference: no file = still the base
-        ref.load_state_dict(load_tensors(ref_path) if ref_path.exists() else {})
-    tr.optimizer.load_state_dict(state["optimizer"])
+    tr.dist.load_policy(tr.finetune, ckpt / "model.safetensors")
+    tr.dist.load_reference(tr.reference, ckpt / "reference.safetensors")
+    tr.dist.load_optimizer(tr.optimizer, state["optimizer"])
     tr.scheduler.load_state_dict(state["scheduler"])
     tr.prompts.load_state_dict(state["prompts"])
     set_rng_state(state["rng"], tr.generator)

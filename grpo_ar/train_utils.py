@@ -15,6 +15,7 @@ from einops import rearrange
 from torch import Tensor
 
 from .config import ConfigError, TrainerConfig
+from .core.objective import token_objective
 
 
 def import_object(path: str) -> Any:
@@ -66,6 +67,32 @@ def disable_dropout(model: torch.nn.Module) -> None:
                 setattr(m, name, 0.0)
 
 
+def token_terms(
+    a: Any, mb: Any, logp: Tensor, ent: Tensor | None, mask: Tensor, generator: Any
+) -> Any:
+    """`core.objective.token_objective` of a micro-batch under the [algorithm] config `a`."""
+    return token_objective(
+        logp,
+        mb.data["old_logp"],
+        mb.data["adv"],
+        mask,
+        loss=a.loss,
+        loss_args=a.loss_args,
+        ref_logp=mb.data.get("ref_logp"),
+        beta=a.beta,
+        kl=a.kl,
+        kl_args=a.kl_args,
+        kl_bias_correction=a.kl_bias_correction,
+        sampling_logp=mb.sampling_logp,
+        is_correction=a.is_correction,
+        is_correction_args=a.is_correction_args,
+        off_policy_mask_threshold=a.off_policy_mask_threshold,
+        entropy=ent,
+        top_entropy_quantile=a.top_entropy_quantile,
+        generator=generator,
+    )
+
+
 def zero_std_groups(rewards: Tensor, group_size: int) -> Tensor:
     """(P,) bool: groups whose valid rewards are all equal (they carry no learning signal)."""
     r = rearrange(rewards, "(p g) -> p g", g=group_size)
@@ -98,6 +125,17 @@ class StepStats:
         acc[0] = acc[0] + x.masked_fill(~m, 0).sum().float().cpu()
         acc[1] = acc[1] + m.sum().float().cpu()
 
+    def add_terms(self, terms: Any, ent: Tensor, mask: Tensor) -> None:
+        """Token means of a micro-batch's objective terms (grpo_ar.core.objective.TokenTerms)."""
+        self.add_tokens("entropy", ent.detach(), mask)
+        if terms.kl is not None:
+            self.add_tokens("kl", terms.kl.detach(), mask)
+        self.add_tokens("clip/low", terms.policy.clipped_low.expand_as(mask), mask)
+        self.add_tokens("clip/high", terms.policy.clipped_high.expand_as(mask), mask)
+        self.add_tokens("tokens/kept", terms.keep.expand_as(mask), mask)
+        if terms.is_weight is not None:
+            self.add_tokens("is_weight", terms.is_weight.expand_as(mask), mask)
+
     def add_scalar(self, name: str, x: Tensor | float) -> None:
         self.scalars[name].append(float(x))
 
@@ -115,9 +153,11 @@ class StepStats:
         finally:
             self.times[name] += time.perf_counter() - start
 
-    def summary(self) -> dict[str, float]:
+    def summary(self, reduce: Any = None) -> dict[str, float]:
+        """The step's metrics; `reduce` sums the token statistics over ranks (name -> [Σ, n])."""
+        sums = dict(self.token_sums) if reduce is None else reduce(dict(self.token_sums))
         out = dict(self.values)
-        out.update({k: float(s / n.clamp(min=1)) for k, (s, n) in self.token_sums.items()})
+        out.update({k: float(s / n.clamp(min=1)) for k, (s, n) in sums.items()})
         out.update({k: sum(v) / len(v) for k, v in self.scalars.items() if v})
         out.update({k: float(v) for k, v in self.counts.items()})
         out.update({f"time/{k}": v for k, v in self.times.items()})

@@ -1,8 +1,13 @@
 """The seed's GRPO loop, nothing modality-specific: sample groups, score, normalise, then μ
-optimizer passes of grad-accumulated micro-batches through the core registries."""
+optimizer passes of grad-accumulated micro-batches through the core registries.
+
+The same loop runs under torchrun (grpo_ar/distributed.py): each rank samples and scores its
+share of the prompts, all ranks then hold the global rollout (advantages and batch statistics
+as in one process) and train on their share with global normalisers."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -16,8 +21,8 @@ from torch import Tensor
 from .config import Config, save_config
 from .core import ADVANTAGES, AGGREGATIONS, compute_advantages
 from .core.corrections import AdaptiveEntropyCoef, entropy_bonus
-from .core.objective import token_objective
 from .data import Entry, PromptSampler
+from .distributed import Parallel, build_parallel, derive_seed
 from .dynamic_sampling import fill_batch
 from .evaluation import evaluate_rewards
 from .finetune import Finetune, build_finetune
@@ -30,6 +35,7 @@ from .train_utils import (
     build_optimizer,
     build_scheduler,
     disable_dropout,
+    token_terms,
     zero_std_fraction,
 )
 
@@ -41,7 +47,8 @@ class Trainer:
 
     What is trained follows `config.finetune` (the whole model, a peft adapter or a LyCORIS
     network; grpo_ar/finetune.py) unless a built `finetune` is passed; `reference` overrides the
-    KL reference it brings (a frozen copy, or the same model with the adapter off)."""
+    KL reference it brings (a frozen copy, or the same model with the adapter off). Data
+    parallelism follows `config.trainer.strategy` unless a `parallel` is passed."""
 
     def __init__(
         self,
@@ -53,6 +60,7 @@ class Trainer:
         rewards: RewardComputer | None = None,
         reference: Any | None = None,
         finetune: Finetune | None = None,
+        parallel: Parallel | None = None,
     ) -> None:
         t, a = config.trainer, config.algorithm
         if t.threads:
@@ -70,6 +78,8 @@ class Trainer:
             disable_dropout(self.model)
         self.train_entries, self.eval_entries = list(train_entries), list(eval_entries or [])
         self.device = next(self.model.parameters()).device
+        self.dist = parallel if parallel is not None else build_parallel(t.strategy, self.device)
+        self.dist.check(config)
         everything = self.train_entries + self.eval_entries
         if rewards is None:  # builds and validates every reward the entries name, before any step
             rewards = build_rewards(config.data.reward_setup, everything)
@@ -91,6 +101,7 @@ class Trainer:
             coef_max=a.entropy_coef_max,
             adaptive=a.entropy_target is not None,
         )
+        self.reference = self.dist.setup(self.model, adapter, self.reference)
         self.optimizer = build_optimizer(self.model, t)
         self.scheduler = build_scheduler(self.optimizer, t, total=t.steps * a.grpo_iters)
         self.step = 0
@@ -123,25 +134,36 @@ class Trainer:
         stats.update({"reward/zero_std_groups": zero_std_fraction(result.total, a.group_size)})
         return rollout
 
-    def _sample_and_score(self, entries: Sequence[Entry], stats: StepStats) -> tuple[Rollout, Any]:
-        g = self.cfg.algorithm.group_size
+    def _sample_and_score(
+        self, entries: Sequence[Entry], stats: StepStats, round_: int = 0
+    ) -> tuple[Rollout, Any]:
+        """The global rollout and rewards of `entries` (each rank samples its share)."""
         with stats.timer("sample"):
-            self.model.eval()
             prompts = self.adapter.encode(entries).to(self.device)
-            rollout = self.adapter.sample(self.model, prompts, g, generator=self.generator)
+        # noise from (seed, step, round): the same on every rank and in one process, however
+        # long each rank sampled before
+        self.generator.manual_seed(derive_seed(self.cfg.trainer.seed, self.step, round_))
+        g = self.cfg.algorithm.group_size
+        return self.dist.scored(prompts, lambda p: self._rollout(p, g, stats), self._pad())
+
+    def _rollout(self, prompts: Any, g: int, stats: StepStats, greedy: bool = False) -> tuple:
+        with stats.timer("sample"), self.dist.sampling() as net:
+            rollout = self.adapter.sample(net, prompts, g, generator=self.generator, greedy=greedy)
         with stats.timer("reward"):
             outputs = self.adapter.decode(rollout)
             result = self.rewards(outputs, self._reward_context(rollout, g))
         rollout.extras["outputs"] = outputs
         return rollout, result
 
+    def _pad(self) -> int:
+        return getattr(self.adapter, "sampling", self.cfg.sampling).pad_token_id or 0
+
     def _dynamic_sampling(self, rollout: Rollout, result: Any, stats: StepStats) -> tuple:
         """DAPO's dynamic sampling (grpo_ar/dynamic_sampling.py)."""
-        a = self.cfg.algorithm
-        pad = getattr(self.adapter, "sampling", self.cfg.sampling).pad_token_id or 0
-        draw = lambda: self._sample_and_score(self.prompts.next_batch(), stats)  # noqa: E731
+        a, rounds = self.cfg.algorithm, itertools.count(1)
+        draw = lambda: self._sample_and_score(self.prompts.next_batch(), stats, next(rounds))  # noqa: E731
         rollout, result, info = fill_batch(
-            rollout, result, a.group_size, a.dynamic_sampling_max_rounds, draw, pad
+            rollout, result, a.group_size, a.dynamic_sampling_max_rounds, draw, self._pad()
         )
         stats.update(info)
         return rollout, result
@@ -169,55 +191,86 @@ class Trainer:
         if "lengths" in takes:
             out["lengths"] = rollout.lengths.to(self.device)
         if "baseline" in takes:  # ReMax: the greedy completion's reward is the baseline
-            with torch.no_grad():
-                greedy = self.adapter.sample(self.model, prompts, 1, greedy=True)
-            base = self.rewards(self.adapter.decode(greedy), self._reward_context(greedy, 1))
+            greedy = lambda p: self._rollout(p, 1, stats, greedy=True)  # noqa: E731
+            _, base = self.dist.scored(prompts, greedy, self._pad())
             out["baseline"] = base.total.to(self.device)
             stats.update({"reward/greedy_baseline": float(base.total.nanmean())})
         return out
 
     def update(self, rollout: Rollout, stats: StepStats) -> None:
-        """μ optimizer passes over the rollout; reference log-probs computed once."""
-        a, t = self.cfg.algorithm, self.cfg.trainer
-        micro = rollout.micro_batches(t.grad_accum, t.micro_batch_tokens or None)
+        """μ optimizer passes over this rank's share of the rollout."""
+        micro, totals = self.prepare(rollout, stats)
+        with stats.timer("update"):
+            self.model.train()
+            for it in range(self.cfg.algorithm.grpo_iters):
+                self.optimizer.zero_grad(set_to_none=True)
+                finite, total = True, 0.0
+                for i, mb in enumerate(micro):
+                    with self.dist.no_sync(i < len(micro) - 1):  # sync once per pass
+                        logp, ent = self.dist.score(mb)
+                        loss = self.micro_loss(mb, logp, ent, it, totals, len(micro), stats)
+                        finite = finite and bool(torch.isfinite(loss))
+                        if not finite and not self.dist.active:
+                            break  # ranks keep going: each must join every gradient exchange
+                        # ranks' gradients are averaged: × world size sums them
+                        (loss * self.dist.size).backward()
+                    total = total + loss.detach()
+                self.end_pass(finite, total, stats)
+
+    def prepare(self, rollout: Rollout, stats: StepStats) -> tuple[list[Rollout], tuple]:
+        """This rank's micro-batches of a global rollout (reference log-probs, loss masks) and
+        the loss normalisers of the whole batch: (tokens, sequences, max_new_tokens)."""
+        t = self.cfg.trainer  # clip_cov's draws: per rank, from the run seed
+        self.generator.manual_seed(derive_seed(t.seed, self.step, -1 - self.dist.rank))
+        micro = self.dist.local(rollout).micro_batches(t.grad_accum, t.micro_batch_tokens or None)
         if self.reference is not None:
             with stats.timer("reference"):
                 for mb in micro:
                     mb.data["ref_logp"] = self.reference.logprobs(self.adapter, mb)
         for mb in micro:
             mb.data["loss_mask"] = self._loss_mask(mb)
-        n_tokens = sum(mb.data["loss_mask"].sum() for mb in micro)
-        totals = (n_tokens, len(rollout), self.cfg.sampling.max_new_tokens)
-        agg_fn = AGGREGATIONS[a.aggregation]
-        with stats.timer("update"):
-            self.model.train()
-            for it in range(a.grpo_iters):
-                self.optimizer.zero_grad(set_to_none=True)
-                finite = True
-                for mb in micro:
-                    logp, ent = self.adapter.token_logprobs(self.model, mb, with_entropy=True)
-                    # pass 1 runs the sampling policy itself: old = sg(logp), no extra forward
-                    if it == 0:
-                        mb.data["old_logp"] = logp.detach()
-                    mask = mb.data["loss_mask"]
-                    terms = self._objective(mb, logp, ent, mask)
-                    loss = agg_fn(terms.loss, mask, *totals)
-                    if self.bonus_on:  # loss - coef·H over the tokens the policy term acts on
-                        eff = terms.entropy_keep
-                        # the mean entropy over the tokens it acts on: global when every token
-                        # counts; with an entropy mask TRL's per-micro-batch mean / accumulation
-                        n_eff = n_tokens if a.top_entropy_quantile == 1 else eff.sum() * len(micro)
-                        loss = loss - self.entropy.coef * entropy_bonus(ent, eff, n_eff)
-                        self.entropy.observe((ent.detach() * eff).sum(), eff.sum())
-                    if not torch.isfinite(loss):
-                        finite = False
-                        break
-                    loss.backward()
-                    self._log_terms(stats, loss, terms, ent, mask)
-                self._optimizer_step(finite, stats)
-                if self.bonus_on:
-                    self.entropy.step()
-                    stats.add_scalar("entropy_coef", self.entropy.coef)
+        n_tokens = self._loss_mask(rollout).sum()
+        return micro, (n_tokens, len(rollout), self.cfg.sampling.max_new_tokens)
+
+    def micro_loss(
+        self,
+        mb: Rollout,
+        logp: Tensor,
+        ent: Tensor,
+        it: int,
+        totals: tuple,
+        n_micro: int,
+        stats: StepStats,
+    ) -> Tensor:
+        """A micro-batch's part of the pass loss; parts over micro-batches and ranks sum to the
+        full-batch loss. Pass `it` 0 runs the sampling policy itself: old = sg(logp)."""
+        a = self.cfg.algorithm
+        if it == 0:
+            mb.data["old_logp"] = logp.detach()
+        mask = mb.data["loss_mask"]
+        terms = token_terms(a, mb, logp, ent, mask, self.generator)
+        loss = AGGREGATIONS[a.aggregation](terms.loss, mask, *totals)
+        if self.bonus_on:  # loss - coef·H over the tokens the policy term acts on
+            eff = terms.entropy_keep
+            # the mean entropy over the tokens it acts on: global when every token counts;
+            # with an entropy mask TRL's per-micro-batch mean / accumulation
+            n_eff = totals[0] if a.top_entropy_quantile == 1 else eff.sum() * n_micro
+            loss = loss - self.entropy.coef * entropy_bonus(ent, eff, n_eff)
+            self.entropy.observe((ent.detach() * eff).sum(), eff.sum())
+        if torch.isfinite(loss):
+            stats.add_terms(terms, ent, mask)
+        return loss
+
+    def end_pass(self, finite: bool, total: Tensor | float, stats: StepStats) -> None:
+        """After a pass's backwards: the optimizer step (skipped on every rank if any rank saw
+        a non-finite loss), the pass loss summed over ranks, the entropy controller."""
+        finite = self.dist.all_true(finite)
+        if finite:
+            stats.add_scalar("loss", self.dist.sum(torch.as_tensor(total, device=self.device)))
+        self._optimizer_step(finite, stats)
+        if self.bonus_on:
+            self.entropy.step(reduce=self.dist.sum if self.dist.active else None)
+            stats.add_scalar("entropy_coef", self.entropy.coef)
 
     def _loss_mask(self, mb: Rollout) -> Tensor:
         mask = mb.completion_mask
@@ -225,47 +278,12 @@ class Trainer:
             mask = mask * (~mb.truncated).unsqueeze(-1).to(mask.dtype)
         return mask
 
-    def _objective(self, mb: Rollout, logp: Tensor, ent: Tensor | None, mask: Tensor) -> Any:
-        a = self.cfg.algorithm
-        return token_objective(
-            logp,
-            mb.data["old_logp"],
-            mb.data["adv"],
-            mask,
-            loss=a.loss,
-            loss_args=a.loss_args,
-            ref_logp=mb.data.get("ref_logp"),
-            beta=a.beta,
-            kl=a.kl,
-            kl_args=a.kl_args,
-            kl_bias_correction=a.kl_bias_correction,
-            sampling_logp=mb.sampling_logp,
-            is_correction=a.is_correction,
-            is_correction_args=a.is_correction_args,
-            off_policy_mask_threshold=a.off_policy_mask_threshold,
-            entropy=ent,
-            top_entropy_quantile=a.top_entropy_quantile,
-            generator=self.generator,
-        )
-
-    @staticmethod
-    def _log_terms(stats: StepStats, loss: Tensor, terms: Any, ent: Tensor, mask: Tensor) -> None:
-        stats.add_scalar("loss", loss.detach())
-        stats.add_tokens("entropy", ent.detach(), mask)
-        if terms.kl is not None:
-            stats.add_tokens("kl", terms.kl.detach(), mask)
-        stats.add_tokens("clip/low", terms.policy.clipped_low.expand_as(mask), mask)
-        stats.add_tokens("clip/high", terms.policy.clipped_high.expand_as(mask), mask)
-        stats.add_tokens("tokens/kept", terms.keep.expand_as(mask), mask)
-        if terms.is_weight is not None:
-            stats.add_tokens("is_weight", terms.is_weight.expand_as(mask), mask)
-
     def _optimizer_step(self, finite: bool, stats: StepStats) -> None:
         params = [p for p in self.model.parameters() if p.requires_grad]
         norm = torch.tensor(0.0)
         if finite:
             max_norm = self.cfg.trainer.max_grad_norm or math.inf
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            norm = self.dist.full(torch.nn.utils.clip_grad_norm_(params, max_norm))
             finite = bool(torch.isfinite(norm))
         if not finite:  # never a NaN update: drop this pass, keep the run
             self.optimizer.zero_grad(set_to_none=True)
@@ -293,7 +311,7 @@ class Trainer:
         self.step += 1
         if self.step % self.cfg.trainer.steps_per_iteration == 0:
             self.end_iteration()
-        metrics = stats.summary()
+        metrics = stats.summary(self.dist.reduce_tokens)
         n_tok = float(rollout.completion_mask.sum())
         metrics.update(
             {
@@ -306,7 +324,8 @@ class Trainer:
                 "tokens_per_s": n_tok / max(stats.times.get("sample", 0.0), 1e-9),
             }
         )
-        append_samples(self.run_dir, rollout, self.step, self.cfg.log.samples_per_step)
+        if self.dist.is_main:
+            append_samples(self.run_dir, rollout, self.step, self.cfg.log.samples_per_step)
         return metrics
 
     def end_iteration(self) -> None:
@@ -318,11 +337,12 @@ class Trainer:
     # -- the run -----------------------------------------------------------------------------
     def train(self) -> list[dict[str, float]]:
         t = self.cfg.trainer
-        save_config(self.cfg, self.run_dir / "config.yaml")
+        if self.dist.is_main:
+            save_config(self.cfg, self.run_dir / "config.yaml")
         history = []
         if self.eval_entries and self.step == 0:
             self._log({"step": 0, **self.evaluate(self.eval_entries)})
-        bar = progress(self.cfg.log.progress, t.steps, self.step)
+        bar = progress(self.cfg.log.progress and self.dist.is_main, t.steps, self.step)
         while self.step < t.steps:
             metrics = self.train_step()
             if (
@@ -355,21 +375,23 @@ class Trainer:
     ) -> dict[str, float]:
         """Mean reward (overall and per reward) on held-out entries, greedy or sampled."""
         limit = self.cfg.data.eval_size or len(entries)
-        return evaluate_rewards(
-            self.model,
-            self.adapter,
-            self.rewards,
-            list(entries)[:limit],
-            greedy=greedy,
-            samples=samples,
-            batch_size=batch_size or self.cfg.data.eval_batch_size,
-            seed=self.cfg.trainer.seed,
-            step=self.step,
-        )
+        with self.dist.sampling() as net:  # every rank scores all entries (FSDP2: unsharded)
+            return evaluate_rewards(
+                net,
+                self.adapter,
+                self.rewards,
+                list(entries)[:limit],
+                greedy=greedy,
+                samples=samples,
+                batch_size=batch_size or self.cfg.data.eval_batch_size,
+                seed=self.cfg.trainer.seed,
+                step=self.step,
+            )
 
     # -- outputs -----------------------------------------------------------------------------
     def _log(self, metrics: dict[str, float]) -> None:
-        append_metrics(self.run_dir, metrics)
+        if self.dist.is_main:
+            append_metrics(self.run_dir, metrics)
 
     def state_dict(self) -> dict[str, Any]:
         """The trainer state a checkpoint stores besides weights (grpo_ar/run_state.py)."""

@@ -1,0 +1,209 @@
+"""FSDP2 (`fully_shard`) data parallelism: each decoder layer is a unit, the rest (embeddings,
+final norm, LM head) belongs to a `ScoreNet` root whose forward is the training forward.
+
+Every FSDP2 forward all-gathers, so all ranks must run the same number of them. The sampler
+does not (a rank stops when its rows end): sampling and evaluation run with every module
+unsharded once around them, with no collective inside. Training forwards are one per
+micro-batch and rank (grad_accum splits each rank's share equally; token budgets are refused).
+The reference (a frozen copy) is sharded the same way. Checkpoints are full state dicts
+(`get_model_state_dict(full_state_dict=True, cpu_offload=True)`, optimizer moments gathered
+with `full_tensor`), written by rank 0 in the one-process format, so they load into one
+process or any world size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    set_model_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from .checkpoint import load_tensors
+from .distributed import DataParallel, ScoreNet
+from .errors import ConfigError
+from .rollout import Rollout
+
+_LAYER_LISTS = ("layers", "h", "blocks", "block")
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder blocks (the first ModuleList named layers / h / blocks / block)."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) and name.rsplit(".", 1)[-1] in _LAYER_LISTS:
+            return list(m)
+    raise ConfigError(
+        f"trainer.strategy=fsdp2: no decoder layer list ({', '.join(_LAYER_LISTS)}) found in "
+        f"{type(model).__name__}; use strategy=ddp"
+    )
+
+
+def shard(model: nn.Module, adapter: Any, mesh: Any) -> FSDPModule:
+    """fully_shard each decoder layer, then a ScoreNet root over the model; lazily initialised
+    here so the root is the root even when a layer runs first (sampling)."""
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh)
+    root = fully_shard(ScoreNet(model, adapter), mesh=mesh)
+    root._get_fsdp_state()._lazy_init()  # noqa: SLF001 - no public way to fix the root
+    return root
+
+
+def _dedupe_tied(model: nn.Module, sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """One name per tied parameter (the loaders fill the others in)."""
+    seen: dict[int, str] = {}
+    drop = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            drop.add(name)
+        seen.setdefault(id(p), name)
+    return {k: v for k, v in sd.items() if k not in drop}
+
+
+def _fill_tied(model: nn.Module, sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    full = dict(sd)
+    for names in groups.values():
+        have = [n for n in names if n in full]
+        for n in names:
+            if n not in full and have:
+                full[n] = full[have[0]]
+    return full
+
+
+def full_state(model: nn.Module) -> dict[str, Tensor]:
+    """The gathered full state dict (on rank 0, CPU; empty elsewhere). A collective."""
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return _dedupe_tied(model, get_model_state_dict(model, options=opts))
+
+
+def load_full_state(model: nn.Module, path: str | Path) -> None:
+    """A full state dict file (every rank reads it) into the sharded model."""
+    sd = _fill_tied(model, load_tensors(path))
+    set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, strict=True))
+
+
+class ShardedReference:
+    """A FrozenCopy whose model is sharded like the policy: log-probs through its own root;
+    refresh / mix copy shard by shard (same layout as the policy)."""
+
+    def __init__(self, frozen: Any, root: FSDPModule) -> None:
+        self.frozen, self.root = frozen, root
+
+    @torch.no_grad()
+    def logprobs(self, adapter: Any, rollout: Rollout) -> Tensor:
+        return self.root(rollout, False)[0]
+
+    def refresh(self, policy: nn.Module) -> None:
+        self.frozen.refresh(policy)
+
+    def check_mix(self, alpha: float) -> None:
+        self.frozen.check_mix(alpha)
+
+    def mix(self, policy: nn.Module, alpha: float) -> None:
+        self.frozen.mix(policy, alpha)
+
+
+class FSDP2Parallel(DataParallel):
+    """fully_shard per decoder layer + root; unsharded sampling; full-state checkpoints."""
+
+    name = "fsdp2"
+
+    def check(self, cfg: Any) -> None:
+        super().check(cfg)
+        if cfg.trainer.micro_batch_tokens:
+            raise ConfigError(
+                "trainer.micro_batch_tokens with strategy=fsdp2: ranks would run different "
+                "numbers of forwards (each one all-gathers); use trainer.grad_accum"
+            )
+        if cfg.finetune.method != "full":
+            raise ConfigError(
+                f"finetune.method={cfg.finetune.method} with strategy=fsdp2: adapters train "
+                "under strategy=ddp (the frozen base is not sharded here)"
+            )
+
+    def setup(self, model: nn.Module, adapter: Any, reference: Any) -> Any:
+        self.model, self.adapter = model, adapter
+        device = next(model.parameters()).device
+        mesh = init_device_mesh(device.type, (self.size,))
+        self.root = shard(model, adapter, mesh)
+        self.units = [m for m in self.root.modules() if isinstance(m, FSDPModule)]
+        if reference is None:
+            return None
+        ref_root = shard(reference.model, adapter, mesh)
+        return ShardedReference(reference, ref_root)
+
+    def score(self, rollout: Rollout, with_entropy: bool = True) -> tuple[Tensor, Any]:
+        return self.root(rollout, with_entropy)
+
+    @contextlib.contextmanager
+    def sampling(self) -> Iterator[nn.Module]:
+        """Every unit unsharded (root first), none resharded by a forward, until the end."""
+        layers = [m for m in self.units if m is not self.root]
+        for m in layers:
+            m.set_reshard_after_forward(False, recurse=False)
+        for m in self.units:
+            m.unshard()
+        self.model.eval()
+        try:
+            yield self.model
+        finally:
+            for m in self.units:
+                m.reshard()
+            for m in layers:
+                m.set_reshard_after_forward(True, recurse=False)
+
+    def no_sync(self, skip: bool) -> contextlib.AbstractContextManager[None]:
+        self.root.set_requires_gradient_sync(not skip)
+        return contextlib.nullcontext()
+
+    def full(self, x: Tensor) -> Tensor:
+        return x.full_tensor() if isinstance(x, DTensor) else x
+
+    # checkpoints: gathered into the one-process format
+    def policy_weights(self, finetune: Any) -> dict[str, Tensor]:
+        return full_state(self.model)
+
+    def load_policy(self, finetune: Any, path: Any) -> None:
+        load_full_state(self.model, path)
+
+    def reference_weights(self, reference: Any) -> dict[str, Tensor] | None:
+        return None if reference is None else full_state(reference.frozen.model)
+
+    def load_reference(self, reference: Any, path: Path) -> None:
+        if reference is not None and path.exists():
+            load_full_state(reference.frozen.model, path)
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        sd = optimizer.state_dict()
+        state = {
+            i: {k: self.full(v).cpu() if isinstance(v, Tensor) else v for k, v in s.items()}
+            for i, s in sd["state"].items()
+        }
+        return {**sd, "state": state}
+
+    def load_optimizer(self, optimizer: torch.optim.Optimizer, state: Mapping[str, Any]) -> None:
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+
+        def place(i: int, v: Any) -> Any:
+            p = params[i]
+            if isinstance(p, DTensor) and isinstance(v, Tensor) and v.shape == p.shape:
+                v = v.to(device=p.device_mesh.device_type, dtype=p.dtype)
+                return distribute_tensor(v, p.device_mesh, p.placements, src_data_rank=None)
+            return v
+
+        sharded = {
+            int(i): {k: place(int(i), v) for k, v in s.items()} for i, s in state["state"].items()
+        }
+        optimizer.load_state_dict({**state, "state": sharded})
