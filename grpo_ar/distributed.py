@@ -150,6 +150,10 @@ class Parallel:
         """This rank's share (whole groups) of a global rollout."""
         return rollout
 
+    def align(self, micro: list[Rollout]) -> list[Rollout]:
+        """Micro-batches made to run the same forwards on every rank (FSDP2)."""
+        return micro
+
     def sum(self, x: Tensor) -> Tensor:
         return x
 

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -94,6 +96,27 @@ def load_full_state(model: nn.Module, path: str | Path) -> None:
     set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, strict=True))
 
 
+def widen(r: Rollout, width: int) -> Rollout:
+    """The rollout with its completion columns right-padded (mask 0) to `width`."""
+    t = r.completion_ids.shape[1]
+    if t == width:
+        return r
+
+    def pad(x: Tensor | None) -> Tensor | None:
+        if x is None or x.ndim < 2 or x.shape[1] != t:
+            return x
+        return torch.nn.functional.pad(x, (0, 0) * (x.ndim - 2) + (0, width - t))
+
+    return replace(
+        r,
+        completion_ids=pad(r.completion_ids),
+        completion_mask=pad(r.completion_mask),
+        sampling_logp=pad(r.sampling_logp),
+        span_ids=pad(r.span_ids),
+        data={k: pad(v) for k, v in r.data.items()},
+    )
+
+
 class ShardedReference:
     """A FrozenCopy whose model is sharded like the policy: log-probs through its own root;
     refresh / mix copy shard by shard (same layout as the policy)."""
@@ -146,6 +169,14 @@ class FSDP2Parallel(DataParallel):
 
     def score(self, rollout: Rollout, with_entropy: bool = True) -> tuple[Tensor, Any]:
         return self.root(rollout, with_entropy)
+
+    def align(self, micro: list[Rollout]) -> list[Rollout]:
+        """One completion width on every rank: the scorer's number of forwards depends on it
+        (a width-1 batch needs no continuation pass), and each forward all-gathers."""
+        widths = torch.tensor([mb.completion_ids.shape[1] for mb in micro], device="cpu")
+        widths = widths.to(self._comm_device())
+        dist.all_reduce(widths, op=dist.ReduceOp.MAX)
+        return [widen(mb, int(w)) for mb, w in zip(micro, widths.tolist())]
 
     @contextlib.contextmanager
     def sampling(self) -> Iterator[nn.Module]:

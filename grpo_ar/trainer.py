@@ -223,6 +223,7 @@ class Trainer:
         t = self.cfg.trainer  # clip_cov's draws: per rank, from the run seed
         self.generator.manual_seed(derive_seed(t.seed, self.step, -1 - self.dist.rank))
         micro = self.dist.local(rollout).micro_batches(t.grad_accum, t.micro_batch_tokens or None)
+        micro = self.dist.align(micro)
         if self.reference is not None:
             with stats.timer("reference"):
                 for mb in micro:
