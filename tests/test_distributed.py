@@ -37,6 +37,12 @@ if "dist_len" not in REWARDS:
         """Toy reward with spread: the completion's length in characters."""
         return float(len(output))
 
+    @register_reward("dist_long")
+    @per_sample
+    def dist_long(output: str) -> float:
+        """Toy 0/1 reward: groups where every completion is long (or short) have no spread."""
+        return float(len(output) >= 5)
+
 
 # many stop tokens: rows end at different steps, so ranks sample different lengths
 EOS = "[" + ",".join(str(i) for i in [2, *range(3, 40)]) + "]"
@@ -44,6 +50,7 @@ BASE = [
     "sampling.max_new_tokens=8",
     f"sampling.eos_token_ids={EOS}",
     "trainer.steps=4",
+    "trainer.iterations=2",  # the reference is refreshed after steps 2 and 4
     "trainer.batch_size=4",
     "trainer.grad_accum=2",
     "trainer.lr=3e-3",
@@ -54,6 +61,7 @@ BASE = [
     "algorithm.beta=0.04",
     "log.progress=false",
     "log.keep_checkpoints=0",
+    "data.rewards=[{name: dist_len}]",
 ]
 AGG = "algorithm.aggregation="
 SCENARIOS = {
@@ -61,16 +69,37 @@ SCENARIOS = {
     "ddp_seq_mean_token_mean": ["trainer.strategy=ddp", AGG + "seq_mean_token_mean"],
     "fsdp2_token_mean": ["trainer.strategy=fsdp2", AGG + "token_mean"],
     "fsdp2_seq_mean_token_mean": ["trainer.strategy=fsdp2", AGG + "seq_mean_token_mean"],
+    # batch-level statistics on the global batch: DAPO dynamic sampling, batch-std scaling,
+    # adaptive entropy bonus (its window summed over ranks), GDPO, ReMax's greedy baseline
+    "ddp_dapo_batch": [
+        "trainer.strategy=ddp",
+        "algorithm.dynamic_sampling=true",
+        "data.rewards=[{name: dist_long}]",
+        "algorithm.advantage_args={scale: batch}",
+        "algorithm.mask_truncated_completions=true",
+        "algorithm.entropy_coef=0.01",
+        "algorithm.entropy_target=5.0",
+    ],
+    "ddp_gdpo": [
+        "trainer.strategy=ddp",
+        "algorithm.multi_objective=normalize_then_sum",
+        "data.rewards=[{name: dist_len}, {name: dist_long, weight: 2.0}]",
+    ],
+    "fsdp2_remax": ["trainer.strategy=fsdp2", "algorithm.advantage=remax"],
     "ddp_peft": ["trainer.strategy=ddp", "finetune.method=peft", "finetune.rank=4"],
     "ddp_lycoris": ["trainer.strategy=ddp", "finetune.method=lycoris", "finetune.rank=4"],
 }
+
+
+KEEP = ("loss", "reward/mean", "kl", "entropy", "grad_norm", "entropy_coef", "dynamic/rounds")
 
 
 def make(run_dir, overrides, rewards=None):
     tok = char_tokenizer()
     model = tiny_llama(vocab_size=len(tok))
     cfg = load_config(None, [*BASE, f"log.run_dir={run_dir}", *overrides])
-    entries = load_rows([{"prompt": f"{i}+{i}=", "rewards": "dist_len"} for i in range(16)])
+    rows = [{"prompt": f"{i}+{i}="} for i in range(16)]
+    entries = load_rows(rows, default_rewards=cfg.data.rewards)
     return Trainer(cfg, model, TextAdapter(tok, cfg.sampling), entries, rewards=rewards)
 
 
@@ -128,8 +157,7 @@ def worker(out: Path) -> None:
         every = [None] * dist.get_world_size()
         dist.all_gather_object(every, widths)
         if rank == 0:
-            keep = ("loss", "reward/mean", "kl", "entropy", "grad_norm")
-            rows = [{k: h[k] for k in keep if k in h} for h in hist]
+            rows = [{k: h[k] for k in KEEP if k in h} for h in hist]
             torch.save({"hist": rows, "weights": w, "widths": every}, out / f"{name}.pt")
 
     for name, overrides in SCENARIOS.items():
@@ -179,7 +207,9 @@ def reference(name, tmp_path_factory):
 def assert_same_run(got, hist, w, start=0):
     assert len(got["hist"]) == len(hist) - start
     for mine, ref in zip(got["hist"], hist[start:]):
-        assert mine["reward/mean"] == ref["reward/mean"]  # the same samples
+        assert {k for k in KEEP if k in mine} == {k for k in KEEP if k in ref}
+        for k in ("reward/mean", "dynamic/rounds", "entropy_coef"):  # the same samples
+            assert mine.get(k) == ref.get(k), k
         for k in ("loss", "kl", "entropy", "grad_norm"):
             assert abs(mine[k] - ref[k]) <= 1e-6 * max(1.0, abs(ref[k])), (k, mine[k], ref[k])
     assert set(got["weights"]) == set(w)
@@ -195,6 +225,9 @@ def test_two_ranks_equal_one_process(launch, tmp_path_factory, name):
     one-process run with the same global batch."""
     hist, w, _ = reference(name, tmp_path_factory)
     assert_same_run(torch.load(launch / f"{name}.pt"), hist, w)
+    if name == "ddp_dapo_batch":  # the scenario really resampled and moved the coefficient
+        assert max(h["dynamic/rounds"] for h in hist) > 1
+        assert len({h["entropy_coef"] for h in hist}) > 1
 
 
 @pytest.mark.slow
