@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -89,6 +90,7 @@ def load_data(cfg: Config) -> tuple[list[Any], list[Any]]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .distributed import init_distributed, launched
     from .trainer import Trainer
 
     if args.resume:
@@ -99,13 +101,27 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = load_config(Path(args.resume) / "config.yaml", args.set)
     else:
         cfg = load_config(args.config, args.set)
-    train, evals = load_data(cfg)
-    model, adapter = build_model_and_adapter(cfg)
-    trainer = Trainer(cfg, model, adapter, train, evals)
-    if args.resume:
-        trainer.resume(args.resume)
-    trainer.train()
-    print(f"run directory: {cfg.log.run_dir}")
+    joined = False
+    if launched():  # under torchrun: join the process group, this rank's device
+        import torch.distributed as dist
+
+        joined = not dist.is_initialized()
+        device = init_distributed(cfg.model.device)
+        cfg = replace(cfg, model=replace(cfg.model, device=str(device)))
+    try:
+        train, evals = load_data(cfg)
+        model, adapter = build_model_and_adapter(cfg)
+        trainer = Trainer(cfg, model, adapter, train, evals)
+        if args.resume:
+            trainer.resume(args.resume)
+        trainer.train()
+    finally:
+        if joined:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if not launched() or int(os.environ.get("RANK", "0")) == 0:
+        print(f"run directory: {cfg.log.run_dir}")
     return 0
 
 

@@ -10,6 +10,7 @@ launch costs seconds of imports. The one-process references run in the pytest pr
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -167,6 +168,10 @@ def worker(out: Path) -> None:
     dist.barrier()
     run("fsdp2_resumed", SCENARIOS["fsdp2_token_mean"], resume_from=True)
 
+    from grpo_ar.cli import main  # `grpo-ar train` under torchrun (strategy auto = ddp)
+
+    assert main(["train", str(out / "cli.toml"), "--set", f"log.run_dir={out / 'cli_run'}"]) == 0
+
     tr = make(out / "failing", ["trainer.strategy=ddp"], rewards=FailOnRank1(names=["dist_len"]))
     try:
         tr.train_step()
@@ -178,9 +183,40 @@ def worker(out: Path) -> None:
 
 
 # -- the tests (pytest process) ------------------------------------------------------------------
+def write_cli_inputs(out: Path) -> None:
+    """A saved tiny Llama, a JSONL dataset and a TOML config for `grpo-ar train`."""
+    tok = char_tokenizer()
+    tiny_llama(vocab_size=len(tok)).save_pretrained(out / "cli_model")
+    tok.save_pretrained(out / "cli_model")
+    rows = [{"prompt": f"{i}+{i}=", "rewards": "dist_len"} for i in range(16)]
+    (out / "cli.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / "cli.toml").write_text(
+        f"""
+[model]
+path = "{out / "cli_model"}"
+device = "cpu"
+[sampling]
+max_new_tokens = 8
+eos_token_ids = {EOS}
+[algorithm]
+group_size = 4
+[trainer]
+steps = 2
+batch_size = 4
+lr = 3e-3
+optimizer_args = {{eps = 1e-6}}
+[data]
+train = "{out / "cli.jsonl"}"
+[log]
+progress = false
+"""
+    )
+
+
 @pytest.fixture(scope="module")
 def launch(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
+    write_cli_inputs(out)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     start = time.perf_counter()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
@@ -267,6 +303,22 @@ def test_a_failing_rank_stops_every_rank_with_its_error(launch):
     assert (launch / "error_rank1.txt").read_text() == "ValueError: bad reward on rank 1"
     msg = (launch / "error_rank0.txt").read_text()
     assert msg.startswith("RuntimeError: rank 1 failed") and "bad reward on rank 1" in msg
+
+
+@pytest.mark.slow
+def test_cli_train_under_torchrun_equals_one_process(launch, tmp_path):
+    """`grpo-ar train CONFIG` under torchrun (2 ranks, strategy auto = ddp): rank 0 alone writes
+    metrics (one line per step) and checkpoints; the weights are the one-process CLI run's."""
+    from grpo_ar.checkpoint import latest_checkpoint, load_tensors
+    from grpo_ar.cli import main
+
+    assert main(["train", str(launch / "cli.toml"), "--set", f"log.run_dir={tmp_path}"]) == 0
+    two = launch / "cli_run"
+    assert len((two / "metrics.jsonl").read_text().splitlines()) == 2
+    a = load_tensors(latest_checkpoint(two) / "model.safetensors")
+    b = load_tensors(latest_checkpoint(tmp_path) / "model.safetensors")
+    assert set(a) == set(b)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
 
 
 if __name__ == "__main__":
