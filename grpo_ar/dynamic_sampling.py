@@ -24,7 +24,7 @@ def fill_batch(
     scored) until the batch is full or `max_rounds` rounds are spent; then fill up with the
     dropped groups, newest first (zero advantage, so the batch shape and the loss normalisers
     stay fixed). Returns the joined rollout, its reward result and the round statistics."""
-    device = rollout.completion_ids.device
+    device, first_extras = rollout.completion_ids.device, dict(rollout.extras)
     need, kept, dropped, n_kept, rounds = len(rollout.prompts), [], [], 0, 1
     while True:
         flat = zero_std_groups(result.total, group_size)
@@ -47,6 +47,8 @@ def fill_batch(
         kept.append(keep_groups(sub, res, torch.arange(k, device=device)))
         filled += k
     joined = concat_rollouts([r for r, _ in kept], pad)
+    # what the sampler recorded besides outputs (e.g. the CFG scale the adapter checks)
+    joined.extras = {k: v for k, v in first_extras.items() if k != "outputs"}
     joined.extras["outputs"] = [o for r, _ in kept for o in r.extras["outputs"]]
     stats = {"dynamic/rounds": rounds, "dynamic/kept": n_kept / need, "dynamic/filled": filled}
     return joined, concat_results([res for _, res in kept]), stats

@@ -308,6 +308,10 @@ class Trainer:
         start = time.perf_counter()
         rollout = self.generate(self.prompts.next_batch(), stats)
         self.update(rollout, stats)
+        return self.finish_step(rollout, stats, start)
+
+    def finish_step(self, rollout: Rollout, stats: StepStats, start: float) -> dict[str, float]:
+        """After a step's updates: step count, iteration end, metrics, samples (rank 0)."""
         self.last_rollout = rollout
         self.step += 1
         if self.step % self.cfg.trainer.steps_per_iteration == 0:
