@@ -144,6 +144,10 @@ class TrainerConfig:
         )
         _need(self.lr > 0, f"trainer.lr={self.lr}: need > 0")
         _need(
+            self.strategy in ("auto", "none", "ddp", "fsdp2"),
+            f"trainer.strategy={self.strategy!r}: use auto, none, ddp, fsdp2",
+        )
+        _need(
             self.lr_schedule in ("constant", "linear", "cosine"),
             f"trainer.lr_schedule={self.lr_schedule!r}: use constant, linear or cosine",
         )

@@ -15,6 +15,7 @@ from einops import rearrange
 from torch import Tensor
 
 from .config import ConfigError, TrainerConfig
+from .core.corrections import AdaptiveEntropyCoef
 from .core.objective import token_objective
 
 
@@ -65,6 +66,18 @@ def disable_dropout(model: torch.nn.Module) -> None:
         for name, value in list(vars(m).items()):
             if "dropout" in name and isinstance(value, float):
                 setattr(m, name, 0.0)
+
+
+def entropy_controller(a: Any) -> AdaptiveEntropyCoef:
+    """The entropy-bonus coefficient of the [algorithm] config `a` (adaptive with a target)."""
+    return AdaptiveEntropyCoef(
+        a.entropy_coef,
+        target=a.entropy_target if a.entropy_target is not None else 0.0,
+        delta=a.entropy_coef_delta,
+        coef_min=a.entropy_coef_min,
+        coef_max=a.entropy_coef_max,
+        adaptive=a.entropy_target is not None,
+    )
 
 
 def token_terms(

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .config import Config, save_config
 from .core import ADVANTAGES, AGGREGATIONS, compute_advantages
-from .core.corrections import AdaptiveEntropyCoef, entropy_bonus
+from .core.corrections import entropy_bonus
 from .data import Entry, PromptSampler
 from .distributed import Parallel, build_parallel, derive_seed
 from .dynamic_sampling import fill_batch
@@ -35,6 +35,7 @@ from .train_utils import (
     build_optimizer,
     build_scheduler,
     disable_dropout,
+    entropy_controller,
     token_terms,
     zero_std_fraction,
 )
@@ -68,12 +69,8 @@ class Trainer:
         if finetune is None:
             want_ref = a.beta > 0 and reference is None
             finetune = build_finetune(model, config.finetune, want_ref, seed=t.seed)
-        self.cfg, self.finetune, self.model, self.adapter = (
-            config,
-            finetune,
-            finetune.model,
-            adapter,
-        )
+        self.cfg, self.adapter = config, adapter
+        self.finetune, self.model = finetune, finetune.model
         if config.model.disable_dropout:  # training log-probs must match the sampler's
             disable_dropout(self.model)
         self.train_entries, self.eval_entries = list(train_entries), list(eval_entries or [])
@@ -93,14 +90,7 @@ class Trainer:
             self.reference = reference if reference is not None else finetune.reference
             if a.reference_refresh == "soft":  # refuse an inexact TR-DPO mix before any step
                 self.reference.check_mix(a.reference_mix_alpha)
-        self.entropy = AdaptiveEntropyCoef(
-            a.entropy_coef,
-            target=a.entropy_target if a.entropy_target is not None else 0.0,
-            delta=a.entropy_coef_delta,
-            coef_min=a.entropy_coef_min,
-            coef_max=a.entropy_coef_max,
-            adaptive=a.entropy_target is not None,
-        )
+        self.entropy = entropy_controller(a)
         self.reference = self.dist.setup(self.model, adapter, self.reference)
         self.optimizer = build_optimizer(self.model, t)
         self.scheduler = build_scheduler(self.optimizer, t, total=t.steps * a.grpo_iters)
@@ -127,8 +117,7 @@ class Trainer:
             **inputs,
             **a.advantage_args,
         )
-        rollout.data["adv"] = adv
-        rollout.data["valid"] = valid
+        rollout.data.update(adv=adv, valid=valid)
         rollout.extras["reward"] = result
         stats.update(reward_metrics(result))
         stats.update({"reward/zero_std_groups": zero_std_fraction(result.total, a.group_size)})

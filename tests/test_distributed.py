@@ -71,7 +71,7 @@ SCENARIOS = {
     "fsdp2_token_mean": ["trainer.strategy=fsdp2", AGG + "token_mean"],
     "fsdp2_seq_mean_token_mean": ["trainer.strategy=fsdp2", AGG + "seq_mean_token_mean"],
     # batch-level statistics on the global batch: DAPO dynamic sampling, batch-std scaling,
-    # adaptive entropy bonus (its window summed over ranks), GDPO, ReMax's greedy baseline
+    # adaptive entropy bonus (its window summed over ranks), GDPO, ReMax's sharded greedy baseline
     "ddp_dapo_batch": [
         "trainer.strategy=ddp",
         "algorithm.dynamic_sampling=true",
@@ -86,7 +86,13 @@ SCENARIOS = {
         "algorithm.multi_objective=normalize_then_sum",
         "data.rewards=[{name: dist_len}, {name: dist_long, weight: 2.0}]",
     ],
-    "fsdp2_remax": ["trainer.strategy=fsdp2", "algorithm.advantage=remax"],
+    "fsdp2_remax_soft_sync": [  # + TR-DPO soft reference sync on the sharded reference
+        "trainer.strategy=fsdp2",
+        "algorithm.advantage=remax",
+        "algorithm.reference_refresh=soft",
+        "algorithm.reference_sync_every=3",
+        "algorithm.reference_mix_alpha=0.5",
+    ],
     "ddp_peft": ["trainer.strategy=ddp", "finetune.method=peft", "finetune.rank=4"],
     "ddp_lycoris": ["trainer.strategy=ddp", "finetune.method=lycoris", "finetune.rank=4"],
 }
