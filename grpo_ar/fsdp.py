@@ -126,7 +126,10 @@ class ShardedReference:
 
     @torch.no_grad()
     def logprobs(self, adapter: Any, rollout: Rollout) -> Tensor:
-        return self.root(rollout, False)[0]
+        try:
+            return self.root(rollout, False)[0]
+        finally:  # a root keeps its tensors gathered after forward; no backward reshards them
+            self.root.reshard()
 
     def refresh(self, policy: nn.Module) -> None:
         self.frozen.refresh(policy)
