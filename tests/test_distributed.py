@@ -84,11 +84,13 @@ SCENARIOS = {
     "ddp_gdpo": [
         "trainer.strategy=ddp",
         "algorithm.multi_objective=normalize_then_sum",
+        AGG + "seq_mean_token_sum_norm",  # Dr. GRPO's constant normaliser
         "data.rewards=[{name: dist_len}, {name: dist_long, weight: 2.0}]",
     ],
     "fsdp2_remax_soft_sync": [  # + TR-DPO soft reference sync on the sharded reference
         "trainer.strategy=fsdp2",
         "algorithm.advantage=remax",
+        AGG + "seq_mean_token_sum",
         "algorithm.reference_refresh=soft",
         "algorithm.reference_sync_every=3",
         "algorithm.reference_mix_alpha=0.5",
