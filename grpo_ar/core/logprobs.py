@@ -20,12 +20,18 @@ from torch.utils.checkpoint import checkpoint
 
 # ~64 MiB of fp32 per chunk for V = 49k; small enough to stay in cache-friendly territory.
 DEFAULT_CHUNK_ELEMS = 1 << 24
-# the fused head keeps ~2 fp32 (rows, V) buffers per chunk: 2 x 16 MiB (~170 rows at V = 49k)
-FUSED_CHUNK_ELEMS = 1 << 22
+# the fused head keeps ~2 fp32 (rows, V) buffers per chunk: 2 x 64 MiB (~341 rows at V = 49k).
+# Its matmuls re-read the (V, H) weight once per chunk: at 85 rows (1 << 22) they ran ~1.3-1.7x
+# slower per FLOP than at 341 rows (SmolLM2's head, 1 thread; benchmarks/README.md).
+FUSED_CHUNK_ELEMS = 1 << 24
 
 
 def _chunk_rows(n_rows: int, vocab: int, chunk_elems: int) -> int:
-    return max(1, min(n_rows, chunk_elems // max(vocab, 1)))
+    """Rows per chunk: at most `chunk_elems // vocab`, spread evenly over the chunks that takes
+    (4096 rows at a 341-row cap: 12 chunks of 316 and one of 304, not 12 of 341 and one of 4)."""
+    cap = max(1, min(n_rows, chunk_elems // max(vocab, 1)))
+    chunks = -(-n_rows // cap)
+    return -(-n_rows // chunks) if n_rows else 1
 
 
 # (rows, V) logits and the index of the chunk's first row -> transformed (rows, V) logits

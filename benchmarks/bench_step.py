@@ -1,0 +1,226 @@
+"""One full GRPO step (rollout, rewards, reference and old log-probs, mu optimizer passes):
+grpo_ar's Trainer vs TRL 1.16 `GRPOTrainer`, same model weights, prompts, reward, lengths and
+hyper-parameters, interleaved in one process (a grpo_ar step runs after every TRL step cycle).
+
+Configs (the issue's): (a) tiny Llama (hidden 256, 4 layers, char tokenizer), 4 prompts x 8,
+32 new tokens, mu = 2, beta = 0.04, fp32; (b) SmolLM2-135M-Instruct, 2 chat prompts x 8,
+<= 64 new tokens, mu = 1, beta = 0.04. Both: temperature 1, top-p 1, clip eps 0.2 / 0.28,
+token-mean (TRL `dapo`) aggregation, AdamW lr 1e-6, grad-norm clip 1, reward `numeric_answer`.
+A TRL "step" here is a generation step plus mu - 1 reuse steps (TRL generates every mu steps).
+
+`ratio` = TRL seconds per GRPO step / grpo_ar's (higher is better). The FLOP limit is the time
+the least work takes at the fp32 matmul peak measured in this run: 2N FLOPs per sampled token,
+2N per token the reference scores, 6N per trained token (x mu), prompt tokens once per group
+(N = parameters); `limit_frac` = limit / grpo_ar's seconds per step.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+from common import header, load, matmul_peak, median, n_params, parse_args, result, setup
+
+from grpo_ar.adapters.text import TextAdapter
+from grpo_ar.config import load_config
+from grpo_ar.data import load_rows
+from grpo_ar.rewards.text import numeric_answer
+from grpo_ar.trainer import Trainer
+
+ANSWERS = {"12+34=": 46, "5+77=": 82, "301+4=": 305, "9*9=": 81}
+SMOL_ANSWERS = {"Calculate 5 - 33.": -28, "Calculate 41 + 7.": 48}
+CONFIGS = {"tiny": dict(prompts=4, mu=2), "smol": dict(prompts=2, mu=1)}
+BETA, LR, EPS_HIGH = 0.04, 1e-6, 0.28
+
+
+def rows(name: str, prompts: list) -> list[dict]:
+    if name == "tiny":
+        return [{"prompt": p, "answer": ANSWERS[p]} for p in prompts]
+    return [{"prompt": p, "answer": SMOL_ANSWERS[p[-1]["content"].split("\n")[0]]} for p in prompts]
+
+
+def numeric(completions, answer, **_):
+    """TRL reward: grpo_ar's `numeric_answer` on the completion text."""
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    return [numeric_answer.per_sample(t, answer=a) for t, a in zip(texts, answer)]  # same code
+
+
+def grpo_ar_trainer(model, tok, data, g, max_new, mu, run_dir):
+    cfg = load_config(
+        None,
+        [
+            f"algorithm.group_size={g}",
+            f"algorithm.grpo_iters={mu}",
+            f"algorithm.beta={BETA}",
+            "algorithm.loss=clip",
+            f"algorithm.loss_args={{eps_low: 0.2, eps_high: {EPS_HIGH}}}",
+            "algorithm.aggregation=token_mean",
+            f"trainer.batch_size={len(data)}",
+            f"trainer.lr={LR}",
+            "trainer.steps=1000000",
+            f"sampling.max_new_tokens={max_new}",
+            "sampling.temperature=1.0",
+            f"log.run_dir={run_dir}",
+            "log.progress=false",
+            "log.samples_per_step=0",
+        ],
+    )
+    entries = load_rows(
+        [
+            {"prompt": r["prompt"], "rewards": {"numeric_answer": {"answer": r["answer"]}}}
+            for r in data
+        ]
+    )
+    adapter = TextAdapter(tok, cfg.sampling)
+    return Trainer(cfg, model, adapter, entries), adapter, entries
+
+
+def trl_trainer(path: Path, tok, data, g, max_new, mu, out_dir, callback):
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    args = GRPOConfig(
+        output_dir=str(out_dir),
+        per_device_train_batch_size=len(data) * g,
+        num_generations=g,
+        max_completion_length=max_new,
+        num_iterations=mu,
+        beta=BETA,
+        epsilon=0.2,
+        epsilon_high=EPS_HIGH,
+        loss_type="dapo",
+        learning_rate=LR,
+        max_grad_norm=1.0,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        max_steps=10**6,
+        logging_steps=10**6,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,  # TRL defaults: bf16 autocast and gradient checkpointing on; grpo_ar runs
+        gradient_checkpointing=False,  # fp32 without checkpointing, so TRL does too
+        model_init_kwargs={"dtype": "float32"},
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    return GRPOTrainer(
+        model=str(path),
+        reward_funcs=numeric,
+        args=args,
+        train_dataset=Dataset.from_list(data),
+        processing_class=tok,
+        callbacks=[callback],
+    )
+
+
+class Interleave:
+    """TRL callback: time each TRL step; after every mu steps (one GRPO step) run `between`."""
+
+    def __init__(self, mu: int, cycles: int, between) -> None:
+        from transformers import TrainerCallback
+
+        clock = self
+
+        class Cb(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                clock.t0 = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kw):
+                clock.steps.append(time.perf_counter() - clock.t0)
+                if state.global_step % mu == 0:
+                    clock.cycles.append(sum(clock.steps[-mu:]))
+                    between()
+                    if len(clock.cycles) >= cycles:
+                        control.should_training_stop = True
+
+        self.callback, self.steps, self.cycles, self.t0 = Cb(), [], [], 0.0
+
+
+def bench(name: str, args) -> dict[str, float]:
+    model, tok, prompts, g, max_new = setup(name, CONFIGS[name]["prompts"])
+    mu, data = CONFIGS[name]["mu"], rows(name, prompts)
+    tmp = Path(tempfile.mkdtemp(prefix=f"bench_step_{name}_"))
+    if name == "tiny":  # TRL builds its reference from a path: give both the same saved weights
+        model.save_pretrained(tmp / "model")
+        tok.save_pretrained(tmp / "model")
+        path = tmp / "model"
+    else:
+        path = Path(model.name_or_path)
+    trainer, adapter, entries = grpo_ar_trainer(model, tok, data, g, max_new, mu, tmp / "grpo_ar")
+    ours: list[dict] = []
+
+    def grpo_ar_step():
+        t = time.perf_counter()
+        m = trainer.train_step()
+        m["wall"] = time.perf_counter() - t
+        ours.append(m)
+
+    clock = Interleave(mu, args.repeats + 1, grpo_ar_step)
+    trl = trl_trainer(path, tok, data, g, max_new, mu, tmp / "trl", clock.callback)
+    trl.train()
+    n = n_params(model)
+    ours, trl_s = ours[1:], clock.cycles[1:]  # the first of each is warm-up
+    s_ours = median([m["wall"] for m in ours])
+    s_trl = median(trl_s)
+    comp = median([m["completion/length_mean"] * len(data) * g for m in ours])
+    p_tok = int(adapter.encode(entries).attention_mask.sum())
+    tokens = p_tok + comp  # prompt once per group + completions
+    flops = 2 * n * tokens + (2 * n * tokens if BETA > 0 else 0) + 6 * n * tokens * mu
+    return {"ours": s_ours, "trl": s_trl, "flops": flops, "ours_all": ours, "trl_all": trl_s,
+            "tokens": (p_tok, comp), "n": n, "mu": mu}  # fmt: skip
+
+
+def report(name: str, r: dict, peak: float) -> tuple[float, float]:
+    ratio, limit = r["trl"] / r["ours"], r["flops"] / (peak * 1e9)
+    times = {k: median([m.get(f"time/{k}", 0.0) for m in r["ours_all"]]) for k in
+             ("sample", "reward", "reference", "update")}  # fmt: skip
+    p_tok, comp = r["tokens"]
+    walls = [m["wall"] for m in r["ours_all"]]
+    print(
+        f"[{name}] N = {r['n'] / 1e6:.2f}M params, mu = {r['mu']}; prompt tokens (once per "
+        f"group) {p_tok}, completion tokens per step {comp:.0f}; load {load()}"
+    )
+    print(
+        f"  TRL GRPOTrainer  {r['trl']:8.3f} s/step  ({', '.join(f'{t:.2f}' for t in r['trl_all'])})"
+    )
+    print(f"  grpo_ar          {r['ours']:8.3f} s/step  ({', '.join(f'{w:.2f}' for w in walls)})")
+    print(
+        "  grpo_ar breakdown: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in times.items())
+        + ", old 0 (the first pass's log-probs are the old ones)"
+    )
+    print(
+        f"  ratio {ratio:.2f}; FLOP limit {limit:.3f} s at {peak:.0f} GFLOP/s -> "
+        f"{limit / r['ours']:.0%} of the limit"
+    )
+    return ratio, limit / r["ours"]
+
+
+def main() -> None:
+    args = parse_args(__doc__, repeats=5, quick_repeats=2)
+    header("bench_step", args)
+    peak0 = matmul_peak()
+    tiny = bench("tiny", args)
+    smol = bench("smol", args)
+    peak = max(peak0, matmul_peak())
+    print(f"# fp32 matmul peak {peak:.0f} GFLOP/s (best of the start and end of the run)")
+    tiny_ratio, _ = report("tiny", tiny, peak)
+    smol_ratio, smol_frac = report("smol", smol, peak)
+    result(
+        tiny_ratio=tiny_ratio,
+        smol_ratio=smol_ratio,
+        smol_limit_frac=smol_frac,
+        tiny_s=tiny["ours"],
+        tiny_trl_s=tiny["trl"],
+        smol_s=smol["ours"],
+        smol_trl_s=smol["trl"],
+        peak_gflops=peak,
+        load=load(),
+    )
+
+
+if __name__ == "__main__":
+    main()
