@@ -33,9 +33,11 @@ def build_model_and_adapter(cfg: Config) -> tuple[Any, Any]:
         )
     dtype = getattr(torch, cfg.model.dtype)
     if cfg.model.adapter == "image":
-        return _build_image(cfg, dtype)
+        return _build_code_grid(cfg, dtype, "image")
+    if cfg.model.adapter == "video":
+        return _build_code_grid(cfg, dtype, "video")
     if cfg.model.adapter != "text":
-        raise ConfigError(f"model.adapter={cfg.model.adapter!r}: use text or image")
+        raise ConfigError(f"model.adapter={cfg.model.adapter!r}: use text, image or video")
     from .adapters.text import TextAdapter, load_text_model
 
     model, tok = load_text_model(cfg.model.path, dtype=dtype, device=_device(cfg.model.device))
@@ -51,29 +53,39 @@ def build_model_and_adapter(cfg: Config) -> tuple[Any, Any]:
     return model, adapter
 
 
-def _build_image(cfg: Config, dtype: Any) -> tuple[Any, Any]:
+def _build_code_grid(cfg: Config, dtype: Any, kind: str) -> tuple[Any, Any]:
+    """An AR image / video model: the LM from model.path, the VQ tokenizer and condition from
+    the [image] / [video] section."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .adapters.image import ClassCondition, ImageAdapter, TextCondition
+    from .adapters.video import VideoAdapter
     from .adapters.vq import load_vq_decoder
 
-    im, device = cfg.image, _device(cfg.model.device)
-    if not im.decoder_path:
-        raise ConfigError("image.decoder_path is empty: give the folder of the VQ tokenizer")
+    sec, device = getattr(cfg, kind), _device(cfg.model.device)
+    if not sec.decoder_path:
+        raise ConfigError(f"{kind}.decoder_path is empty: give the folder of the VQ tokenizer")
     model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=dtype).to(device)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    kw = {"subfolder": im.decoder_subfolder} if im.decoder_subfolder else {}
-    decoder = load_vq_decoder(im.decoder, im.decoder_path, device=device, **kw)  # fp32 decode
-    if im.condition == "class":
-        cond = ClassCondition(im.class_offset, im.num_classes, im.bos_token_id, im.null_class_token)
+    kw: dict[str, Any] = {"subfolder": sec.decoder_subfolder} if sec.decoder_subfolder else {}
+    if kind == "video":
+        kw["per_frame"] = sec.frame_wise
+    decoder = load_vq_decoder(sec.decoder, sec.decoder_path, device=device, **kw)  # fp32 decode
+    if sec.condition == "class":
+        cond = ClassCondition(
+            sec.class_offset, sec.num_classes, sec.bos_token_id, sec.null_class_token
+        )
     else:
         tok = AutoTokenizer.from_pretrained(cfg.model.path)
-        cond = TextCondition(tok, im.prompt_template, im.uncond, im.negative_prompt)
-    adapter = ImageAdapter(
-        decoder, cfg.sampling, im.grid, im.code_offset, cond, im.image_prefix_ids,
-        cfg_train=im.cfg_train, detach_uncond=im.detach_uncond, output=im.output,
-        decode_batch_size=im.decode_batch_size,
+        cond = TextCondition(tok, sec.prompt_template, sec.uncond, sec.negative_prompt)
+    cls = ImageAdapter if kind == "image" else VideoAdapter
+    prefix = sec.image_prefix_ids if kind == "image" else sec.video_prefix_ids
+    adapter = cls(
+        decoder, cfg.sampling, sec.grid, sec.code_offset, cond, prefix,
+        cfg_train=sec.cfg_train, detach_uncond=sec.detach_uncond, output=sec.output,
+        decode_batch_size=sec.decode_batch_size, eol_token_id=sec.eol_token_id,
+        eof_token_id=sec.eof_token_id,
     )  # fmt: skip
     return model, adapter
 

@@ -24,6 +24,7 @@ else:  # pragma: no cover
 from .algorithm_config import AlgorithmConfig
 from .errors import ConfigError, need
 from .finetune import FinetuneConfig
+from .modality_config import ImageConfig, VideoConfig
 from .sampling import SamplingParams
 
 __all__ = [
@@ -61,7 +62,7 @@ class ModelConfig:
     path: str = ""
     """Local folder or hub id of a transformers model (empty when the script builds the model)."""
     adapter: str = "text"
-    """Modality adapter: text or image (the [image] section configures it)."""
+    """Modality adapter: text, image or video (the [image] / [video] section configures it)."""
     dtype: str = "float32"
     """Parameter dtype: float32 (default), bfloat16 or float16."""
     device: str = "auto"
@@ -78,6 +79,10 @@ class ModelConfig:
     """Recompute activations in backward to save memory."""
 
     def __post_init__(self) -> None:
+        _need(
+            self.adapter in ("text", "image", "video"),
+            f"model.adapter={self.adapter!r}: use text, image or video",
+        )
         _need(
             self.dtype in ("float32", "bfloat16", "float16"),
             f"model.dtype={self.dtype!r}: use float32, bfloat16 or float16",
@@ -200,59 +205,6 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
-class ImageConfig:
-    """AR image models (model.adapter = "image"): VQ tokenizer, code layout, condition, CFG."""
-
-    decoder: str = "diffusers_vq"
-    """VQ tokenizer kind: diffusers_vq, janus_vq, emu3_vq."""
-    decoder_path: str = ""
-    """Folder of the saved VQ tokenizer (from_pretrained)."""
-    decoder_subfolder: str | None = None
-    """Subfolder inside decoder_path (e.g. "vqvae")."""
-    grid: list[int] = field(default_factory=lambda: [16, 16])
-    """Codes per image [h, w]; sampling.max_new_tokens must be h*w."""
-    code_offset: int = 0
-    """LM token id of code 0."""
-    condition: str = "class"
-    """class (prompt = int class id) or text (prompt = string; tokenizer from model.path)."""
-    class_offset: int = 0
-    """LM token id of class 0."""
-    num_classes: int = 1000
-    """Number of class tokens."""
-    null_class_token: int | None = None
-    """CFG null class token (default class_offset + num_classes)."""
-    bos_token_id: int | None = None
-    """BOS before the class token (class condition)."""
-    prompt_template: str = "{prompt}"
-    """Text condition: how the prompt string is wrapped before tokenising."""
-    uncond: str = "masked"
-    """Text CFG null prompt: masked (pad except BOS) or negative (metadata/negative_prompt)."""
-    negative_prompt: str = ""
-    """Default negative prompt for uncond = negative."""
-    image_prefix_ids: list[int] = field(default_factory=list)
-    """Tokens after the condition in both CFG branches (e.g. <begin_of_image>)."""
-    cfg_train: str = "same"
-    """same: train under sampling.cfg_scale; conditional: cond-only (use algorithm.is_correction)."""
-    detach_uncond: bool = False
-    """Under cfg_train = same: no gradient through the unconditional branch."""
-    output: str = "pil"
-    """What rewards receive: pil, uint8 (H, W, 3) or float (3, H, W) in [0, 1]."""
-    decode_batch_size: int = 0
-    """Images decoded per VQ call (0 = all at once)."""
-
-    def __post_init__(self) -> None:
-        for key, val, ok in [
-            ("decoder", self.decoder, ("diffusers_vq", "janus_vq", "emu3_vq")),
-            ("condition", self.condition, ("class", "text")),
-            ("uncond", self.uncond, ("masked", "negative")),
-            ("cfg_train", self.cfg_train, ("same", "conditional")),
-            ("output", self.output, ("pil", "uint8", "float")),
-        ]:
-            _need(val in ok, f"image.{key}={val!r}: use one of {', '.join(ok)}")
-        _need(len(self.grid) == 2 and min(self.grid) >= 1, f"image.grid={self.grid}: give [h, w]")
-
-
-@dataclass(frozen=True)
 class Config:
     """A whole run."""
 
@@ -263,6 +215,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     log: LogConfig = field(default_factory=LogConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
