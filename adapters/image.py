@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -329,6 +330,19 @@ class ImageAdapter(CodeGridAdapter):
             return list(unit)
         images = to_uint8(unit)
         return list(images) if self.output == "uint8" else to_pil(images)
+
+    def save_samples(self, outputs: Sequence[Any], directory: str | Path) -> list[Path]:
+        """Write decoded images (any `output` kind) as `sample_{i:03d}.png`; the paths."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for i, img in enumerate(outputs):
+            if isinstance(img, Tensor):
+                img = img if img.dtype == torch.uint8 else to_uint8(img[None])[0]
+                img = to_pil(img[None])[0]
+            paths.append(out / f"sample_{i:03d}.png")
+            img.save(paths[-1])
+        return paths
 
 
 def code_sampling(sampling: SamplingParams, layout: CodeLayout, kind: str) -> SamplingParams:

@@ -83,6 +83,12 @@ class VideoAdapter(CodeGridAdapter):
         unit = self.decode_pixels(rollout)  # (N, F, 3, H, W)
         return list(unit) if self.output == "float" else list(to_uint8(unit))
 
+    def save_samples(
+        self, outputs: Sequence[Any], directory: str | Path, fmt: Literal["gif", "png"] = "gif"
+    ) -> list[Path]:
+        """Write decoded clips as animated GIFs (or frame-strip PNGs); the paths."""
+        return save_clips(outputs, directory, fmt=fmt)
+
 
 def video_grid(decoder: VQDecoder, frames: int, height: int, width: int) -> tuple[int, int, int]:
     """The (t, h, w) code grid of clips of `frames` frames of height × width pixels; refuses a

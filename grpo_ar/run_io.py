@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,9 @@ def jsonable(x: Any) -> Any:
         return x
     if isinstance(x, torch.Tensor) and x.numel() == 1:
         return jsonable(float(x))
+    shape = getattr(x, "shape", None)
+    if shape is not None:  # tensors, arrays: a summary, not their repr
+        return f"<{type(x).__name__} shape {list(shape)} {getattr(x, 'dtype', '')}>"
     return repr(x)
 
 
@@ -28,18 +32,27 @@ def append_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
         f.write(json.dumps({k: jsonable(v) for k, v in metrics.items()}) + "\n")
 
 
-def append_samples(run_dir: Path, rollout: Rollout, step: int, k: int) -> None:
-    """The first `k` samples of a scored rollout (prompt, output, reward, advantage)."""
+def append_samples(
+    run_dir: Path, rollout: Rollout, step: int, k: int, save: Callable | None = None
+) -> None:
+    """The first `k` samples of a scored rollout (prompt, output, reward, advantage). Outputs
+    that are not JSON (images, clips) are written by `save(outputs, directory) -> paths` (an
+    adapter's `save_samples`) under samples/step_N/ and referenced by path."""
     if k <= 0:
         return
-    outputs, result = rollout.extras["outputs"], rollout.extras["reward"]
+    k = min(k, len(rollout))
+    outputs, result = rollout.extras["outputs"][:k], rollout.extras["reward"]
+    shown: list[Any] = list(outputs)
+    if save is not None and not all(isinstance(o, str) for o in outputs):
+        paths = save(outputs, run_dir / "samples" / f"step_{step:06d}")
+        shown = [str(Path(p).relative_to(run_dir)) for p in paths]
     with open(run_dir / "samples.jsonl", "a", encoding="utf-8") as f:
-        for i in range(min(k, len(rollout))):
+        for i in range(k):
             row = {
                 "step": step,
                 "group": int(rollout.group_ids[i]),
                 "prompt": jsonable(rollout.entries[i].prompt),
-                "output": jsonable(outputs[i]),
+                "output": jsonable(shown[i]),
                 "reward": jsonable(float(result.total[i])),
                 "advantage": float(rollout.data["adv"][i]),
             }

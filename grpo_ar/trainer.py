@@ -319,7 +319,8 @@ class Trainer:
             }
         )
         if self.dist.is_main:
-            append_samples(self.run_dir, rollout, self.step, self.cfg.log.samples_per_step)
+            save = getattr(self.adapter, "save_samples", None)
+            append_samples(self.run_dir, rollout, self.step, self.cfg.log.samples_per_step, save)
         return metrics
 
     def end_iteration(self) -> None:

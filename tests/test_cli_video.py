@@ -62,6 +62,9 @@ def test_cli_trains_a_video_model(tmp_path):
     assert main(["train", str(cfg), *sets]) == 0
     metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["step"] == 1 and "reward/motion/mean" in metrics[-1]
+    samples = [json.loads(x) for x in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert samples and all(s["output"].endswith(".gif") for s in samples)  # media files, not reprs
+    assert all((tmp_path / "run" / s["output"]).is_file() for s in samples)
 
 
 @pytest.mark.parametrize(
