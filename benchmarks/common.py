@@ -58,17 +58,30 @@ def matmul_peak(n: int = 2048, reps: int = 3, dtype: torch.dtype = torch.float32
     return best
 
 
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    """Seconds per call of each fn, run round-robin `repeats` times after one warm-up each."""
+def interleaved(
+    fns: dict[str, Callable[[], object]], repeats: int, cpu: dict | None = None
+) -> dict[str, list[float]]:
+    """Wall seconds per call of each fn, run round-robin `repeats` times after one warm-up each.
+    `cpu`, when given, receives this process's CPU seconds per call (with one thread: the time
+    the call ran, without the time other jobs on a loaded machine held the core)."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
+    cpu_times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             fn()
             times[k].append(time.perf_counter() - t)
+            cpu_times[k].append(time.process_time() - c)
+    if cpu is not None:
+        cpu.update(cpu_times)
     return times
+
+
+def cpu_share(wall: float, cpu: float) -> str:
+    """How much of `threads` cores the run got: CPU seconds / (wall seconds x threads)."""
+    return f"{cpu / max(wall * torch.get_num_threads(), 1e-9):.0%}"
 
 
 def median(xs: list[float]) -> float:
