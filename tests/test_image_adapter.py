@@ -2,6 +2,8 @@
 codes] and the VQ decoders of test_vq. CFG log-probs, layouts, refusals, and the unchanged
 Trainer."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -377,8 +379,9 @@ def test_trainer_runs_unchanged_with_the_image_adapter(
         # "same": the first pass recomputes the sampler's own distribution (weight 1);
         # "conditional": training log-probs differ from the CFG sampler's, and IS reweights
         assert (abs(m["is_weight"] - 1.0) < 1e-4) == is_weight_is_one, m["is_weight"]
-    sample_line = (tmp_path / "samples.jsonl").read_text().splitlines()[0]
-    assert "PIL.Image" in sample_line  # rewards read decoded images
+    sample = json.loads((tmp_path / "samples.jsonl").read_text().splitlines()[0])
+    assert sample["output"].endswith(".png")  # decoded images, written as files
+    assert (tmp_path / sample["output"]).is_file()
 
 
 @pytest.mark.parametrize("reward,sign", [("toy_brightness", 1.0), ("toy_darkness", -1.0)])
