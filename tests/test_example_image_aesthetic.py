@@ -6,8 +6,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+import types
 from pathlib import Path
 
+import pytest
 import torch
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "image_aesthetic"
@@ -25,9 +27,9 @@ def _load(name: str):
     return mod
 
 
-def _run(tmp_path: Path) -> dict:
+def _run(tmp_path: Path, *extra: str) -> dict:
     run = _load("run")
-    argv = ["--base", str(tmp_path / "base"), "--eval-samples", "2"]
+    argv = ["--base", str(tmp_path / "base"), "--eval-samples", "2", *extra]
     argv += [x for kv in TINY for x in ("--pretrain-set", kv)]
     sets = [
         "trainer.steps=2", "trainer.batch_size=2", "trainer.warmup_steps=0",
@@ -36,15 +38,14 @@ def _run(tmp_path: Path) -> dict:
     return run.main(argv + [x for kv in sets for x in ("--set", kv)])
 
 
-def test_example_runs_two_steps_and_caches_pretraining(tmp_path, capsys):
-    sys.path.insert(0, str(EXAMPLE))
-    try:
-        out = _run(tmp_path)
-        first = capsys.readouterr().out
-        again = _run(tmp_path)  # the second run reuses every pre-trained stage
-        second = capsys.readouterr().out
-    finally:
-        sys.path.remove(str(EXAMPLE))
+@pytest.mark.slow
+def test_example_runs_two_steps_and_caches_pretraining(tmp_path, capsys, monkeypatch):
+    # another example's `pretrain` module already imported in this process must not be used
+    monkeypatch.setitem(sys.modules, "pretrain", types.ModuleType("pretrain"))
+    out = _run(tmp_path)
+    first = capsys.readouterr().out
+    again = _run(tmp_path)  # the second run reuses every pre-trained stage
+    second = capsys.readouterr().out
     assert "held-out before GRPO" in first and "held-out after  GRPO" in first
     assert "reusing" not in first
     assert all(f"reusing {s} from" in second for s in ("vq", "cls", "prior"))
@@ -70,11 +71,7 @@ def test_example_runs_two_steps_and_caches_pretraining(tmp_path, capsys):
 
 
 def test_procedural_images_and_prompt_split():
-    sys.path.insert(0, str(EXAMPLE))
-    try:
-        shapes = _load("shapes")
-    finally:
-        sys.path.remove(str(EXAMPLE))
+    shapes = _load("shapes")
     train, held = shapes.prompt_split()
     assert len(train) == 20 and len(held) == 10 and not set(train) & set(held)
     # every colour and every shape word still appears in the GRPO training prompts
@@ -90,3 +87,38 @@ def test_procedural_images_and_prompt_split():
     vivid = score[d["style"] == 0].mean()
     for k in (1, 2, 3):  # every dull style leaves the proxy room to improve
         assert score[d["style"] == k].mean() < vivid - 0.15
+
+
+def _tiny_clip_and_head(d: Path) -> tuple[Path, Path]:
+    """A tiny random CLIPModel with its image processor, and a LAION-shaped head for it."""
+    from safetensors.torch import save_file
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+    torch.manual_seed(0)
+    small = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2)
+    text = dict(small, vocab_size=32, max_position_embeddings=16)
+    vision = dict(small, image_size=30, patch_size=10)
+    cfg = CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)
+    CLIPModel(cfg).save_pretrained(d / "clip")
+    size = {"shortest_edge": 30}
+    CLIPImageProcessorPil(size=size, crop_size={"height": 30, "width": 30}).save_pretrained(
+        d / "clip"
+    )
+    dims, sd = (8, 1024, 128, 64, 16, 1), {}
+    for i, (a, b) in zip((0, 2, 4, 6, 7), zip(dims, dims[1:])):
+        sd[f"layers.{i}.weight"] = torch.randn(b, a) / a**0.5
+        sd[f"layers.{i}.bias"] = torch.zeros(b)
+    save_file(sd, d / "head.safetensors")
+    return d / "clip", d / "head.safetensors"
+
+
+@pytest.mark.slow
+def test_example_trains_on_aesthetic_laion_given_clip_and_head(tmp_path, capsys):
+    clip, head = _tiny_clip_and_head(tmp_path)
+    out = _run(tmp_path, "--clip", str(clip), "--mlp", str(head))
+    assert "aesthetic_laion held-out" in capsys.readouterr().out
+    assert out["reward"] == "aesthetic_laion"
+    for when in ("before", "after"):  # the proxy is still reported beside the GRPO reward
+        assert set(out[when]) >= {"score/aesthetic_laion", "score/aesthetic_proxy"}
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert "reward/aesthetic_laion/mean" in json.loads(metrics[-1])

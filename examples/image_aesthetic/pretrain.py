@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shapes import COLOURS, SHAPES, make_images  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/ (see run.py)
+from image_aesthetic.shapes import COLOURS, SHAPES, make_images  # noqa: E402
 
-VQ = {"steps": 1000, "batch_size": 32, "lr": 2e-3, "codebook": 256, "channels": [16, 32]}
-PRIOR = {"steps": 1500, "batch_size": 32, "lr": 3e-3, "hidden": 96, "layers": 3, "p_uncond": 0.1}
+VQ = {"steps": 800, "batch_size": 32, "lr": 2e-3, "codebook": 256, "channels": [16, 32]}
+PRIOR = {"steps": 1200, "batch_size": 32, "lr": 3e-3, "hidden": 96, "layers": 3, "p_uncond": 0.1}
 CLS = {"steps": 500, "batch_size": 128, "lr": 3e-3, "n_test": 2000}
 DATA = {"n_train": 12000, "size": 16, "seed": 0}
 WORDS = ("<pad>", "<bos>", "<eos>", *COLOURS, *SHAPES)
@@ -144,7 +144,11 @@ class ShapeClassifier(nn.Module):
         self.colour, self.shape = nn.Linear(128, len(COLOURS)), nn.Linear(128, len(SHAPES))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        h = self.body(x * 2 - 1)
+        # each image standardised (one mean and std over its pixels and channels): dark, washed
+        # and vivid versions of a shape look alike to the network, hue relations are kept
+        f = x.flatten(1)
+        x = (x - f.mean(1).view(-1, 1, 1, 1)) / (f.std(1).view(-1, 1, 1, 1) + 0.02)
+        h = self.body(x)
         return self.colour(h), self.shape(h)
 
     @torch.no_grad()

@@ -27,15 +27,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# imported as `image_aesthetic.*` (examples/ on the path): plain `pretrain` would collide with
+# other examples' modules of that name in one process (e.g. the test suite)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain import pretrain  # noqa: E402
-from shapes import image_grid, parse_prompt, prompt_split  # noqa: E402
+from image_aesthetic.pretrain import pretrain  # noqa: E402
+from image_aesthetic.shapes import image_grid, parse_prompt, prompt_split  # noqa: E402
 
 from grpo_ar.cli import build_model_and_adapter  # noqa: E402
 from grpo_ar.config import load_config  # noqa: E402
 from grpo_ar.data import load_rows  # noqa: E402
-from grpo_ar.rewards.image import aesthetic_proxy_score  # noqa: E402
+from grpo_ar.rewards.image import (  # noqa: E402
+    PROXY_COMPONENTS,
+    aesthetic_proxy_score,
+    proxy_components,
+)
 from grpo_ar.trainer import Trainer  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parent / "config.toml"
@@ -75,6 +81,8 @@ def measure(trainer: Trainer, ref: Any, prompts: list[str], samples: int, seed: 
     x = adapter.decode_pixels(ro).cpu()  # (P·G, 3, H, W) in [0, 1], prompt-major
     target = torch.tensor([parse_prompt(p) for p in prompts]).repeat_interleave(samples, 0)
     out = {f"score/{k}": float(fn(x).mean()) for k, fn in scorers.items()}
+    parts = proxy_components(x).mean(0).tolist()  # what the proxy's mean is made of
+    out.update({f"proxy/{k}": v for k, v in zip(PROXY_COMPONENTS, parts)})
     out.update({f"fidelity/{k}": v for k, v in
                 classifier.accuracy(x, target[:, 0], target[:, 1]).items()})  # fmt: skip
     logp = adapter.token_logprobs(model, ro)[0]

@@ -4,9 +4,9 @@ A prompt is two words, `"<colour> <shape>"` (6 colours × 5 shapes = 30 prompts)
 the shape in (a slightly jittered shade of) the colour, at a random position and size, antialiased
 (4× supersampled), in one of four styles:
 - vivid: the colour on a dark-to-mid neutral background;
-- washed: blended 70 % towards light grey (low contrast, low saturation);
-- dark: everything at 30 % brightness (under-exposed);
-- grey: 85 % desaturated.
+- washed: blended 80 % towards light grey (low contrast, low saturation);
+- dark: everything at 25 % brightness (under-exposed);
+- grey: 90 % desaturated.
 The styles are not in the prompt: a model trained on this data samples dull images most of the
 time (`STYLE_PROBS`), which is the room the aesthetic reward has to improve.
 """
@@ -95,10 +95,10 @@ def render(colour: Tensor, shape: Tensor, style: Tensor, size: int, g: torch.Gen
     bg = (0.15 + 0.3 * torch.rand(n, 1, generator=g)).expand(n, 3)  # neutral grey background
     img = bg[:, :, None, None] * (1 - m) + fg[:, :, None, None] * m
     st = style.view(n, 1, 1, 1)
-    washed = 0.3 * img + 0.7 * 0.6
-    dark = 0.3 * img
+    washed = 0.2 * img + 0.8 * 0.6
+    dark = 0.25 * img
     lum = img.mean(1, keepdim=True)
-    grey_img = 0.15 * img + 0.85 * lum
+    grey_img = 0.1 * img + 0.9 * lum
     img = torch.where(st == 1, washed, img)
     img = torch.where(st == 2, dark, img)
     img = torch.where(st == 3, grey_img, img)
