@@ -68,6 +68,8 @@ def test_example_runs_two_steps_and_caches_pretraining(tmp_path, capsys, monkeyp
     held = len(out["heldout_prompts"])  # 2 samples per prompt, 2 rows, 16x16 at 4x, 2px gaps
     assert grid.size == (2 + held * 2 * 66, 2 + 2 * 66)
     assert (tmp_path / "run" / "results.json").exists()
+    # training samples are written as PNGs (config.toml log.samples_per_step)
+    assert list((tmp_path / "run" / "samples" / "step_000001").glob("*.png"))
 
 
 def test_procedural_images_and_prompt_split():
