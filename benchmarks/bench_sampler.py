@@ -7,6 +7,10 @@ Configs (the issue's): tiny Llama (hidden 256, 4 layers, char tokenizer), 4 prom
 top-p 0.95 (HF's default top-k 50 disabled). `ratio` = grpo_ar tokens/s / HF tokens/s (the
 alternative's time per token / grpo_ar's): higher is better. Prefill: the prompt pass alone,
 each prompt once (shared) vs repeated G times; `prefill_ratio` = shared / repeated (ideal 1/G).
+`*_cpu_ratio`: HF's CPU seconds per call / grpo_ar's (with --threads 1, free of the time other
+jobs on a shared machine held the core). Both samplers draw tokens as `torch.multinomial` does
+(an exponential race) from generators seeded alike; in our runs they produced the same number
+of tokens call by call, i.e. the same completions: the same work.
 """
 
 from __future__ import annotations
@@ -14,7 +18,17 @@ from __future__ import annotations
 import time
 
 import torch
-from common import header, interleaved, load, matmul_peak, median, parse_args, result, setup
+from common import (
+    cpu_share,
+    header,
+    interleaved,
+    load,
+    matmul_peak,
+    median,
+    parse_args,
+    result,
+    setup,
+)
 
 from grpo_ar.adapters.text import TextAdapter
 from grpo_ar.data import Entry
@@ -59,7 +73,8 @@ def bench(name: str, args) -> dict[str, float]:
         )
         counts["hf_generate"].append(completion_tokens(out[:, pb.input_ids.shape[1] :], eos))
 
-    times = interleaved({"grpo_ar": ours, "hf_generate": hf}, args.repeats)
+    cpu: dict = {}
+    times = interleaved({"grpo_ar": ours, "hf_generate": hf}, args.repeats, cpu)
     tps = {k: [c / t for c, t in zip(counts[k][1:], times[k])] for k in times}
     print(
         f"[{name}] {len(prompts)} prompts x {g}, <= {max_new} new tokens, prompt width "
@@ -68,10 +83,12 @@ def bench(name: str, args) -> dict[str, float]:
     for k in times:
         print(
             f"  {k:12s} {median(tps[k]):8.1f} new tokens/s  median {median(times[k]):.3f} s/call "
-            f"(tokens/call {median(counts[k][1:]):.0f}; s: {', '.join(f'{t:.2f}' for t in times[k])})"
+            f"(tokens/call {median(counts[k][1:]):.0f}; s: {', '.join(f'{t:.2f}' for t in times[k])}"
+            f"); CPU {median(cpu[k]):.3f} s/call (share {cpu_share(median(times[k]), median(cpu[k]))})"
         )
     ratio = median(tps["grpo_ar"]) / median(tps["hf_generate"])
-    print(f"  ratio (grpo_ar / HF tokens/s) {ratio:.2f}")
+    cpu_ratio = median(cpu["hf_generate"]) / median(cpu["grpo_ar"])
+    print(f"  ratio (grpo_ar / HF tokens/s) {ratio:.2f}; in CPU seconds per call {cpu_ratio:.2f}")
 
     def prefill(share):
         with torch.no_grad():
@@ -85,7 +102,7 @@ def bench(name: str, args) -> dict[str, float]:
         f"{median(pre['repeated']) * 1e3:.1f} ms, ratio {pre_ratio:.3f} (1/G = {1 / g:.3f})"
     )
     return {"ratio": ratio, "prefill": pre_ratio, "tps": median(tps["grpo_ar"]),
-            "hf_tps": median(tps["hf_generate"])}  # fmt: skip
+            "hf_tps": median(tps["hf_generate"]), "cpu_ratio": cpu_ratio}  # fmt: skip
 
 
 def main() -> None:
@@ -101,6 +118,8 @@ def main() -> None:
         tiny_ratio=tiny["ratio"],
         smol_ratio=smol["ratio"],
         prefill_ratio=smol["prefill"],
+        tiny_cpu_ratio=tiny["cpu_ratio"],
+        smol_cpu_ratio=smol["cpu_ratio"],
         tiny_prefill_ratio=tiny["prefill"],
         tiny_tokens_per_s=tiny["tps"],
         tiny_hf_tokens_per_s=tiny["hf_tps"],
@@ -108,6 +127,8 @@ def main() -> None:
         smol_hf_tokens_per_s=smol["hf_tps"],
         peak_gflops=peak,
         load=load(),
+        threads=args.threads,
+        repeats=args.repeats,
     )
 
 

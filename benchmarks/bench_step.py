@@ -128,17 +128,22 @@ class Interleave:
 
         class Cb(TrainerCallback):
             def on_step_begin(self, args, state, control, **kw):
-                clock.t0 = time.perf_counter()
+                clock.t0, clock.c0 = time.perf_counter(), time.process_time()
 
             def on_step_end(self, args, state, control, **kw):
                 clock.steps.append(time.perf_counter() - clock.t0)
+                clock.cpu_steps.append(time.process_time() - clock.c0)
                 if state.global_step % mu == 0:
                     clock.cycles.append(sum(clock.steps[-mu:]))
+                    clock.cpu.append(sum(clock.cpu_steps[-mu:]))
                     between()
                     if len(clock.cycles) >= cycles:
                         control.should_training_stop = True
 
         self.callback, self.steps, self.cycles, self.t0 = Cb(), [], [], 0.0
+        self.cpu_steps: list[float] = []
+        self.cpu: list[float] = []
+        self.c0 = 0.0
 
 
 def bench(name: str, args) -> dict:
@@ -156,9 +161,9 @@ def bench(name: str, args) -> dict:
     peaks: list[float] = []
 
     def grpo_ar_step():
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         m = trainer.train_step()
-        m["wall"] = time.perf_counter() - t
+        m["wall"], m["cpu"] = time.perf_counter() - t, time.process_time() - c
         ours.append(m)
         peaks.append(matmul_peak(reps=1))  # the peak probed between steps, under the same load
 
@@ -177,10 +182,11 @@ def bench(name: str, args) -> dict:
             "ours_all": ours, "trl_all": trl_s, "tokens": (p_tok, comp), "n": n, "mu": mu,
             "trl_gen": median(trl_steps[::mu]), "trl_reuse": median(
                 [t for i, t in enumerate(trl_steps) if i % mu]) if mu > 1 else 0.0,
-            "computed": p_tok + len(data) * g * width, "peaks": peaks}  # fmt: skip
+            "computed": p_tok + len(data) * g * width, "peaks": peaks,
+            "cpu": median([m["cpu"] for m in ours]), "trl_cpu": median(clock.cpu[1:])}  # fmt: skip
 
 
-def report(name: str, r: dict, peak: float) -> tuple[float, float]:
+def report(name: str, r: dict, peak: float, typical: float) -> tuple[float, float, float]:
     ratio, limit = r["trl"] / r["ours"], r["flops"] / (peak * 1e9)
     times = {k: median([m.get(f"time/{k}", 0.0) for m in r["ours_all"]]) for k in
              ("sample", "reward", "reference", "update")}  # fmt: skip
@@ -209,7 +215,13 @@ def report(name: str, r: dict, peak: float) -> tuple[float, float]:
         f"{limit / r['ours']:.0%} of the limit; TRL at {limit / r['trl']:.0%} of it, so no "
         f"implementation can beat TRL by more than {r['trl'] / limit:.1f}x here"
     )
-    return ratio, limit / r["ours"]
+    print(
+        f"  at the median probe ({typical:.0f} GFLOP/s, the run's typical load) grpo_ar is at "
+        f"{r['flops'] / (typical * 1e9) / r['ours']:.0%} of the limit; CPU seconds per step: "
+        f"TRL {r['trl_cpu']:.3f}, grpo_ar {r['cpu']:.3f} (ratio {r['trl_cpu'] / r['cpu']:.2f}; "
+        f"with one thread this leaves out the time other jobs held the core)"
+    )
+    return ratio, limit / r["ours"], r["flops"] / (typical * 1e9) / r["ours"]
 
 
 def main() -> None:
@@ -234,12 +246,14 @@ def main() -> None:
     )
     out: dict = {}
     for name, r in runs.items():
-        ratio, frac = report(name, r, peak)
+        ratio, frac, frac_typical = report(name, r, peak, median(peaks))
         out[f"{name}_ratio"] = ratio
         if name == "smol":
             out["smol_limit_frac"] = frac
+            out["smol_limit_frac_median_peak"] = frac_typical
     for name, r in runs.items():
         out[f"{name}_s"], out[f"{name}_trl_s"] = r["ours"], r["trl"]
+        out[f"{name}_cpu_ratio"] = r["trl_cpu"] / r["cpu"]
     result(**out, peak_gflops=peak, load=load(), threads=args.threads, repeats=args.repeats)
 
 
