@@ -90,9 +90,10 @@ def bench(name: str, args) -> dict[str, float]:
     cpu_ratio = median(cpu["hf_generate"]) / median(cpu["grpo_ar"])
     print(f"  ratio (grpo_ar / HF tokens/s) {ratio:.2f}; in CPU seconds per call {cpu_ratio:.2f}")
 
-    def prefill(share):
+    def prefill(share):  # fast=False: the one-time FastStep weight copies are not prefill
         with torch.no_grad():
-            Decoder(model, adapter.sampling).prefill(pb.input_ids, pb.attention_mask, g, share)
+            dec = Decoder(model, adapter.sampling, fast=False)
+            dec.prefill(pb.input_ids, pb.attention_mask, g, share)
 
     pre = interleaved({"shared": lambda: prefill(True), "repeated": lambda: prefill(False)},
                       args.repeats)  # fmt: skip
