@@ -34,8 +34,12 @@ def build_optimizer(model: torch.nn.Module, t: TrainerConfig) -> torch.optim.Opt
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("the model has no trainable parameters")
+    args = dict(t.optimizer_args)
+    if cls in (torch.optim.Adam, torch.optim.AdamW) and not {"fused", "foreach"} & set(args):
+        # one fused kernel over all tensors (TRL's default too): ~4x less optimizer time on CPU
+        args["fused"] = all(p.device.type in ("cpu", "cuda") for p in params)
     try:
-        return cls(params, lr=t.lr, weight_decay=t.weight_decay, **t.optimizer_args)
+        return cls(params, lr=t.lr, weight_decay=t.weight_decay, **args)
     except TypeError as e:
         raise ConfigError(f"trainer.optimizer={t.optimizer}: {e}") from None
 
