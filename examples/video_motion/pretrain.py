@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from clips import COLOURS, DIRECTIONS, SHAPES, make_clips  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # as video_motion.*: no clash
+# with other examples' modules of the same name (pretrain.py) in one process
+from video_motion.clips import COLOURS, DIRECTIONS, SHAPES, make_clips  # noqa: E402
 
 DATA = {"n_train": 4000, "mislabel": 0.6, "seed": 0}
 VQ = {"steps": 1200, "batch_size": 64, "lr": 2e-3, "codebook": 128, "channels": [16, 32, 32]}

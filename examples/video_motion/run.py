@@ -28,10 +28,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # as video_motion.*: no clash
+# with other examples' modules of the same name (pretrain.py) in one process
 
-from clips import CLIP, DIRECTIONS, RGB, parse_prompt, prompt_split  # noqa: E402
-from pretrain import CODE_OFFSET, pretrain  # noqa: E402
+from video_motion.clips import CLIP, DIRECTIONS, RGB, parse_prompt, prompt_split  # noqa: E402
+from video_motion.pretrain import CODE_OFFSET, pretrain  # noqa: E402
 
 from grpo_ar.adapters.image import TextCondition  # noqa: E402
 from grpo_ar.adapters.video import VideoAdapter, frame_strip, save_clips, video_grid  # noqa: E402
@@ -101,7 +102,11 @@ def measure(trainer: Trainer, ref: Any, held: list, samples: int, seed: int) -> 
     out.update({f"reward/{n}": float(res.components[:, k].mean()) for k, n in enumerate(res.names)})
     want = [parse_prompt(e.prompt) for e in ents]
     labels = motion_label(estimate_motion(x)[0])
-    out["accuracy/motion"] = sum(lab == DIRECTIONS[w[2]] for lab, w in zip(labels, want)) / len(x)
+    hits = [lab == DIRECTIONS[w[2]] for lab, w in zip(labels, want)]
+    out["accuracy/motion"] = sum(hits) / len(x)
+    for d, name in enumerate(DIRECTIONS):  # per prompted direction
+        mine = [h for h, w in zip(hits, want) if w[2] == d]
+        out[f"accuracy/motion/{name}"] = sum(mine) / max(len(mine), 1)
     out["accuracy/still"] = labels.count("none") / len(x)
     out["accuracy/colour"] = sum(c == w[0] for c, w in zip(colour_of(x), want)) / len(x)
     logp = adapter.token_logprobs(model, ro)[0]
