@@ -11,6 +11,17 @@ from .data import Entry
 from .rewards import RewardComputer, RewardContext
 
 
+def reward_context(adapter: Any, rollout: Any, group_size: int, step: int) -> RewardContext:
+    """What rewards may know about a decoded rollout beyond its outputs."""
+    return RewardContext(
+        rollout.entries,
+        rollout.group_ids.tolist(),
+        group_size,
+        step,
+        lengths=adapter.output_lengths(rollout),
+    )
+
+
 @torch.no_grad()
 def evaluate_rewards(
     model: torch.nn.Module,
@@ -35,14 +46,7 @@ def evaluate_rewards(
         prompts = adapter.encode(chunk).to(device)
         gen = torch.Generator(device=device).manual_seed(seed + 7919 + i)
         rollout = adapter.sample(model, prompts, samples, generator=gen, greedy=greedy)
-        ctx = RewardContext(
-            rollout.entries,
-            rollout.group_ids.tolist(),
-            samples,
-            step,
-            lengths=adapter.output_lengths(rollout),
-        )
-        result = rewards(adapter.decode(rollout), ctx)
+        result = rewards(adapter.decode(rollout), reward_context(adapter, rollout, samples, step))
         totals.append(result.total)
         for k, name in enumerate(result.names):
             comps.setdefault(name, []).append(result.components[:, k])

@@ -24,7 +24,7 @@ from .core.corrections import entropy_bonus
 from .data import Entry, PromptSampler
 from .distributed import Parallel, build_parallel, derive_seed
 from .dynamic_sampling import fill_batch
-from .evaluation import evaluate_rewards
+from .evaluation import evaluate_rewards, reward_context
 from .finetune import Finetune, build_finetune
 from .rewards import RewardComputer, RewardContext, build_rewards, reward_metrics
 from .rollout import Rollout
@@ -158,13 +158,7 @@ class Trainer:
         return rollout, result
 
     def _reward_context(self, rollout: Rollout, group_size: int) -> RewardContext:
-        return RewardContext(
-            rollout.entries,
-            rollout.group_ids.tolist(),
-            group_size,
-            self.step,
-            lengths=self.adapter.output_lengths(rollout),
-        )
+        return reward_context(self.adapter, rollout, group_size, self.step)
 
     def _advantage_inputs(
         self, prompts: Any, rollout: Rollout, result: Any, stats: StepStats
