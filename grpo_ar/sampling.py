@@ -270,13 +270,14 @@ def _positions(mask: Tensor) -> Tensor:
 
 
 class _Draw:
-    """Token choice per step. Sampling is Gumbel-max with noise drawn for all N rows every step
-    (what `torch.multinomial` does for one sample), so the tokens of a row do not depend on which
-    other rows are still running: cached, uncached, shared-prefix and compacted runs agree.
+    """Token choice per step. Sampling is inverse-CDF with one uniform drawn for each of the N
+    rows every step, so the tokens of a row do not depend on which other rows are still
+    running: cached, uncached, shared-prefix and compacted runs agree. (One uniform per row
+    instead of a (N, V) exponential race: 0.8 vs 19 ms a step at V = 49,152 on one CPU thread.)
 
     A shard (rows `offset .. offset + n` of a global batch of `total` rows, e.g. one rank's
-    prompts under torchrun) draws the whole batch's noise and keeps its slice, so with the same
-    generator state it samples exactly what the whole batch would in one process."""
+    prompts under torchrun) draws the whole batch's uniforms and keeps its slice, so with the
+    same generator state it samples exactly what the whole batch would in one process."""
 
     def __init__(
         self,
@@ -296,10 +297,17 @@ class _Draw:
         if self.greedy:
             tok = z.argmax(-1)
             return tok, z.gather(-1, tok[:, None]).squeeze(-1) - torch.logsumexp(z, -1)
-        probs = z.softmax(-1)
-        q = torch.empty(self.total, z.shape[-1], device=z.device)
-        q = q.exponential_(generator=self.generator)[self.offset : self.offset + self.n]
-        tok = (probs / (q if rows is None else q[rows])).argmax(-1)
+        u = torch.rand(self.total, 1, generator=self.generator, device=z.device)
+        u = u[self.offset : self.offset + self.n]
+        u = u if rows is None else u[rows]
+        probs = z.to(torch.promote_types(z.dtype, torch.float32)).softmax(-1)
+        cdf = probs.cumsum(-1)
+        mass = cdf[:, -1:].contiguous()
+        # the first token whose CDF exceeds u·mass; `right=True` never lands on a zero-probability
+        # token (a flat step of the CDF). u·mass may round up to mass: cap at the first token
+        # that reaches it (the last one with probability > 0).
+        tok = torch.searchsorted(cdf, u * mass, right=True)
+        tok = torch.minimum(tok, torch.searchsorted(cdf, mass)).squeeze(-1)
         return tok, probs.gather(-1, tok[:, None]).squeeze(-1).log()
 
 
@@ -400,9 +408,10 @@ def token_logprobs(
     detach_uncond: bool = False,
     share_prefix: bool | None = None,
     fused: bool | None = None,
+    pack: bool | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Teacher-forced (n, T) log-probs (and entropies) of the rollout's tokens under the
     sampling transform; 0 under mask == 0. Differentiable. See `grpo_ar.scoring`."""
     from .scoring import token_logprobs as score
 
-    return score(model, rollout, params, with_entropy, detach_uncond, share_prefix, fused)
+    return score(model, rollout, params, with_entropy, detach_uncond, share_prefix, fused, pack)

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .core.logprobs import fused_head_logprobs, logprobs_and_entropy
+from .packing import gather_rest, packed_rest, packing_ok
 from .rollout import Rollout
 from .sampling import (
     SamplingParams,
@@ -91,10 +92,13 @@ def completion_outputs(
     comp_mask: Tensor,
     share: bool,
     hidden: bool,
+    pack: bool = False,
 ) -> Tensor:
     """(P, L) prompts, (n,) prompt row per sample, (n, T) completions -> (n, T, X) outputs at
     the positions predicting each completion token: hidden states (X = H) of a body when
-    `hidden`, else logits (X = V) of the whole model."""
+    `hidden`, else logits (X = V) of the whole model. With `share` and `pack` the completions
+    run packed after the prompt cache (`grpo_ar.packing`; outputs past a completion's end are
+    then 0 instead of the padded pass's values there)."""
     t = comp.shape[1]
     keep = 0 if hidden else 1
     if not share:  # one pass over full sequences, the prompt repeated per sample
@@ -110,6 +114,14 @@ def completion_outputs(
     first = _out(_forward(net, ids, mask, _positions(mask), cache, keep=keep), hidden)[:, -1:]
     if t == 1:
         return first[idx]
+    if pack:
+
+        def run(tok: Tensor, mask4: Tensor, pos: Tensor, kv: Any) -> Tensor:
+            return _out(_forward(net, tok, mask4, pos, kv, keep=0), hidden)
+
+        packed = packed_rest(net, cache, mask, idx, comp, comp_mask, run)
+        if packed is not None:
+            return gather_rest(first[idx], *packed)
     cache.batch_select_indices(idx)  # differentiable gather of the prompts' keys and values
     rest_mask = torch.cat([mask[idx].long(), comp_mask[:, :-1].long()], 1)
     pos = mask.long().sum(1)[idx, None] + torch.arange(t - 1, device=comp.device)
@@ -125,12 +137,14 @@ def token_logprobs(
     detach_uncond: bool = False,
     share_prefix: bool | None = None,
     fused: bool | None = None,
+    pack: bool | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Teacher-forced (n, T) log-probs (and entropies) of the rollout's tokens under the
     sampling transform; 0 under mask == 0. Differentiable.
 
-    `share_prefix` / `fused`: None = wherever the model allows (the default); False forces the
-    plain full-sequence pass / the logits path (the references the fast paths are tested against).
+    `share_prefix` / `fused` / `pack`: None = wherever the model allows (the default); False
+    forces the plain full-sequence pass / the logits path / padded completion rows (the
+    references the fast paths are tested against). `pack` needs `share_prefix`.
     """
     prompts, idx = rollout.prompts, rollout.prompt_index
     comp, comp_mask = rollout.completion_ids, rollout.completion_mask
@@ -147,7 +161,10 @@ def token_logprobs(
     ids, mask, idx2 = _prompt_rows(prompts, idx, params.uses_cfg)
     comp2 = torch.cat([comp, comp]) if params.uses_cfg else comp
     cmask2 = torch.cat([comp_mask, comp_mask]) if params.uses_cfg else comp_mask
-    out = completion_outputs(net, ids, mask, idx2, comp2, cmask2, share, split is not None)
+    hidden = split is not None
+    if pack is None:
+        pack = share and packing_ok(net, lambda m: _packing_matches(m, hidden))
+    out = completion_outputs(net, ids, mask, idx2, comp2, cmask2, share, hidden, pack)
     if params.uses_cfg:  # linear head: CFG on hidden states equals CFG on logits
         out = cfg_combine(out[: len(comp)], out[len(comp) :], params.cfg_scale, detach_uncond)
     mask_fn = _mask_fn(params, out.shape[-1] if split is None else split[1].out_features, comp)
@@ -204,3 +221,31 @@ def _mask_fn(params: SamplingParams, vocab: int, comp: Tensor) -> Any:
         return mask_logits(z, params, at, filters, forbid)
 
     return fn
+
+
+@torch.no_grad()
+def _packing_matches(net: Any, hidden: bool) -> bool:
+    """Packed equals padded outputs on a small input (2 prompts, 4 samples of unequal lengths,
+    one bin holding two completions), in eval mode."""
+    was_training = net.training
+    net.eval()
+    try:
+        device = next(net.parameters()).device
+        vocab = int(getattr(net.config, "vocab_size", 16))
+        ids = torch.tensor([[0, 3, 4, 5], [6, 7, 8, 9]], device=device) % vocab
+        mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]], device=device)
+        idx = torch.tensor([0, 0, 0, 1], device=device)
+        comp = torch.tensor([[5, 6, 7, 8], [9, 4, 0, 0], [3, 0, 0, 0], [2, 3, 4, 0]], device=device)
+        comp = comp % vocab
+        cmask = torch.arange(4, device=device) < torch.tensor([[4], [2], [1], [3]], device=device)
+        cmask = cmask.long()
+        got = completion_outputs(net, ids, mask, idx, comp, cmask, True, hidden, True)
+        want = completion_outputs(net, ids, mask, idx, comp, cmask, True, hidden, False)
+        m = cmask.bool()
+        got, want = got[m].float(), want[m].float()
+        tol = (1e-4 if next(net.parameters()).dtype == torch.float32 else 3e-2) * (
+            float(want.abs().max()) + 1.0
+        )
+        return got.shape == want.shape and bool(((got - want).abs() <= tol).all())
+    finally:
+        net.train(was_training)

@@ -229,7 +229,9 @@ def test_unknown_top_level_key_lists_the_sections():
         load_config(overrides=["trainr.lr=0.1"])
     msg = str(e.value)
     assert "unknown key trainr" in msg
-    assert "valid keys: algorithm, data, finetune, image, log, model, sampling, trainer, video" in msg
+    assert (
+        "valid keys: algorithm, data, finetune, image, log, model, sampling, trainer, video" in msg
+    )
 
 
 @pytest.mark.parametrize(

@@ -270,8 +270,10 @@ def test_cfg_gradients_match_naive_reference(vq, lm, detach):
     want = grads(lambda: naive_logprobs(lm, ad, r, 3.0, detach))
     other = grads(lambda: naive_logprobs(lm, ad, r, 3.0, not detach))
     lm.zero_grad()
-    for k in got:
-        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-4)
+    for k in got:  # fp32: each gradient within 2e-5 of its largest entry (element-wise
+        # relative checks trip on entries that are sums of cancelling terms)
+        err = float((got[k] - want[k]).abs().max() / want[k].abs().max().clamp(min=1e-6))
+        assert err <= 2e-5, (k, err)
     assert max((got[k] - other[k]).abs().max() for k in got) > 1e-3  # detach matters
 
 

@@ -7,6 +7,7 @@ import torch
 
 from grpo_ar.data import Entry
 from grpo_ar.decoding import fast_step_for
+from grpo_ar.packing import bins, packing_ok
 from grpo_ar.rollout import PromptBatch
 from grpo_ar.sampling import (
     SamplingParams,
@@ -18,7 +19,7 @@ from grpo_ar.sampling import (
     token_logprobs,
     transform_logits,
 )
-from grpo_ar.scoring import head_split
+from grpo_ar.scoring import _packing_matches, head_split
 from tiny import tiny_llama, tiny_qwen2
 
 
@@ -177,18 +178,96 @@ def _assert_same(a, b, atol, rel):
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_qwen2])
 @pytest.mark.parametrize("name", ["eos_top_p", "min_new_top_k", "cfg", "fixed_length"])
-def test_scoring_fast_paths_equal_full_sequences(make, name, exact_fp64):
-    """Prompt scored once per group + fused chunked head == full sequences through the logits,
-    values and gradients (the plain path is the reference: no sharing, no fused head)."""
+def test_scoring_fast_paths_equal_full_sequences(make, name, exact_fp64, monkeypatch):
+    """Prompt scored once per group (completions padded or packed) + fused chunked head == full
+    sequences through the logits, values and gradients (the plain path is the reference: no
+    sharing, no fused head, no packing)."""
+    import grpo_ar.scoring
+
+    packed = []
+    real = grpo_ar.scoring.packed_rest
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        packed.append(out is not None)
+        return out
+
+    monkeypatch.setattr(grpo_ar.scoring, "packed_rest", spy)
     model = make(vocab_size=80).double()
     params = PARAMS[name]
     prompts = _prompts(PROMPTS, UNCOND if params.uses_cfg else None)
-    r = sample(model.eval(), prompts, 3, params, generator=torch.Generator().manual_seed(1))
+    sampled = sample(model.eval(), prompts, 3, params, generator=torch.Generator().manual_seed(1))
     model.train()
-    ref = _grads(model, r, params, share_prefix=False, fused=False)
-    for share, fused in [(True, True), (True, False), (False, True)]:
-        got = _grads(model, r, params, share_prefix=share, fused=fused)
-        _assert_same(got, ref, atol=1e-10, rel=1e-10)
+    combos = [(True, True, True), (True, True, False), (True, False, True), (True, False, False)]
+    for r in (sampled, _cut(sampled, [12, 2, 5, 1, 3, 9, 4, 4, 7])):
+        ref = _grads(model, r, params, share_prefix=False, fused=False, pack=False)
+        for share, fused, pack in combos + [(False, True, False)]:
+            got = _grads(model, r, params, share_prefix=share, fused=fused, pack=pack)
+            _assert_same(got, ref, atol=1e-10, rel=1e-10)
+        packed.clear() if r is sampled else None
+    assert packed and all(packed), "the cut rollout's packed runs must have packed"
+
+
+def _cut(r, lengths):
+    """The rollout with completion i cut to at most lengths[i] tokens (unequal lengths, so it
+    packs)."""
+    from dataclasses import replace
+
+    steps = torch.arange(r.completion_ids.shape[1])
+    upto = torch.minimum(torch.tensor(lengths), r.completion_mask.sum(1).long())
+    keep = (steps[None] < upto[:, None]).float()
+    return replace(
+        r,
+        completion_ids=r.completion_ids.masked_fill(keep == 0, 0),
+        completion_mask=keep,
+        sampling_logp=r.sampling_logp * keep,
+    )
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_scoring_equals_padded_default_path(attn):
+    """fp32, the trainer's default call (packing where the model allows): sdpa takes a bool 4D
+    mask, eager an additive float one; both pass the one-time check and equal padded rows."""
+    model = tiny_llama(vocab_size=80)
+    model.config._attn_implementation = attn
+    params = PARAMS["eos_top_p"]
+    r = sample(model, _prompts(PROMPTS), 4, params, generator=torch.Generator().manual_seed(4))
+    r = _cut(r, [12, 2, 5, 1, 3, 9, 4, 4, 7, 12, 6, 2])
+    model.train()
+    _assert_same(_grads(model, r, params), _grads(model, r, params, pack=False), 2e-5, 2e-4)
+    assert packing_ok(head_split(model)[0], lambda m: False)  # the real check ran and passed
+
+
+class NoMask4D(torch.nn.Module):
+    """A body that rejects 4D masks (as some attention kernels do): packing must switch off."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.body, self.config = body, body.config
+
+    def forward(self, **kw):
+        if kw["attention_mask"].ndim == 4:
+            raise ValueError("no custom 4D masks here")
+        return self.body(**kw)
+
+
+def test_models_rejecting_4d_masks_score_padded():
+    model = tiny_llama(vocab_size=80)
+    body = NoMask4D(model.model)
+    assert not packing_ok(body, lambda m: _packing_matches(m, True))
+    assert packing_ok(model.model, lambda m: _packing_matches(m, True))
+
+
+def test_bins_hold_one_prompt_within_the_longest():
+    prompt_of = [0, 0, 0, 0, 1, 1, 1]
+    need = [5, 1, 3, 0, 2, 2, 2]
+    out = bins(prompt_of, need, width=0)
+    assert sorted(i for b in out for i in b) == [0, 1, 2, 4, 5, 6]  # need 0: no tokens to run
+    for b in out:
+        assert len({prompt_of[i] for i in b}) == 1 and sum(need[i] for i in b) <= 5
+    assert out == [[0], [2, 1], [4, 5], [6]]  # first fit, longest first, capacity 5
+    assert bins(prompt_of, need, width=6) == [[0, 1], [2], [4, 5, 6]]  # capacity 6
+    assert bins(prompt_of, need) == [[0, 2, 1], [4, 5, 6]]  # default: one bin per prompt here
 
 
 def test_scoring_fp32_matches_sampler_on_micro_batches(model):

@@ -69,6 +69,11 @@ def params(trainer):
     return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
 
+# plain SGD at lr 1 without clipping: the weights move by the accumulated gradient itself (Adam's
+# first step is ~lr·sign(g), so fp32 noise in a near-zero gradient shows as an O(lr) difference)
+SGD = ("trainer.optimizer=torch.optim.SGD", "trainer.lr=1.0", "trainer.max_grad_norm=0")
+
+
 def test_grad_accum_gives_the_full_batch_update(tmp_path):
     """Micro-batching with global counts: 1 vs 2 vs 4 micro-batches, identical weights."""
     results = []
@@ -79,6 +84,7 @@ def test_grad_accum_gives_the_full_batch_update(tmp_path):
                 f"trainer.grad_accum={accum}",
                 "trainer.steps=1",
                 "algorithm.aggregation=seq_mean_token_mean",
+                *SGD,
             ],
             reward="toy_len",
         )
@@ -103,6 +109,7 @@ def test_token_budget_micro_batches_give_the_full_batch_update(tmp_path, agg):
                 f"trainer.micro_batch_tokens={budget}",
                 "trainer.steps=1",
                 f"algorithm.aggregation={agg}",
+                *SGD,
             ],
             reward="toy_len",
         )

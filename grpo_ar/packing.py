@@ -1,0 +1,137 @@
+"""Packed completions after a shared prompt KV cache (the scoring pass's padding cut).
+
+`scoring.completion_outputs` runs each prompt once and continues its G completions from the
+gathered cache. Padded, that is N rows of the longest completion: with lengths 12..64 most of the
+compute is padding. Packed, the completions of a prompt are laid back to back in rows ("bins")
+of at most max(longest completion, PACK_WIDTH) tokens (first fit, longest first), and a 4D
+attention mask lets each token see its prompt's keys and the earlier tokens of its own
+completion only; positions restart after the prompt. It is used when it runs fewer bins than
+there are samples.
+
+The model must honour a custom 4D mask with a KV cache (HF `sdpa` takes it as bool, `eager` as
+an additive float mask). `packing_ok` checks that once per model on a small input against the
+padded path and falls back to padding otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from typing import Any
+
+import torch
+from torch import Tensor
+
+_OK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+MASK_KINDS = {"sdpa": "bool", "eager": "float"}
+
+
+def _attn_kind(net: Any) -> str | None:
+    impl = getattr(getattr(net, "config", None), "_attn_implementation", None)
+    return MASK_KINDS.get(impl or "")
+
+
+# a bin holds up to max(longest completion, PACK_WIDTH) tokens: short completions share a row
+# (attention over a bin of C tokens costs ~C / (6 · hidden) of the layer's matmuls per token,
+# a few percent at 256 for hidden >= 576), long ones keep a row each as padded rows would
+PACK_WIDTH = 256
+
+
+def bins(prompt_of: list[int], need: list[int], width: int = PACK_WIDTH) -> list[list[int]]:
+    """Sample rows grouped into bins: each bin holds samples of one prompt whose `need` (tokens to
+    run) sum to at most max(max(need), width); first fit, longest first. Samples needing 0
+    tokens get none."""
+    cap = max(max(need, default=0), width)
+    out: list[list[int]] = []
+    room: list[int] = []
+    owner: list[int] = []
+    for i in sorted(range(len(need)), key=lambda i: (-need[i], i)):
+        if need[i] == 0:
+            continue
+        b = next(
+            (b for b in range(len(out)) if owner[b] == prompt_of[i] and room[b] >= need[i]), None
+        )
+        if b is None:
+            out, room, owner = out + [[]], room + [cap], owner + [prompt_of[i]]
+            b = len(out) - 1
+        out[b].append(i)
+        room[b] -= need[i]
+    return out
+
+
+def packed_rest(
+    net: Any,
+    cache: Any,
+    mask: Tensor,
+    idx: Tensor,
+    comp: Tensor,
+    comp_mask: Tensor,
+    forward: Any,
+) -> tuple[Tensor, Tensor] | None:
+    """Run completion tokens 0..len-2 of every sample (the inputs predicting tokens 1..len-1)
+    packed into bins after the prompts' cache `cache` (P prompt rows; `mask` (P, L) their mask).
+    Returns ((B·C, X) outputs, (n, T-1) long index of each sample position's output, -1 where
+    the position is padding), or None when packing saves nothing (as many bins as samples).
+    `forward(ids, mask4, pos, cache)` runs the model and returns its (B, C, X) outputs."""
+    kind = _attn_kind(net)
+    n, t = comp.shape
+    lens = comp_mask.long().sum(1)
+    need = (lens - 1).clamp(min=0).tolist()
+    groups = bins(idx.tolist(), need)
+    if kind is None or len(groups) >= n or not groups:
+        return None
+    cap = max(sum(need[i] for i in g) for g in groups)  # the fullest bin's width
+    dev = comp.device
+    nb = len(groups)
+    tok = torch.zeros(nb, cap, dtype=torch.long, device=dev)
+    pos = torch.zeros(nb, cap, dtype=torch.long, device=dev)
+    seg = torch.full((nb, cap), -1, dtype=torch.long, device=dev)
+    where = torch.full((n, max(t - 1, 0)), -1, dtype=torch.long, device=dev)
+    owner = torch.tensor([int(idx[g[0]]) for g in groups], dtype=torch.long, device=dev)
+    plen = mask.long().sum(1)
+    for b, rows in enumerate(groups):
+        at = 0
+        for i in rows:
+            k = need[i]
+            steps = torch.arange(k, device=dev)
+            tok[b, at : at + k] = comp[i, :k]
+            pos[b, at : at + k] = plen[owner[b]] + steps
+            seg[b, at : at + k] = i
+            where[i, :k] = b * cap + at + steps
+            at += k
+    cache.batch_select_indices(owner)  # differentiable gather of the prompts' keys and values
+    causal = torch.ones(cap, cap, dtype=torch.bool, device=dev).tril()
+    same = (seg[:, :, None] == seg[:, None, :]) & causal
+    keys = torch.cat([mask.bool()[owner][:, None, :].expand(-1, cap, -1), same], 2)[:, None]
+    if kind == "float":
+        dtype = next(net.parameters()).dtype
+        keys = torch.zeros(keys.shape, dtype=dtype, device=dev).masked_fill(
+            ~keys, torch.finfo(dtype).min
+        )
+    out = forward(tok, keys, pos, cache)
+    return out.reshape(nb * cap, -1), where
+
+
+def gather_rest(first: Tensor, flat: Tensor, where: Tensor) -> Tensor:
+    """(n, 1, X) first outputs + packed outputs at `where` (-1: zeros) -> (n, T, X)."""
+    zero = flat.new_zeros(1, flat.shape[-1])
+    rest = torch.cat([flat, zero])[where.masked_fill(where < 0, flat.shape[0])]
+    return torch.cat([first, rest], 1)
+
+
+def packing_ok(net: Any, check: Any) -> bool:
+    """Whether packed scoring equals padded scoring for `net` (`check(net)` compares them on a
+    small input; computed once per model). Any error means no."""
+    try:
+        return _OK[net]
+    except (KeyError, TypeError):
+        pass
+    ok = False
+    if _attn_kind(net) is not None:
+        try:
+            ok = bool(check(net))
+        except Exception:  # a model that rejects 4D masks or caches: padding is always correct
+            ok = False
+    with contextlib.suppress(TypeError):
+        _OK[net] = ok
+    return ok
