@@ -194,8 +194,8 @@ def report(name: str, r: dict, peak: float, typical: float) -> tuple[float, floa
     walls = [m["wall"] for m in r["ours_all"]]
     print(
         f"[{name}] N = {r['n'] / 1e6:.2f}M params, mu = {r['mu']}; prompt tokens (once per "
-        f"group) {p_tok}, completion tokens per step {comp:.0f} (scored with padding to the "
-        f"longest: {r['computed'] - p_tok:.0f}); load {load()}"
+        f"group) {p_tok}, completion tokens per step {comp:.0f} (rows padded to the longest "
+        f"would be {r['computed'] - p_tok:.0f}; grpo_ar scores them packed); load {load()}"
     )
     trl_split = f"generation step {r['trl_gen']:.3f} s"
     if r["mu"] > 1:

@@ -1,10 +1,13 @@
 """Teacher-forced log-probs of a rollout under the sampling transform, for the policy (with
 gradients), the reference and the old policy.
 
-Two savings over `model(prompt + completion).logits -> log_softmax`:
+Three savings over `model(prompt + completion).logits -> log_softmax`:
 - the prompt is scored once per group: the P prompts run once, their KV cache is gathered to the
   N samples (differentiably: gradients of all G completions flow back into the shared prompt),
   and the completions continue from it;
+- no padding to the longest completion where the model takes a custom 4D mask: a prompt's
+  completions run packed back to back after its cache (`grpo_ar.packing`, checked once per
+  model);
 - the (N, T, V) logits never exist: where the model is `body + linear head` (HF `model.model`
   and `lm_head`, checked once per model), the body's hidden states go through
   `fused_head_logprobs`, which projects row chunks and recomputes them in backward.
