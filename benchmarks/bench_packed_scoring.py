@@ -18,7 +18,7 @@ from common import header, interleaved, load, median, parse_args, result, setup
 
 from grpo_ar.adapters.text import TextAdapter
 from grpo_ar.data import Entry
-from grpo_ar.packing import bins
+from grpo_ar.packing import best_bins
 from grpo_ar.sampling import SamplingParams, token_logprobs
 
 
@@ -52,7 +52,8 @@ def main() -> None:
     prompt_tok = int(mask.sum())
     need = (lens - 1).clamp(min=0).tolist()  # the first output of each comes from its prompt
     padded = prompt_tok + len(need) * max(need)
-    filled = [sum(need[i] for i in b) for b in bins(rollout.prompt_index.tolist(), need)]
+    chosen = best_bins(rollout.prompt_index.tolist(), need, mask.shape[1], model.config.hidden_size)
+    filled = [sum(need[i] for i in b) for b in chosen]
     packed = prompt_tok + len(filled) * max(filled)  # bins run as rows of the fullest one
     print(
         f"# {args.config}: {len(prompts)} prompts x {g}, completion lengths {lens.tolist()}; "

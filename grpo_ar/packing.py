@@ -2,11 +2,11 @@
 
 `scoring.completion_outputs` runs each prompt once and continues its G completions from the
 gathered cache. Padded, that is N rows of the longest completion: with lengths 12..64 most of the
-compute is padding. Packed, the completions of a prompt are laid back to back in rows ("bins")
-of at most max(longest completion, PACK_WIDTH) tokens (first fit, longest first), and a 4D
-attention mask lets each token see its prompt's keys and the earlier tokens of its own
-completion only; positions restart after the prompt. It is used when it runs fewer bins than
-there are samples.
+compute is padding. Packed, the completions of a prompt are laid back to back in rows ("bins",
+first fit, longest first, at the capacity that runs the fewest tokens once attention is counted:
+`best_bins`), and a 4D attention mask lets each token see its prompt's keys and the earlier
+tokens of its own completion only; positions restart after the prompt. It is used when it runs
+fewer bins than there are samples.
 
 The model must honour a custom 4D mask with a KV cache (HF `sdpa` takes it as bool, `eager` as
 an additive float mask). `packing_ok` checks that once per model on a small input against the
@@ -31,13 +31,11 @@ def _attn_kind(net: Any) -> str | None:
     return MASK_KINDS.get(impl or "")
 
 
-# a bin holds up to max(longest completion, PACK_WIDTH) tokens: short completions share a row
-# (attention over a bin of C tokens costs ~C / (6 · hidden) of the layer's matmuls per token,
-# a few percent at 256 for hidden >= 576), long ones keep a row each as padded rows would
-PACK_WIDTH = 256
+# bin capacities tried: k x the longest completion, k = 1..16, up to max(longest, MAX_PACK_WIDTH)
+MAX_PACK_WIDTH = 512
 
 
-def bins(prompt_of: list[int], need: list[int], width: int = PACK_WIDTH) -> list[list[int]]:
+def bins(prompt_of: list[int], need: list[int], width: int = 0) -> list[list[int]]:
     """Sample rows grouped into bins: each bin holds samples of one prompt whose `need` (tokens to
     run) sum to at most max(max(need), width); first fit, longest first. Samples needing 0
     tokens get none."""
@@ -59,6 +57,24 @@ def bins(prompt_of: list[int], need: list[int], width: int = PACK_WIDTH) -> list
     return out
 
 
+def best_bins(
+    prompt_of: list[int], need: list[int], prompt_width: int, hidden: int
+) -> list[list[int]]:
+    """The bins that cost least to run: bins are run as rows of the fullest one, so a capacity
+    costs rows x width x (1 + attention), attention ~ (prompt + width) / (6 · hidden) of a
+    token's matmul FLOPs (QK and AV against 24·hidden² for the layer's projections and MLP).
+    Capacities tried: k x max(need), k <= 16, up to max(max(need), MAX_PACK_WIDTH)."""
+    longest = max(need, default=0)
+    best: tuple[float, list[list[int]]] | None = None
+    for k in range(1, min(16, max(1, MAX_PACK_WIDTH // max(longest, 1))) + 1):
+        out = bins(prompt_of, need, k * longest)
+        width = max((sum(need[i] for i in b) for b in out), default=0)
+        cost = len(out) * width * (1 + (prompt_width + width) / (6 * hidden))
+        if best is None or cost < best[0]:
+            best = (cost, out)
+    return best[1] if best is not None else []
+
+
 def packed_rest(
     net: Any,
     cache: Any,
@@ -77,7 +93,8 @@ def packed_rest(
     n, t = comp.shape
     lens = comp_mask.long().sum(1)
     need = (lens - 1).clamp(min=0).tolist()
-    groups = bins(idx.tolist(), need)
+    hidden = int(getattr(getattr(net, "config", None), "hidden_size", 0) or 1024)
+    groups = best_bins(idx.tolist(), need, mask.shape[1], hidden)
     if kind is None or len(groups) >= n or not groups:
         return None
     cap = max(sum(need[i] for i in g) for g in groups)  # the fullest bin's width

@@ -7,7 +7,7 @@ import torch
 
 from grpo_ar.data import Entry
 from grpo_ar.decoding import fast_step_for
-from grpo_ar.packing import bins, packing_ok
+from grpo_ar.packing import best_bins, bins, packing_ok
 from grpo_ar.rollout import PromptBatch
 from grpo_ar.sampling import (
     SamplingParams,
@@ -267,7 +267,11 @@ def test_bins_hold_one_prompt_within_the_longest():
         assert len({prompt_of[i] for i in b}) == 1 and sum(need[i] for i in b) <= 5
     assert out == [[0], [2, 1], [4, 5], [6]]  # first fit, longest first, capacity 5
     assert bins(prompt_of, need, width=6) == [[0, 1], [2], [4, 5, 6]]  # capacity 6
-    assert bins(prompt_of, need) == [[0, 2, 1], [4, 5, 6]]  # default: one bin per prompt here
+    assert bins(prompt_of, need, width=11) == [[0, 2, 1], [4, 5, 6]]  # one bin per prompt
+    # the cheapest capacity: 2 bins of width 9 (18 tokens) beat 4 of width 5 (20 tokens) unless
+    # attention over the wider bins costs more than the 2 tokens save (a tiny hidden size)
+    assert best_bins(prompt_of, need, prompt_width=4, hidden=1000) == [[0, 2, 1], [4, 5, 6]]
+    assert best_bins(prompt_of, need, prompt_width=4, hidden=1) == [[0], [2, 1], [4, 5], [6]]
 
 
 def test_scoring_fp32_matches_sampler_on_micro_batches(model):
