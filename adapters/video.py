@@ -123,8 +123,10 @@ def frame_strip(clip: Any, gap: int = 1) -> Tensor:
 
 
 def save_clip(clip: Any, path: str | Path, fps: float = 8.0, scale: int = 1) -> Path:
-    """Write a clip as an animated GIF (`.gif`, looping, 1/fps s per frame) or a frame strip
-    (`.png`); `scale` enlarges pixels (nearest) so tiny clips stay visible."""
+    """Write a clip as an animated GIF (`.gif`, looping, ~1/fps s per frame: GIF stores frame
+    times in centiseconds, so 8 fps is written as 120 ms, and Pillow merges consecutive identical
+    frames into one longer frame) or a frame strip (`.png`); `scale` enlarges pixels (nearest) so
+    tiny clips stay visible."""
     from PIL import Image
 
     path = Path(path)
