@@ -170,18 +170,23 @@ def token_logprobs(
     out = completion_outputs(net, ids, mask, idx2, comp2, cmask2, share, hidden, pack)
     if params.uses_cfg:  # linear head: CFG on hidden states equals CFG on logits
         out = cfg_combine(out[: len(comp)], out[len(comp) :], params.cfg_scale, detach_uncond)
-    mask_fn = _mask_fn(params, out.shape[-1] if split is None else split[1].out_features, comp)
-    if split is not None:
-        head = split[1]
-        logp, ent = fused_head_logprobs(
-            out, head.weight, comp, head.bias, params.temperature, with_entropy, mask_fn
-        )
-    elif mask_fn is None:
+    m = comp_mask.bool()
+    if split is not None:  # the head runs on the real completion tokens only, not the padding
+        head, n, t = split[1], comp.shape[0], comp.shape[1]
+        rows = m.flatten().nonzero().squeeze(-1)
+        mask_fn = _mask_fn(params, head.out_features, comp, rows % t)
+        lp, en = fused_head_logprobs(
+            out.reshape(n * t, -1)[rows], head.weight, comp.flatten()[rows], head.bias,
+            params.temperature, with_entropy, mask_fn,
+        )  # fmt: skip
+        put = lambda x: x.new_zeros(n * t).index_put((rows,), x).view(n, t)  # noqa: E731
+        return put(lp), None if en is None else put(en)
+    mask_fn = _mask_fn(params, out.shape[-1], comp)
+    if mask_fn is None:
         logp, ent = logprobs_and_entropy(out, comp, params.temperature, with_entropy)
     else:
         scaled = lambda z, start: mask_fn(z / params.temperature, start)  # noqa: E731
         logp, ent = logprobs_and_entropy(out, comp, 1.0, with_entropy, transform=scaled)
-    m = comp_mask.bool()
     logp = logp.masked_fill(~m, 0.0)
     return logp, None if ent is None else ent.masked_fill(~m, 0.0)
 
@@ -199,10 +204,12 @@ def _prompt_rows(prompts: Any, idx: Tensor, cfg: bool) -> tuple[Tensor, Tensor, 
     return ids, mask, torch.cat([idx, idx + len(prompts)])
 
 
-def _mask_fn(params: SamplingParams, vocab: int, comp: Tensor) -> Any:
-    """The sampler's masking for flattened (n·T, V) rows (row r is completion position r % T,
-    with that position's allowed set, and EOS banned before `min_new_tokens`), or None when
-    nothing is masked."""
+def _mask_fn(
+    params: SamplingParams, vocab: int, comp: Tensor, row_pos: Tensor | None = None
+) -> Any:
+    """The sampler's masking for flattened (R, V) rows (row r is completion position
+    `row_pos[r]`, by default r % T of all n·T rows, with that position's allowed set, and EOS
+    banned before `min_new_tokens`), or None when nothing is masked."""
     allowed = allowed_mask(params, vocab, comp.device)
     per_pos = position_masks(params, vocab, comp.device)
     filters = params.train_filters and params.filters_on()
@@ -218,7 +225,8 @@ def _mask_fn(params: SamplingParams, vocab: int, comp: Tensor) -> Any:
         forbid: bool | Tensor = False
         at = allowed
         if forbid_upto or kinds is not None:
-            pos = torch.arange(start, start + z.shape[0], device=z.device) % width
+            pos = torch.arange(start, start + z.shape[0], device=z.device)
+            pos = pos % width if row_pos is None else row_pos[pos]
             forbid = pos < forbid_upto if forbid_upto else False
             at = allowed if kinds is None else per_pos[0][kinds[pos]]
         return mask_logits(z, params, at, filters, forbid)
