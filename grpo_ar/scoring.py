@@ -9,8 +9,9 @@ Three savings over `model(prompt + completion).logits -> log_softmax`:
   completions run packed back to back after its cache (`grpo_ar.packing`, checked once per
   model);
 - the (N, T, V) logits never exist: where the model is `body + linear head` (HF `model.model`
-  and `lm_head`, checked once per model), the body's hidden states go through
-  `fused_head_logprobs`, which projects row chunks and recomputes them in backward.
+  and `lm_head`, checked once per model), the body's hidden states at the real completion tokens
+  (not the padding) go through `fused_head_logprobs`, which projects row chunks and recomputes
+  them in backward.
 Models of any other structure take the logits path (chunked log-softmax, same results).
 """
 
