@@ -90,36 +90,41 @@ def packed_rest(
     the position is padding), or None when packing saves nothing (as many bins as samples).
     `forward(ids, mask4, pos, cache)` runs the model and returns its (B, C, X) outputs."""
     kind = _attn_kind(net)
+    if kind is None:
+        return None
     n, t = comp.shape
-    lens = comp_mask.long().sum(1)
-    need = (lens - 1).clamp(min=0).tolist()
+    need = (comp_mask.long().sum(1) - 1).clamp(min=0).tolist()
+    prompt_of = idx.tolist()
     hidden = int(getattr(getattr(net, "config", None), "hidden_size", 0) or 1024)
-    groups = best_bins(idx.tolist(), need, mask.shape[1], hidden)
-    if kind is None or len(groups) >= n or not groups:
+    groups = best_bins(prompt_of, need, mask.shape[1], hidden)
+    if len(groups) >= n or not groups:
         return None
     cap = max(sum(need[i] for i in g) for g in groups)  # the fullest bin's width
-    dev = comp.device
     nb = len(groups)
-    tok = torch.zeros(nb, cap, dtype=torch.long, device=dev)
-    pos = torch.zeros(nb, cap, dtype=torch.long, device=dev)
-    seg = torch.full((nb, cap), -1, dtype=torch.long, device=dev)
-    where = torch.full((n, max(t - 1, 0)), -1, dtype=torch.long, device=dev)
-    owner = torch.tensor([int(idx[g[0]]) for g in groups], dtype=torch.long, device=dev)
-    plen = mask.long().sum(1)
+    # the layout is built on the CPU (a few small writes per sample) and moved once
+    ids, plen = comp.cpu(), mask.long().sum(1).tolist()
+    tok = torch.zeros(nb, cap, dtype=torch.long)
+    pos = torch.zeros(nb, cap, dtype=torch.long)
+    seg = torch.full((nb, cap), -1, dtype=torch.long)
+    where = torch.full((n, max(t - 1, 0)), -1, dtype=torch.long)
+    owner = [prompt_of[g[0]] for g in groups]
     for b, rows in enumerate(groups):
         at = 0
         for i in rows:
             k = need[i]
-            steps = torch.arange(k, device=dev)
-            tok[b, at : at + k] = comp[i, :k]
+            steps = torch.arange(k)
+            tok[b, at : at + k] = ids[i, :k]
             pos[b, at : at + k] = plen[owner[b]] + steps
             seg[b, at : at + k] = i
             where[i, :k] = b * cap + at + steps
             at += k
-    cache.batch_select_indices(owner)  # differentiable gather of the prompts' keys and values
+    dev = comp.device
+    tok, pos, seg, where = tok.to(dev), pos.to(dev), seg.to(dev), where.to(dev)
+    owner_t = torch.tensor(owner, dtype=torch.long, device=dev)
+    cache.batch_select_indices(owner_t)  # differentiable gather of the prompts' keys and values
     causal = torch.ones(cap, cap, dtype=torch.bool, device=dev).tril()
     same = (seg[:, :, None] == seg[:, None, :]) & causal
-    keys = torch.cat([mask.bool()[owner][:, None, :].expand(-1, cap, -1), same], 2)[:, None]
+    keys = torch.cat([mask.bool()[owner_t][:, None, :].expand(-1, cap, -1), same], 2)[:, None]
     if kind == "float":
         dtype = next(net.parameters()).dtype
         keys = torch.zeros(keys.shape, dtype=dtype, device=dev).masked_fill(
