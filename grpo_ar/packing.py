@@ -42,16 +42,17 @@ def bins(prompt_of: list[int], need: list[int], width: int = 0) -> list[list[int
     cap = max(max(need, default=0), width)
     out: list[list[int]] = []
     room: list[int] = []
-    owner: list[int] = []
+    of_prompt: dict[int, list[int]] = {}  # a prompt's bins, in the order they were opened
     for i in sorted(range(len(need)), key=lambda i: (-need[i], i)):
         if need[i] == 0:
             continue
-        b = next(
-            (b for b in range(len(out)) if owner[b] == prompt_of[i] and room[b] >= need[i]), None
-        )
+        mine = of_prompt.setdefault(prompt_of[i], [])
+        b = next((b for b in mine if room[b] >= need[i]), None)
         if b is None:
-            out, room, owner = out + [[]], room + [cap], owner + [prompt_of[i]]
-            b = len(out) - 1
+            b = len(out)
+            out.append([])
+            room.append(cap)
+            mine.append(b)
         out[b].append(i)
         room[b] -= need[i]
     return out
