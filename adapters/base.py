@@ -15,9 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from grpo_ar.data import Entry
-from grpo_ar.rollout import PromptBatch, Rollout
-from grpo_ar.sampling import SamplingParams, sample, token_logprobs
+from grpo_ar.generation.params import SamplingParams
+from grpo_ar.generation.sampler import sample
+from grpo_ar.generation.scoring import token_logprobs
+from grpo_ar.types import Entry, PromptBatch, Rollout
 
 
 class Adapter(ABC):

@@ -41,9 +41,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from grpo_ar.data import Entry
-from grpo_ar.rollout import PromptBatch, Rollout
-from grpo_ar.sampling import SamplingParams, token_logprobs
+from grpo_ar.generation.params import SamplingParams
+from grpo_ar.generation.scoring import token_logprobs
+from grpo_ar.types import Entry, PromptBatch, Rollout
 
 from .base import Adapter
 from .vq import CodeLayout, VQDecoder, to_pil, to_uint8, to_unit

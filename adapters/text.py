@@ -8,9 +8,8 @@ from typing import Any
 
 import torch
 
-from grpo_ar.data import Entry
-from grpo_ar.rollout import PromptBatch, Rollout
-from grpo_ar.sampling import SamplingParams
+from grpo_ar.generation.params import SamplingParams
+from grpo_ar.types import Entry, PromptBatch, Rollout
 
 from .base import Adapter
 

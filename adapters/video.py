@@ -25,8 +25,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from grpo_ar.rollout import Rollout
-from grpo_ar.sampling import SamplingParams
+from grpo_ar.generation.params import SamplingParams
+from grpo_ar.types import Rollout
 
 from .image import ClassCondition, CodeGridAdapter, TextCondition
 from .vq import CodeLayout, VQDecoder, to_uint8

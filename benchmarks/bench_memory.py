@@ -53,9 +53,9 @@ def run_variant(name: str, tokens: int, steps: int, threads: int, model_dir: Pat
     sys.path.insert(0, str(ROOT))
     from grpo_ar.adapters.text import TextAdapter, load_text_model
     from grpo_ar.config import load_config
-    from grpo_ar.data import load_rows
     from grpo_ar.finetune import FinetuneConfig, build_finetune
-    from grpo_ar.trainer import Trainer
+    from grpo_ar.io.data import load_rows
+    from grpo_ar.train.trainer import Trainer
 
     run_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_memory_{name}_{os.getpid()}"
     cfg = load_config(

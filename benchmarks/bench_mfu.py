@@ -34,9 +34,8 @@ from common import (
 )
 
 from grpo_ar.adapters.text import TextAdapter
-from grpo_ar.data import Entry
-from grpo_ar.rollout import Rollout
-from grpo_ar.sampling import SamplingParams
+from grpo_ar.generation.params import SamplingParams
+from grpo_ar.types import Entry, Rollout
 
 G, T = 8, 64
 PROBE = 2048  # the peak probe's matmul size

@@ -1,4 +1,4 @@
-"""grpo_ar's packed scoring (`grpo_ar/packing.py`) vs padded completion rows, policy forward +
+"""grpo_ar's packed scoring (`grpo_ar/generation/packing.py`) vs padded completion rows, policy forward +
 backward through `token_logprobs`.
 
 Padded (`pack=False`): each prompt runs once, its KV cache is gathered to the G samples and N rows
@@ -17,9 +17,10 @@ import torch
 from common import header, interleaved, load, median, parse_args, result, setup
 
 from grpo_ar.adapters.text import TextAdapter
-from grpo_ar.data import Entry
-from grpo_ar.packing import best_bins
-from grpo_ar.sampling import SamplingParams, token_logprobs
+from grpo_ar.generation.packing import best_bins
+from grpo_ar.generation.params import SamplingParams
+from grpo_ar.generation.scoring import token_logprobs
+from grpo_ar.types import Entry
 
 
 def main() -> None:

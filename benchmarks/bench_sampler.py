@@ -31,9 +31,9 @@ from common import (
 )
 
 from grpo_ar.adapters.text import TextAdapter
-from grpo_ar.data import Entry
-from grpo_ar.decoding import Decoder
-from grpo_ar.sampling import SamplingParams
+from grpo_ar.generation.decode_step import Decoder
+from grpo_ar.generation.params import SamplingParams
+from grpo_ar.types import Entry
 
 TOP_P = 0.95
 

@@ -25,9 +25,9 @@ from common import header, load, matmul_peak, median, n_params, parse_args, resu
 
 from grpo_ar.adapters.text import TextAdapter
 from grpo_ar.config import load_config
-from grpo_ar.data import load_rows
+from grpo_ar.io.data import load_rows
 from grpo_ar.rewards.text import numeric_answer
-from grpo_ar.trainer import Trainer
+from grpo_ar.train.trainer import Trainer
 
 ANSWERS = {"12+34=": 46, "5+77=": 82, "301+4=": 305, "9*9=": 81}
 SMOL_ANSWERS = {"Calculate 5 - 33.": -28, "Calculate 41 + 7.": 48}

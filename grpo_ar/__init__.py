@@ -13,23 +13,23 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     # the run
-    "Trainer": "grpo_ar.trainer",
+    "Trainer": "grpo_ar.train.trainer",
     "Config": "grpo_ar.config",
     "ConfigError": "grpo_ar.errors",
     "load_config": "grpo_ar.config",
     "FinetuneConfig": "grpo_ar.finetune",
     "build_finetune": "grpo_ar.finetune",
     # data and rewards
-    "Entry": "grpo_ar.data",
-    "load_rows": "grpo_ar.data",
-    "load_entries": "grpo_ar.data",
+    "Entry": "grpo_ar.types",
+    "load_rows": "grpo_ar.io.data",
+    "load_entries": "grpo_ar.io.data",
     "register_reward": "grpo_ar.rewards",
     "per_sample": "grpo_ar.rewards",
     "RewardContext": "grpo_ar.rewards",
     # what an adapter builds and returns
-    "PromptBatch": "grpo_ar.rollout",
-    "Rollout": "grpo_ar.rollout",
-    "SamplingParams": "grpo_ar.sampling",
+    "PromptBatch": "grpo_ar.types",
+    "Rollout": "grpo_ar.types",
+    "SamplingParams": "grpo_ar.generation.params",
 }
 __all__ = sorted(_PUBLIC)
 

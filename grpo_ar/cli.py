@@ -11,8 +11,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError, load_config
-from .data import DataError
+from .config.run import Config, load_config
+from .errors import ConfigError, DataError
 
 
 def _device(name: str) -> str:
@@ -91,7 +91,7 @@ def _build_code_grid(cfg: Config, dtype: Any, kind: str) -> tuple[Any, Any]:
 
 
 def load_data(cfg: Config) -> tuple[list[Any], list[Any]]:
-    from .data import load_entries
+    from .io.data import load_entries
 
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give a JSONL file or hf:NAME[:SPLIT]")
@@ -102,8 +102,8 @@ def load_data(cfg: Config) -> tuple[list[Any], list[Any]]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .distributed import init_distributed, launched
-    from .trainer import Trainer
+    from .parallel.ddp import init_distributed, launched
+    from .train.trainer import Trainer
 
     if args.resume:
         if args.config:
@@ -139,7 +139,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _checkpoint_dir(path: str | Path) -> Path:
     """A checkpoint folder, or a run directory's latest checkpoint."""
-    from .checkpoint import latest_checkpoint
+    from .io.checkpoint import latest_checkpoint
 
     path = Path(path)
     return latest_checkpoint(path) if (path / "checkpoints").is_dir() else path
@@ -158,7 +158,7 @@ def load_trained(cfg: Config, checkpoint: str | Path | None) -> tuple[Any, Any]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .trainer import Trainer
+    from .train.trainer import Trainer
 
     cfg = load_config(args.config, args.set)
     train, evals = load_data(cfg)

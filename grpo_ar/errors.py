@@ -11,3 +11,7 @@ def need(ok: bool, msg: str) -> None:
     """Raise ConfigError(msg) unless `ok`."""
     if not ok:
         raise ConfigError(msg)
+
+
+class DataError(ValueError):
+    """A malformed dataset row; the message names the source, row and field."""

@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from grpo_ar.cli import main
 from grpo_ar.config import ConfigError, load_config, save_config
-from grpo_ar.data import Entry, RewardSpec
-from grpo_ar.trainer import Trainer
+from grpo_ar.train.trainer import Trainer
+from grpo_ar.types import Entry, RewardSpec
 from tiny import char_tokenizer, tiny_llama
 
 PROBLEMS = [(1, 2), (3, 4), (2, 2), (5, 1), (0, 7), (6, 3)]

@@ -7,7 +7,7 @@ from test_vq import K, tiny_vqmodel
 
 from grpo_ar.cli import build_model_and_adapter, main
 from grpo_ar.config import load_config
-from grpo_ar.data import Entry
+from grpo_ar.types import Entry
 from tiny import tiny_llama
 
 BOS, OFFSET, GRID = 1, 8, (4, 6)

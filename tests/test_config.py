@@ -18,7 +18,7 @@ from grpo_ar.config import (
     save_config,
 )
 from grpo_ar.core import ADVANTAGES, AGGREGATIONS, KL, LOSSES
-from grpo_ar.sampling import SamplingParams
+from grpo_ar.generation.params import SamplingParams
 
 TOML = """
 [model]

@@ -6,11 +6,9 @@ from collections import Counter
 
 import pytest
 
-from grpo_ar.data import (
-    DataError,
-    Entry,
+from grpo_ar.errors import DataError
+from grpo_ar.io.data import (
     PromptSampler,
-    RewardSpec,
     entry_from_row,
     load_entries,
     load_hf,
@@ -18,6 +16,7 @@ from grpo_ar.data import (
     load_rows,
 )
 from grpo_ar.rewards import REWARDS, RewardSpecError, UnknownRewardError, build_rewards
+from grpo_ar.types import Entry, RewardSpec
 
 
 def write_jsonl(path, rows) -> str:

@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from grpo_ar.adapters.text import TextAdapter  # noqa: E402
 from grpo_ar.config import load_config  # noqa: E402
-from grpo_ar.data import load_rows  # noqa: E402
+from grpo_ar.io.data import load_rows  # noqa: E402
 from grpo_ar.rewards import REWARDS, RewardComputer, per_sample, register_reward  # noqa: E402
-from grpo_ar.trainer import Trainer  # noqa: E402
+from grpo_ar.train.trainer import Trainer  # noqa: E402
 from tiny import char_tokenizer, tiny_llama  # noqa: E402
 
 if "dist_len" not in REWARDS:
@@ -318,8 +318,8 @@ def test_a_failing_rank_stops_every_rank_with_its_error(launch):
 def test_cli_train_under_torchrun_equals_one_process(launch, tmp_path):
     """`grpo-ar train CONFIG` under torchrun (2 ranks, strategy auto = ddp): rank 0 alone writes
     metrics (one line per step) and checkpoints; the weights are the one-process CLI run's."""
-    from grpo_ar.checkpoint import latest_checkpoint, load_tensors
     from grpo_ar.cli import main
+    from grpo_ar.io.checkpoint import latest_checkpoint, load_tensors
 
     assert main(["train", str(launch / "cli.toml"), "--set", f"log.run_dir={tmp_path}"]) == 0
     two = launch / "cli_run"

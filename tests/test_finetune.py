@@ -9,8 +9,8 @@ import torch
 pytest.importorskip("peft", reason="the peft extra is not installed")
 pytest.importorskip("lycoris", reason="the lycoris extra is not installed")
 
-from grpo_ar.checkpoint import load_tensors, save_tensors
 from grpo_ar.finetune import FinetuneConfig, build_finetune
+from grpo_ar.io.checkpoint import load_tensors, save_tensors
 from tiny import tiny_llama
 
 VOCAB = 48
@@ -89,8 +89,8 @@ def test_after_refresh_reference_is_the_policy_before(name):
 
 def test_reference_logprobs_through_the_adapter_equal_the_base():
     from grpo_ar.adapters.text import TextAdapter
-    from grpo_ar.data import load_rows
-    from grpo_ar.sampling import SamplingParams
+    from grpo_ar.generation.params import SamplingParams
+    from grpo_ar.io.data import load_rows
     from tiny import char_tokenizer
 
     tok = char_tokenizer()
@@ -297,8 +297,8 @@ def test_sampling_follows_the_trained_adapter(name):
     sampled before (while the adapter was still the identity): no fast path that reads the base
     weights directly may skip the adapter."""
     from grpo_ar.adapters.text import TextAdapter
-    from grpo_ar.data import load_rows
-    from grpo_ar.sampling import SamplingParams
+    from grpo_ar.generation.params import SamplingParams
+    from grpo_ar.io.data import load_rows
     from tiny import char_tokenizer
 
     tok = char_tokenizer()

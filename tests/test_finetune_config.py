@@ -133,7 +133,7 @@ def test_mix_refusal_is_raised_up_front():
 
 
 def test_save_tensors_aliases_tied_names_and_copies_other_views(tmp_path):
-    from grpo_ar.checkpoint import load_tensors, save_tensors
+    from grpo_ar.io.checkpoint import load_tensors, save_tensors
 
     w = torch.randn(6, 4)
     sd = {"emb": w, "head": w, "top": w[:3], "bottom": w[3:], "other": torch.ones(2)}

@@ -12,10 +12,10 @@ pytest.importorskip("lycoris", reason="the lycoris extra is not installed")
 
 from grpo_ar.adapters.text import TextAdapter
 from grpo_ar.config import load_config
-from grpo_ar.data import load_rows
 from grpo_ar.finetune import FinetuneConfig, build_finetune
+from grpo_ar.io.data import load_rows
 from grpo_ar.rewards import REWARDS, per_sample, register_reward
-from grpo_ar.trainer import Trainer
+from grpo_ar.train.trainer import Trainer
 from tiny import char_tokenizer, tiny_llama
 
 if "ft_digits" not in REWARDS:
@@ -88,7 +88,7 @@ def test_grpo_run_lowers_the_reward_weighted_loss(tmp_path, method, seed):
         tmp_path, method, ["trainer.steps=6", "trainer.iterations=2", f"trainer.seed={seed}"]
     )
     drops = record_loss_drops(tr)
-    from grpo_ar.train_utils import StepStats
+    from grpo_ar.train.step import StepStats
 
     probe = tr.generate(tr.prompts.next_batch(), StepStats())
     ref_before = tr.reference.logprobs(tr.adapter, probe)

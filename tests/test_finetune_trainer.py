@@ -7,10 +7,10 @@ import torch
 pytest.importorskip("peft", reason="the peft extra is not installed")
 pytest.importorskip("lycoris", reason="the lycoris extra is not installed")
 
-from grpo_ar.checkpoint import latest_checkpoint, load_tensors  # noqa: E402
 from grpo_ar.config import load_config  # noqa: E402
-from grpo_ar.data import load_rows  # noqa: E402
-from grpo_ar.trainer import Trainer  # noqa: E402
+from grpo_ar.io.checkpoint import latest_checkpoint, load_tensors  # noqa: E402
+from grpo_ar.io.data import load_rows  # noqa: E402
+from grpo_ar.train.trainer import Trainer  # noqa: E402
 from tiny import char_tokenizer, tiny_llama  # noqa: E402
 
 ROWS = [{"prompt": f"{i}+{i}=", "answer": 2 * i} for i in range(8)]

@@ -10,9 +10,10 @@ from test_vq import K, tiny_emu3_vq
 from grpo_ar.adapters.image import ClassCondition, ImageAdapter
 from grpo_ar.adapters.vq import CodeLayout, Emu3VQ, strip_row_ends, with_row_ends
 from grpo_ar.config import load_config
-from grpo_ar.data import Entry
-from grpo_ar.rollout import PromptBatch
-from grpo_ar.sampling import SamplingParams, cfg_combine, sample, token_logprobs
+from grpo_ar.generation.params import SamplingParams, cfg_combine
+from grpo_ar.generation.sampler import sample
+from grpo_ar.generation.scoring import token_logprobs
+from grpo_ar.types import Entry, PromptBatch
 from tiny import tiny_llama
 
 V = 80

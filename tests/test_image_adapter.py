@@ -12,11 +12,12 @@ from test_vq import K, tiny_emu3_vq, tiny_janus_vq, tiny_vqmodel
 from grpo_ar.adapters.image import ClassCondition, ImageAdapter, TextCondition
 from grpo_ar.adapters.vq import DiffusersVQ, Emu3VQ, JanusVQ
 from grpo_ar.config import load_config
-from grpo_ar.data import Entry, load_rows
+from grpo_ar.generation.params import SamplingParams, cfg_combine
+from grpo_ar.generation.sampler import sample
+from grpo_ar.io.data import load_rows
 from grpo_ar.rewards import REWARDS, RewardComputer, per_sample, register_reward
-from grpo_ar.rollout import Rollout
-from grpo_ar.sampling import SamplingParams, cfg_combine, sample
-from grpo_ar.trainer import Trainer
+from grpo_ar.train.trainer import Trainer
+from grpo_ar.types import Entry, Rollout
 from tiny import char_tokenizer, tiny_llama
 
 # class-conditional vocabulary: pad 0, BOS 1, classes 2..5, null class 6, BOI 7, codes 8..23

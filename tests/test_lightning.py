@@ -1,4 +1,4 @@
-"""The seed's Lightning design (grpo_ar.integrations.lightning) equals the plain Trainer: one
+"""The seed's Lightning design (grpo_ar.parallel.lightning) equals the plain Trainer: one
 process (in pytest) and two CPU ranks (`strategy="ddp"` under one torchrun launch; this file is
 also the worker: `python -m torch.distributed.run --nproc_per_node=2 tests/test_lightning.py
 OUT`) give the plain one-process run's losses, rewards and final weights."""
@@ -21,8 +21,8 @@ from test_distributed import BASE, KEEP, assert_same_run, weights  # noqa: E402
 
 from grpo_ar.adapters.text import TextAdapter  # noqa: E402
 from grpo_ar.config import load_config  # noqa: E402
-from grpo_ar.data import load_rows  # noqa: E402
-from grpo_ar.trainer import Trainer  # noqa: E402
+from grpo_ar.io.data import load_rows  # noqa: E402
+from grpo_ar.train.trainer import Trainer  # noqa: E402
 from tiny import char_tokenizer, tiny_llama  # noqa: E402
 
 RUNS = {  # reference refresh, adaptive entropy, batch-std scaling: all through the core
@@ -46,7 +46,7 @@ def build(run_dir, name):
 def fit(run_dir, name, **trainer_kw):
     import lightning.pytorch as pl
 
-    from grpo_ar.integrations.lightning import GRPOModule
+    from grpo_ar.parallel.lightning import GRPOModule
 
     module = GRPOModule(*build(run_dir, name))
     quiet = dict(logger=False, enable_progress_bar=False, enable_model_summary=False)

@@ -41,7 +41,7 @@ def test_wheel_ships_adapters_as_grpo_ar_adapters(tmp_path):
 
 def test_import_is_light():
     code = (
-        "import sys, grpo_ar, grpo_ar.core, grpo_ar.adapters, grpo_ar.trainer, grpo_ar.rewards;"
+        "import sys, grpo_ar, grpo_ar.core, grpo_ar.adapters, grpo_ar.train.trainer, grpo_ar.rewards;"
         "heavy = [m for m in ('diffusers', 'trl', 'datasets', 'peft') if m in sys.modules];"
         "assert not heavy, heavy"
     )

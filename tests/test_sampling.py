@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from grpo_ar.data import Entry
-from grpo_ar.rollout import PromptBatch
-from grpo_ar.sampling import SamplingParams, sample, token_logprobs, transform_logits
+from grpo_ar.generation.params import SamplingParams, transform_logits
+from grpo_ar.generation.sampler import sample
+from grpo_ar.generation.scoring import token_logprobs
+from grpo_ar.types import Entry, PromptBatch
 from tiny import tiny_llama
 
 
@@ -182,7 +183,7 @@ def test_draw_frequencies_match_the_distribution():
     """The inverse-CDF draw: 40,000 draws of a 6-token distribution with two zero-probability
     tokens land on each token with its probability (within 4.5 standard errors), never on a
     masked token, and return log p of the token drawn."""
-    from grpo_ar.sampling import _Draw
+    from grpo_ar.generation.sampler import Draw as _Draw
 
     p = torch.tensor([0.5, 0.0, 0.2, 0.25, 0.05, 0.0])
     z = p.log().expand(40_000, -1)
@@ -197,7 +198,7 @@ def test_draw_frequencies_match_the_distribution():
 def test_draw_never_lands_past_the_last_possible_token(monkeypatch):
     """u·mass reaching the total mass (u = 1 here; float rounding can do it for u < 1) must not
     pick the zero-probability tail after the last possible token."""
-    from grpo_ar.sampling import _Draw
+    from grpo_ar.generation.sampler import Draw as _Draw
 
     monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.ones(1, 1))
     z = torch.tensor([[0.0, 0.0, -float("inf"), -float("inf")]])

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from grpo_ar.core import AGGREGATIONS, LOSSES
-from grpo_ar.data import Entry
-from grpo_ar.rollout import PromptBatch
-from grpo_ar.sampling import SamplingParams, sample, token_logprobs
+from grpo_ar.generation.params import SamplingParams
+from grpo_ar.generation.sampler import sample
+from grpo_ar.generation.scoring import token_logprobs
+from grpo_ar.types import Entry, PromptBatch
 from tiny import tiny_llama
 
 PARAMS = SamplingParams(max_new_tokens=14, temperature=1.0, eos_token_ids=(2,))

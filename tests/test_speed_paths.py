@@ -5,21 +5,14 @@ chunked LM head vs logits; no (N, T, V) tensor kept for backward."""
 import pytest
 import torch
 
-from grpo_ar.data import Entry
-from grpo_ar.decoding import fast_step_for
-from grpo_ar.packing import best_bins, bins, packing_ok
-from grpo_ar.rollout import PromptBatch
-from grpo_ar.sampling import (
-    SamplingParams,
-    _Draw,
-    _positions,
-    allowed_mask,
-    cfg_combine,
-    sample,
-    token_logprobs,
-    transform_logits,
-)
-from grpo_ar.scoring import _packing_matches, head_split
+from grpo_ar.generation.decode_step import fast_step_for
+from grpo_ar.generation.model_call import positions as _positions
+from grpo_ar.generation.packing import best_bins, bins, packing_ok
+from grpo_ar.generation.params import SamplingParams, allowed_mask, cfg_combine, transform_logits
+from grpo_ar.generation.sampler import Draw as _Draw
+from grpo_ar.generation.sampler import sample
+from grpo_ar.generation.scoring import _packing_matches, head_split, token_logprobs
+from grpo_ar.types import Entry, PromptBatch
 from tiny import tiny_llama, tiny_qwen2
 
 
@@ -182,17 +175,17 @@ def test_scoring_fast_paths_equal_full_sequences(make, name, exact_fp64, monkeyp
     """Prompt scored once per group (completions padded or packed) + fused chunked head == full
     sequences through the logits, values and gradients (the plain path is the reference: no
     sharing, no fused head, no packing)."""
-    import grpo_ar.scoring
+    import grpo_ar.generation.scoring
 
     packed = []
-    real = grpo_ar.scoring.packed_rest
+    real = grpo_ar.generation.scoring.packed_rest
 
     def spy(*a, **k):
         out = real(*a, **k)
         packed.append(out is not None)
         return out
 
-    monkeypatch.setattr(grpo_ar.scoring, "packed_rest", spy)
+    monkeypatch.setattr(grpo_ar.generation.scoring, "packed_rest", spy)
     model = make(vocab_size=80).double()
     params = PARAMS[name]
     prompts = _prompts(PROMPTS, UNCOND if params.uses_cfg else None)

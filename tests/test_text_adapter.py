@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from grpo_ar.adapters.text import TextAdapter
-from grpo_ar.data import Entry
-from grpo_ar.sampling import SamplingParams
+from grpo_ar.generation.params import SamplingParams
+from grpo_ar.types import Entry
 from tiny import char_tokenizer, tiny_llama, tiny_qwen2
 
 CHATML = (
@@ -76,7 +76,7 @@ def test_sample_decode_and_logprobs_on_real_classes(tok, make_model):
 def test_decode_stops_at_eos(tok):
     ad = TextAdapter(tok, SamplingParams(max_new_tokens=6))
     pb = ad.encode([Entry("1", ())])
-    from grpo_ar.rollout import Rollout
+    from grpo_ar.types import Rollout
 
     ids = tok("42")["input_ids"][1:] + [tok.eos_token_id] + tok("99")["input_ids"][1:]
     ids = torch.tensor([ids])

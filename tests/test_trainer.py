@@ -6,9 +6,9 @@ import torch
 from grpo_ar.adapters.text import TextAdapter
 from grpo_ar.config import load_config
 from grpo_ar.core import LOSSES, PolicyLoss
-from grpo_ar.data import load_rows
+from grpo_ar.io.data import load_rows
 from grpo_ar.rewards import REWARDS, per_sample, register_reward
-from grpo_ar.trainer import Trainer
+from grpo_ar.train.trainer import Trainer
 from tiny import char_tokenizer, tiny_llama
 
 if "toy_sevens" not in REWARDS:
@@ -235,7 +235,7 @@ def test_resume_refuses_bf16_fp16_switch(tmp_path):
 
 
 def test_checkpoint_weights_round_trip_with_tied_embeddings(tmp_path):
-    from grpo_ar.checkpoint import latest_checkpoint, load_weights
+    from grpo_ar.io.checkpoint import latest_checkpoint, load_weights
 
     tr = make(tmp_path, ["trainer.steps=1"], reward="toy_len")
     tr.model.config.tie_word_embeddings = True

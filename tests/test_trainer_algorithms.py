@@ -123,7 +123,7 @@ if "toy_first_digit" not in REWARDS:
 
 
 def test_concat_rollouts_scores_like_its_parts(tmp_path):
-    from grpo_ar.batching import concat_rollouts
+    from grpo_ar.train.batching import concat_rollouts
 
     tr = make(tmp_path, ["trainer.batch_size=2"])
     parts = []

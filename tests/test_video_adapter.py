@@ -22,11 +22,11 @@ from grpo_ar.adapters.vq import (
     to_unit,
 )
 from grpo_ar.config import load_config
-from grpo_ar.data import Entry, load_rows
+from grpo_ar.generation.params import SamplingParams
+from grpo_ar.io.data import load_rows
 from grpo_ar.rewards import RewardComputer
-from grpo_ar.rollout import Rollout
-from grpo_ar.sampling import SamplingParams
-from grpo_ar.trainer import Trainer
+from grpo_ar.train.trainer import Trainer
+from grpo_ar.types import Entry, Rollout
 from tiny import tiny_llama
 
 # pad 0, BOS 1, classes 2..5, null 6, <begin_of_video> 7, EOL 8, EOF 9, codes from 10

@@ -36,13 +36,9 @@ from image_aesthetic.shapes import image_grid, parse_prompt, prompt_split  # noq
 
 from grpo_ar.cli import build_model_and_adapter  # noqa: E402
 from grpo_ar.config import load_config  # noqa: E402
-from grpo_ar.data import load_rows  # noqa: E402
-from grpo_ar.rewards.image import (  # noqa: E402
-    PROXY_COMPONENTS,
-    aesthetic_proxy_score,
-    proxy_components,
-)
-from grpo_ar.trainer import Trainer  # noqa: E402
+from grpo_ar.io.data import load_rows  # noqa: E402
+from grpo_ar.rewards.image import PROXY_COMPONENTS, aesthetic_proxy_score, proxy_components
+from grpo_ar.train.trainer import Trainer  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parent / "config.toml"
 

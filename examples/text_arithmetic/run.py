@@ -22,8 +22,8 @@ from task import make_problems  # noqa: E402
 
 from grpo_ar.adapters.text import TextAdapter  # noqa: E402
 from grpo_ar.config import load_config  # noqa: E402
-from grpo_ar.data import load_rows  # noqa: E402
-from grpo_ar.trainer import Trainer  # noqa: E402
+from grpo_ar.io.data import load_rows  # noqa: E402
+from grpo_ar.train.trainer import Trainer  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parent / "config.toml"
 

@@ -38,10 +38,10 @@ from grpo_ar.adapters.image import TextCondition  # noqa: E402
 from grpo_ar.adapters.video import VideoAdapter, frame_strip, save_clips, video_grid  # noqa: E402
 from grpo_ar.adapters.vq import DiffusersVQ, PerFrameVQ  # noqa: E402
 from grpo_ar.config import load_config  # noqa: E402
-from grpo_ar.data import load_rows  # noqa: E402
+from grpo_ar.io.data import load_rows  # noqa: E402
 from grpo_ar.rewards import RewardContext  # noqa: E402
 from grpo_ar.rewards.video import estimate_motion, motion_label  # noqa: E402
-from grpo_ar.trainer import Trainer  # noqa: E402
+from grpo_ar.train.trainer import Trainer  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parent / "config.toml"
 

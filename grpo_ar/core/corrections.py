@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor
 
-from .losses import _log_ratio
+from .losses import log_ratio
 from .registry import Registry
 
 IS_CORRECTIONS = Registry("sampler IS correction")
@@ -288,4 +288,4 @@ def bias_corrected_kl(
     `use_bias_correction_kl` (L3104-3105, coef_1 not detached). The ratio is per token, or GSPO's
     sequence mean for ratio_level="sequence" (as TRL's importance_sampling_level); on-policy pass
     old_logp = logp.detach()."""
-    return kl * torch.exp(_log_ratio(logp, old_logp, mask, ratio_level))
+    return kl * torch.exp(log_ratio(logp, old_logp, mask, ratio_level))

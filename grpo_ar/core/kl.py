@@ -15,7 +15,7 @@ from .registry import Registry
 KL = Registry("KL estimator")
 
 
-def _log_ratio(logp: Tensor, ref_logp: Tensor, clamp: float) -> Tensor:
+def log_ratio(logp: Tensor, ref_logp: Tensor, clamp: float) -> Tensor:
     """log(π_ref / π), clamped."""
     return torch.clamp(ref_logp - logp, -clamp, clamp)
 
@@ -23,17 +23,17 @@ def _log_ratio(logp: Tensor, ref_logp: Tensor, clamp: float) -> Tensor:
 @KL.register("k1")
 def k1(logp: Tensor, ref_logp: Tensor, *, clamp: float = 20.0) -> Tensor:
     """log π - log π_ref (unbiased, high variance, can be negative)."""
-    return -_log_ratio(logp, ref_logp, clamp)
+    return -log_ratio(logp, ref_logp, clamp)
 
 
 @KL.register("k2")
 def k2(logp: Tensor, ref_logp: Tensor, *, clamp: float = 20.0) -> Tensor:
     """½ (log π - log π_ref)²."""
-    return 0.5 * _log_ratio(logp, ref_logp, clamp) ** 2
+    return 0.5 * log_ratio(logp, ref_logp, clamp) ** 2
 
 
 @KL.register("k3")
 def k3(logp: Tensor, ref_logp: Tensor, *, clamp: float = 20.0) -> Tensor:
     """exp(ref - logp) - (ref - logp) - 1 ≥ 0: the GRPO paper's estimator (arXiv 2402.03300 eq. 4)."""
-    lr = _log_ratio(logp, ref_logp, clamp)
+    lr = log_ratio(logp, ref_logp, clamp)
     return torch.exp(lr) - lr - 1

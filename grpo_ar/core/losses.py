@@ -46,7 +46,7 @@ def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return total / m.sum(-1, keepdim=True).clamp(min=1)
 
 
-def _log_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor, level: str) -> Tensor:
+def log_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor, level: str) -> Tensor:
     """Clamped log π/π_old: (N, T) per token, or (N, 1) GSPO sequence mean."""
     if level not in RATIO_LEVELS:
         raise ValueError(f"ratio_level={level!r}: use 'token' or 'sequence'")
@@ -113,7 +113,7 @@ def clip(
     _check_clip(eps_low, eps_high, dual_clip)
     if delta is not None and delta <= 1 + eps_high:
         raise ValueError(f"delta={delta} must exceed 1 + eps_high = {1 + eps_high}")
-    ratio = torch.exp(_log_ratio(logp, old_logp, mask, ratio_level))
+    ratio = torch.exp(log_ratio(logp, old_logp, mask, ratio_level))
     out = _clipped_surrogate(ratio, _adv(adv), eps_low, eps_high, dual_clip, delta)
     return _weighted(out, is_weight, logp.shape)
 
@@ -151,7 +151,7 @@ def gspo_token(
     """GSPO-token (arXiv 2507.18071 eq. 13-14): s_t = sg[s]·π(y_t)/sg[π(y_t)], so the value is
     the sequence ratio but each token carries its own gradient (token-level advantages allowed)."""
     _check_clip(eps_low, eps_high)
-    seq = _log_ratio(logp, old_logp, mask, "sequence").detach()
+    seq = log_ratio(logp, old_logp, mask, "sequence").detach()
     ratio = torch.exp(seq + logp - logp.detach())
     out = _clipped_surrogate(ratio, _adv(adv), eps_low, eps_high)
     return _weighted(out, is_weight, logp.shape)
@@ -174,7 +174,7 @@ def cispo(
     ScaleRL's ε_max (arXiv 2510.13786)."""
     if not 0 <= min_weight < max_weight:
         raise ValueError(f"need 0 <= min_weight < max_weight, got {min_weight}, {max_weight}")
-    ratio = torch.exp(_log_ratio(logp, old_logp, mask, ratio_level))
+    ratio = torch.exp(log_ratio(logp, old_logp, mask, ratio_level))
     a = _adv(adv)
     weight = torch.clamp(ratio, min_weight, max_weight).detach()
     loss = -weight * a * logp
@@ -200,7 +200,7 @@ def sapo(
     (TRL `sapo_temperature_pos/neg`)."""
     if tau_pos <= 0 or tau_neg <= 0:
         raise ValueError(f"need tau_pos > 0 and tau_neg > 0, got {tau_pos}, {tau_neg}")
-    ratio = torch.exp(_log_ratio(logp, old_logp, mask, ratio_level))
+    ratio = torch.exp(log_ratio(logp, old_logp, mask, ratio_level))
     a = _adv(adv)
     tau = torch.where(a > 0, tau_pos, tau_neg).to(ratio.dtype)
     loss = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * a

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from ..core.registry import Registry
-from ..data import DataError, Entry
+from ..errors import DataError
+from ..types import Entry
 
 logger = logging.getLogger("grpo_ar.rewards")
 

@@ -388,12 +388,12 @@ def caption(prompt: Any) -> str | None:
     return None
 
 
-def _check_text(args: Mapping[str, Any]) -> None:
+def check_text(args: Mapping[str, Any]) -> None:
     if args.get("text") is not None and not isinstance(args["text"], str):
         raise ValueError(f"text={args['text']!r} must be a string")
 
 
-@register_reward("clip_score", defaults={"text": None}, check=_check_text)
+@register_reward("clip_score", defaults={"text": None}, check=check_text)
 class ClipScore(ClipReward):
     """scale * cos(CLIP image, CLIP text), floored at 0 by default: torchmetrics' CLIPScore
     (Hessel et al. 2021 with w = 100). Text: the per-entry arg `text`, else the entry's prompt

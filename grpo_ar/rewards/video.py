@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import REWARDS, RewardContext, RewardFn, RewardRegistry, register_reward
-from .image import ClipScore, _check_text, image_to_tensor, map_images
+from .image import ClipScore, check_text, image_to_tensor, map_images
 
 
 def clip_to_tensor(clip: Any) -> Tensor:
@@ -356,7 +356,7 @@ class PerFrame:
 # ---------------------------------------------------------------- clip_video_score
 
 
-@register_reward("clip_video_score", defaults={"text": None}, check=_check_text)
+@register_reward("clip_video_score", defaults={"text": None}, check=check_text)
 class ClipVideoScore(ClipScore):
     """scale · cos(mean of the L2-normalised CLIP frame embeddings, CLIP text), floored at 0
     by default (`clip_score` over a clip). Text: the per-entry arg `text`, else the entry's

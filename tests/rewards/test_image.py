@@ -18,9 +18,9 @@ from safetensors.torch import save_file
 from tokenizers import pre_tokenizers
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 
-from grpo_ar.data import Entry, RewardSpec
 from grpo_ar.rewards import REWARDS, RewardContext, RewardSpecError, build_rewards
 from grpo_ar.rewards import image as im
+from grpo_ar.types import Entry, RewardSpec
 
 SIDE, DIM = 30, 8  # CLIP image side and projection dim of the tiny model
 MLP_DIMS = (DIM, 1024, 128, 64, 16, 1)

@@ -14,8 +14,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from grpo_ar.data import Entry, RewardSpec
 from grpo_ar.rewards import LLMJudge, RewardContext, RewardSpecError, build_rewards
+from grpo_ar.types import Entry, RewardSpec
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from grpo_ar.data import DataError, Entry, RewardSpec
+from grpo_ar.errors import DataError
 from grpo_ar.rewards import (
     REWARDS,
     RewardComputer,
@@ -21,6 +21,7 @@ from grpo_ar.rewards import (
     reward_metrics,
     validate_specs,
 )
+from grpo_ar.types import Entry, RewardSpec
 
 nan = math.nan
 

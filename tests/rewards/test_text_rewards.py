@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from grpo_ar.data import Entry, RewardSpec
 from grpo_ar.rewards import (
     RewardContext,
     RewardSpecError,
@@ -14,6 +13,7 @@ from grpo_ar.rewards import (
     validate_specs,
 )
 from grpo_ar.rewards.text import compile_pattern, exact_answer, numeric_answer
+from grpo_ar.types import Entry, RewardSpec
 
 
 def score(name, outputs, group_size=1, lengths=None, setup=None, **args):

@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 from test_image import clip_dir  # noqa: F401 - the tiny CLIP fixture
 
-from grpo_ar.data import Entry, RewardSpec
 from grpo_ar.rewards import REWARDS, RewardContext, RewardSpecError, build_rewards
 from grpo_ar.rewards import image as im
 from grpo_ar.rewards import video as vr
+from grpo_ar.types import Entry, RewardSpec
 
 SIZE, FRAMES = 32, 8
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from .errors import need
+from ..errors import need
 
 _DECODERS = ("diffusers_vq", "janus_vq", "emu3_vq", "vidtok")
 

@@ -34,8 +34,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .errors import ConfigError
-from .rollout import PromptBatch, Rollout
+from ..errors import ConfigError
+from ..types import PromptBatch, Rollout
 
 STRATEGIES = ("auto", "none", "ddp", "fsdp2")
 
@@ -188,7 +188,7 @@ class Parallel:
         )
 
     def load_reference(self, reference: Any, path: Path) -> None:
-        from .checkpoint import load_tensors, load_weights
+        from ..io.checkpoint import load_tensors, load_weights
 
         if reference is not None and hasattr(reference, "module"):
             if path.exists():
@@ -282,7 +282,7 @@ class DataParallel(Parallel):
     def scored(
         self, prompts: PromptBatch, fn: Callable[[PromptBatch], tuple[Rollout, Any]], pad: int
     ) -> tuple[Rollout, Any]:
-        from .batching import concat_results, concat_rollouts
+        from ..train.batching import concat_results, concat_rollouts
 
         first, count = shard_rows(len(prompts), self.rank, self.size)
         error: BaseException | None = None
@@ -361,18 +361,3 @@ class DDPParallel(DataParallel):
 
     def no_sync(self, skip: bool) -> contextlib.AbstractContextManager[None]:
         return self.net.no_sync() if skip else contextlib.nullcontext()
-
-
-def build_parallel(strategy: str, device: torch.device) -> Parallel:
-    """The Parallel for `trainer.strategy` (auto: ddp under torchrun, else none); joins the
-    torchrun process group (nccl for a CUDA model, gloo for a CPU one) if not done yet."""
-    name = resolve_strategy(strategy)
-    if name == "none":
-        return Parallel()
-    if not dist.is_initialized():
-        init_distributed(device.type)
-    if name == "ddp":
-        return DDPParallel()
-    from .fsdp import FSDP2Parallel
-
-    return FSDP2Parallel()

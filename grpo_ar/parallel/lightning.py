@@ -33,17 +33,18 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from ..config import Config, ConfigError, save_config
-from ..data import Entry
-from ..distributed import DataParallel, Parallel, shard_rows, world_size
-from ..train_utils import StepStats
-from ..trainer import Trainer
+from ..config.run import Config, save_config
+from ..errors import ConfigError
+from ..train.step import StepStats
+from ..train.trainer import Trainer
+from ..types import Entry
+from .ddp import DataParallel, Parallel, shard_rows, world_size
 
 try:
     import lightning.pytorch as pl
 except ImportError as e:  # pragma: no cover - the extra is missing
     raise ImportError(
-        "grpo_ar.integrations.lightning needs the optional extra: pip install 'grpo-ar[lightning]'"
+        "grpo_ar.parallel.lightning needs the optional extra: pip install 'grpo-ar[lightning]'"
     ) from e
 
 Item = tuple[int, int, int, list[Entry]]

@@ -1,14 +1,14 @@
 """What is trained: the whole model, a peft adapter, or a LyCORIS network — one interface.
 
-`build_finetune(model, cfg, need_reference)` returns a `Finetune`: `.model` (what the trainer
+`grpo_ar.finetune.build_finetune(model, cfg, need_reference)` returns a `Finetune`: `.model` (what the trainer
 samples from, trains and optimizes; frozen tensors have requires_grad=False), `.reference`
-(see grpo_ar/reference.py), `state_dict()` / `load_state_dict()` (what a checkpoint stores for
+(see grpo_ar/train/reference.py), `state_dict()` / `load_state_dict()` (what a checkpoint stores for
 the policy: the whole model for `full`, only the adapter tensors otherwise) and `export(dir)` (a
 merged, plain transformers `save_pretrained` folder).
 
 Choices, each tested in tests/test_finetune*.py:
 - The adapter reference is the base with the adapter off until the first refresh, then a frozen
-  copy of the adapter tensors (reasons in grpo_ar/reference.py). Memory holds one model plus
+  copy of the adapter tensors (reasons in grpo_ar/train/reference.py). Memory holds one model plus
   the adapter twice; `algo=full` (LyCORIS) is the exception: its "adapter" is the weights.
 - Targets resolve once to the `nn.Linear` modules of the model (module-name suffixes, a regex
   over module paths, module classes), never the output/input embeddings, so peft and LyCORIS
@@ -24,8 +24,6 @@ Choices, each tested in tests/test_finetune*.py:
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import functools
 import inspect
 import re
@@ -37,9 +35,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import load_tensors, load_tied_state_dict, load_weights
-from .errors import ConfigError, need
-from .reference import AdapterReference, FrozenCopy
+from ..errors import ConfigError, need
+from ..io.checkpoint import load_tensors, load_tied_state_dict, load_weights
+from ..train.reference import AdapterReference, FrozenCopy
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ALGOS = {
@@ -48,13 +46,13 @@ ALGOS = {
     "lycoris": ("lora", "dora", "loha", "lokr", "ia3", "full", "diag-oft"),
 }
 _BYPASS = ("lora", "loha", "lokr", "ia3")  # LyCORIS algos whose bypass mode works here
-_AFFINE = ("full", "ia3")  # adapted weight affine in the adapter tensors
+AFFINE_ALGOS = ("full", "ia3")  # adapted weight affine in the adapter tensors
 _OWN_ARGS = {  # set through FinetuneConfig fields, not algo_args
     "peft": {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules"},
     "lycoris": {"lora_dim", "linear_dim", "alpha", "linear_alpha", "dropout", "algo"}
     | {"network_module", "bypass_mode", "multiplier", "preset"},
 }
-_LYCORIS_RENAME = {"dora_wd": "weight_decompose", "wd_on_output": "wd_on_out"}
+LYCORIS_RENAME = {"dora_wd": "weight_decompose", "wd_on_output": "wd_on_out"}
 
 
 @dataclass(frozen=True)
@@ -136,7 +134,7 @@ class FinetuneConfig:
         return self.algo in _BYPASS and not self.dora
 
 
-def _require(module: str, extra: str) -> Any:
+def require_extra(module: str, extra: str) -> Any:
     import importlib
 
     try:
@@ -211,7 +209,7 @@ def _adapted_class(cls: type) -> type:
     return type(f"Adapted{cls.__name__}", (AdaptedLM,), {"forward": forward})
 
 
-def _wrap(lm: nn.Module, hf: nn.Module, network: nn.Module | None = None) -> AdaptedLM:
+def wrap_adapted(lm: nn.Module, hf: nn.Module, network: nn.Module | None = None) -> AdaptedLM:
     return _adapted_class(type(hf))(lm, hf, network)
 
 
@@ -285,48 +283,3 @@ class AdapterFinetune(Finetune):
 
     def identity(self) -> dict[str, Tensor]:
         raise NotImplementedError
-
-
-class PeftFinetune(AdapterFinetune):
-    """LoRA / DoRA through `peft.get_peft_model`; reference under `disable_adapter()`."""
-
-    def __init__(self, model: nn.Module, cfg: FinetuneConfig, need_reference: bool) -> None:
-        peft = _require("peft", "peft")
-        args = dict(cfg.algo_args)
-        lora = peft.LoraConfig(
-            r=cfg.rank,
-            lora_alpha=cfg.alpha,
-            lora_dropout=cfg.dropout,
-            target_modules=resolve_targets(model, cfg),
-            use_dora=cfg.algo == "dora" or bool(args.pop("use_dora", False)),
-            **args,
-        )
-        peft_model = peft.get_peft_model(model, lora)
-        super().__init__(_wrap(peft_model, model), cfg, need_reference)
-
-    def adapter_off(self) -> contextlib.AbstractContextManager[None]:
-        return self.model.lm.disable_adapter()
-
-    def export(self, out_dir: str | Path) -> None:
-        # merge into a copy: peft's unmerge would not give the base back bitwise
-        merged = copy.deepcopy(self.model.lm).merge_and_unload()
-        merged.save_pretrained(out_dir)
-
-
-def build_finetune(
-    model: nn.Module, cfg: FinetuneConfig, need_reference: bool, seed: int | None = None
-) -> Finetune:
-    """Wrap `model` for training by `cfg.method`; the reference only when `need_reference`.
-    `seed`: adapter initialisation from this seed (the global RNG is left as it was)."""
-    if cfg.method == "full":
-        return Finetune(model, need_reference)
-    if cfg.method == "peft":
-        cls: type[AdapterFinetune] = PeftFinetune
-    else:
-        from .finetune_lycoris import LycorisFinetune
-
-        cls = LycorisFinetune
-    with torch.random.fork_rng(enabled=seed is not None):
-        if seed is not None:
-            torch.manual_seed(seed)
-        return cls(model, cfg, need_reference)

@@ -1,4 +1,4 @@
-"""LyCORIS networks as grpo_ar fine-tunes (see grpo_ar/finetune.py for the choices): policy at
+"""LyCORIS networks as grpo_ar fine-tunes (the choices: grpo_ar/finetune/base.py): policy at
 multiplier 1, base at multiplier 0 (`restore()` for DoRA), bypass mode where it works, export
 of the effective weights read off each adapted layer's own forward."""
 
@@ -13,14 +13,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .finetune import (
-    _AFFINE,
-    _LYCORIS_RENAME,
+from .base import (
+    AFFINE_ALGOS,
+    LYCORIS_RENAME,
     AdapterFinetune,
     FinetuneConfig,
-    _require,
-    _wrap,
+    require_extra,
     resolve_targets,
+    wrap_adapted,
 )
 
 
@@ -59,14 +59,14 @@ class LycorisFinetune(AdapterFinetune):
     """A LyCORIS network: policy at multiplier 1, base at multiplier 0 (restore() for DoRA)."""
 
     def __init__(self, model: nn.Module, cfg: FinetuneConfig, need_reference: bool) -> None:
-        _require("lycoris", "lycoris")
+        require_extra("lycoris", "lycoris")
         targets = resolve_targets(model, cfg)
         pattern = "(?:" + "|".join(re.escape(t) for t in targets) + ")$"
         preset = dict(enable_conv=False, target_module=[], target_name=[pattern], exclude_name=[])
         preset.update(
             module_algo_map={}, name_algo_map={}, lora_prefix="lycoris", use_fnmatch=False
         )
-        args = {_LYCORIS_RENAME.get(k, k): v for k, v in cfg.algo_args.items()}
+        args = {LYCORIS_RENAME.get(k, k): v for k, v in cfg.algo_args.items()}
         if cfg.algo == "dora":
             args["weight_decompose"] = True
         with _lycoris_preset(preset) as network_cls:
@@ -90,7 +90,7 @@ class LycorisFinetune(AdapterFinetune):
                 lora.org_module[0].__class__ = LycorisLinear
         network.to(next(model.parameters()).device).requires_grad_(True)
         self.network = network
-        super().__init__(_wrap(model, model, network), cfg, need_reference)
+        super().__init__(wrap_adapted(model, model, network), cfg, need_reference)
 
     @contextlib.contextmanager
     def adapter_off(self) -> Iterator[None]:
@@ -107,7 +107,9 @@ class LycorisFinetune(AdapterFinetune):
                 net.set_multiplier(1.0)
 
     def mix_refusal(self) -> str | None:
-        return None if self.cfg.algo in _AFFINE and not self.cfg.dora else super().mix_refusal()
+        return (
+            None if self.cfg.algo in AFFINE_ALGOS and not self.cfg.dora else super().mix_refusal()
+        )
 
     def identity(self) -> dict[str, Tensor]:
         """Adapter tensors of the base: the original weights (full), zero scales (ia3)."""

@@ -31,10 +31,10 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from .checkpoint import load_tensors
-from .distributed import DataParallel, ScoreNet
-from .errors import ConfigError
-from .rollout import Rollout
+from ..errors import ConfigError
+from ..io.checkpoint import load_tensors
+from ..types import Rollout
+from .ddp import DataParallel, ScoreNet
 
 _LAYER_LISTS = ("layers", "h", "blocks", "block")
 

@@ -9,35 +9,11 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
-class DataError(ValueError):
-    """A malformed dataset row; the message names the source, row and field."""
-
-
-@dataclass(frozen=True)
-class RewardSpec:
-    """One reward an entry asks for: registry name, weight in the sum, per-entry arguments."""
-
-    name: str
-    weight: float = 1.0
-    args: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One prompt and how to score what the model makes of it.
-
-    `prompt` is a string, chat messages (`[{"role": ..., "content": ...}]`), or whatever the
-    modality adapter encodes (e.g. a class id for an image model).
-    """
-
-    prompt: Any
-    rewards: tuple[RewardSpec, ...]
-    metadata: Mapping[str, Any] = field(default_factory=dict)
+from ..errors import DataError
+from ..types import Entry, RewardSpec
 
 
 def _spec_from(raw: Any, where: str) -> list[RewardSpec]:

@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
+from ..types import Rollout
 from .batching import concat_results, concat_rollouts, keep_groups
-from .rollout import Rollout
-from .train_utils import zero_std_groups
+from .step import zero_std_groups
 
 
 def fill_batch(

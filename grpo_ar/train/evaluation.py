@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from .data import Entry
-from .rewards import RewardComputer, RewardContext
+from ..rewards import RewardComputer, RewardContext
+from ..types import Entry
 
 
 def reward_context(adapter: Any, rollout: Any, group_size: int, step: int) -> RewardContext:

@@ -6,7 +6,7 @@ Three savings over `model(prompt + completion).logits -> log_softmax`:
   N samples (differentiably: gradients of all G completions flow back into the shared prompt),
   and the completions continue from it;
 - no padding to the longest completion where the model takes a custom 4D mask: a prompt's
-  completions run packed back to back after its cache (`grpo_ar.packing`, checked once per
+  completions run packed back to back after its cache (`generation.packing`, checked once per
   model);
 - the (N, T, V) logits never exist: where the model is `body + linear head` (HF `model.model`
   and `lm_head`, checked once per model), the body's hidden states at the real completion tokens
@@ -24,19 +24,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .core.logprobs import fused_head_logprobs, logprobs_and_entropy
+from ..core.logprobs import fused_head_logprobs, logprobs_and_entropy
+from ..types import Rollout
+from .model_call import cache_kwarg, forward, positions, stack_cfg
 from .packing import gather_rest, packed_rest, packing_ok
-from .rollout import Rollout
-from .sampling import (
-    SamplingParams,
-    _forward,
-    _positions,
-    allowed_mask,
-    cache_kwarg,
-    cfg_combine,
-    mask_logits,
-    position_masks,
-)
+from .params import SamplingParams, allowed_mask, cfg_combine, mask_logits, position_masks
 
 _SPLIT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -101,27 +93,25 @@ def completion_outputs(
     """(P, L) prompts, (n,) prompt row per sample, (n, T) completions -> (n, T, X) outputs at
     the positions predicting each completion token: hidden states (X = H) of a body when
     `hidden`, else logits (X = V) of the whole model. With `share` and `pack` the completions
-    run packed after the prompt cache (`grpo_ar.packing`; outputs past a completion's end are
+    run packed after the prompt cache (`generation.packing`; outputs past a completion's end are
     then 0 instead of the padded pass's values there)."""
     t = comp.shape[1]
     keep = 0 if hidden else 1
     if not share:  # one pass over full sequences, the prompt repeated per sample
         full = torch.cat([ids[idx], comp], 1)
         full_mask = torch.cat([mask[idx].long(), comp_mask.long()], 1)
-        out = _forward(
-            net, full, full_mask, _positions(full_mask), None, keep=0 if hidden else t + 1
-        )
+        out = forward(net, full, full_mask, positions(full_mask), None, keep=0 if hidden else t + 1)
         return _out(out, hidden)[:, -(t + 1) : -1]
     from transformers import DynamicCache
 
     cache = DynamicCache()
-    first = _out(_forward(net, ids, mask, _positions(mask), cache, keep=keep), hidden)[:, -1:]
+    first = _out(forward(net, ids, mask, positions(mask), cache, keep=keep), hidden)[:, -1:]
     if t == 1:
         return first[idx]
     if pack:
 
         def run(tok: Tensor, mask4: Tensor, pos: Tensor, kv: Any) -> Tensor:
-            return _out(_forward(net, tok, mask4, pos, kv, keep=0), hidden)
+            return _out(forward(net, tok, mask4, pos, kv, keep=0), hidden)
 
         packed = packed_rest(net, cache, mask, idx, comp, comp_mask, run)
         if packed is not None:
@@ -129,7 +119,7 @@ def completion_outputs(
     cache.batch_select_indices(idx)  # differentiable gather of the prompts' keys and values
     rest_mask = torch.cat([mask[idx].long(), comp_mask[:, :-1].long()], 1)
     pos = mask.long().sum(1)[idx, None] + torch.arange(t - 1, device=comp.device)
-    out = _forward(net, comp[:, :-1], rest_mask, pos, cache, keep=0)
+    out = forward(net, comp[:, :-1], rest_mask, pos, cache, keep=0)
     return torch.cat([first[idx], _out(out, hidden)], 1)
 
 
@@ -199,9 +189,7 @@ def _prompt_rows(prompts: Any, idx: Tensor, cfg: bool) -> tuple[Tensor, Tensor, 
         return prompts.input_ids, prompts.attention_mask, idx
     if prompts.uncond_input_ids is None or prompts.uncond_attention_mask is None:
         raise ValueError("cfg_scale != 1 needs unconditional prompts in the rollout")
-    from .sampling import _stack_cfg
-
-    ids, mask = _stack_cfg(prompts)
+    ids, mask = stack_cfg(prompts)
     return ids, mask, torch.cat([idx, idx + len(prompts)])
 
 

@@ -1,4 +1,5 @@
-"""PromptBatch and Rollout: what adapters hand the trainer, for every modality.
+"""The shared data contract: Entry (prompt + rewards), PromptBatch and Rollout (what adapters hand
+the trainer, for every modality).
 
 Prompts are stored once per prompt (P rows, left-padded); the N = P·G samples point at their
 prompt through `prompt_index`. Groups are contiguous: samples g·G … g·G + G - 1 share a prompt.
@@ -6,13 +7,34 @@ prompt through `prompt_index`. Groups are contiguous: samples g·G … g·G + G 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .data import Entry
+
+@dataclass(frozen=True)
+class RewardSpec:
+    """One reward an entry asks for: registry name, weight in the sum, per-entry arguments."""
+
+    name: str
+    weight: float = 1.0
+    args: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One prompt and how to score what the model makes of it.
+
+    `prompt` is a string, chat messages (`[{"role": ..., "content": ...}]`), or whatever the
+    modality adapter encodes (e.g. a class id for an image model).
+    """
+
+    prompt: Any
+    rewards: tuple[RewardSpec, ...]
+    metadata: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass

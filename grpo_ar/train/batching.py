@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .rewards.base import RewardResult
-from .rollout import PromptBatch, Rollout
+from ..rewards.base import RewardResult
+from ..types import PromptBatch, Rollout
 
 
 def _pad_cat(xs: list[Tensor], value: float, left: bool = False) -> Tensor:

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .sampling import SamplingParams, _forward, _positions
+from .model_call import forward, positions
+from .params import SamplingParams
 
 
 def _layer_classes() -> tuple[type, type]:
@@ -112,10 +113,10 @@ class Decoder:
         if self.allow_fast:
             self.fast = fast_step_for(self.model, width + self.params.max_new_tokens)
         if share_prefix:
-            out = _forward(self.model, ids, mask, _positions(mask), self.cache, keep=1)
+            out = forward(self.model, ids, mask, positions(mask), self.cache, keep=1)
             self.cache.batch_select_indices(idx)
             return out.logits[:, -1][idx]
-        out = _forward(self.model, ids[idx], mask[idx], _positions(mask[idx]), self.cache, keep=1)
+        out = forward(self.model, ids[idx], mask[idx], positions(mask[idx]), self.cache, keep=1)
         return out.logits[:, -1]
 
     def step(self, tok: Tensor) -> Tensor:
@@ -129,7 +130,7 @@ class Decoder:
         self.pos = self.pos + 1
         if self.fast is not None:
             return self.fast(tok, mask, pos, self.cache)
-        return _forward(self.model, tok[:, None], mask, pos[:, None], self.cache, keep=1).logits[
+        return forward(self.model, tok[:, None], mask, pos[:, None], self.cache, keep=1).logits[
             :, -1
         ]
 
@@ -143,7 +144,7 @@ class Decoder:
 
     def _uncached(self) -> Tensor:
         mask = self.mask[:, : self.length]
-        return _forward(self.model, self.ids, mask, _positions(mask), None, keep=1).logits[:, -1]
+        return forward(self.model, self.ids, mask, positions(mask), None, keep=1).logits[:, -1]
 
 
 _FAST_OK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -282,12 +283,12 @@ def _check(model: Any) -> bool:
         logits = []
         for fast in (False, True):
             cache = new_cache(model, 6)
-            _forward(model, ids, mask, _positions(mask), cache, keep=1)
+            forward(model, ids, mask, positions(mask), cache, keep=1)
             if fast:
                 logits.append(FastStep(model, 6)(tok, full, pos, cache))
             else:
                 logits.append(
-                    _forward(model, tok[:, None], full, pos[:, None], cache, 1).logits[:, -1]
+                    forward(model, tok[:, None], full, pos[:, None], cache, 1).logits[:, -1]
                 )
         want, got = (x.float() for x in logits)
         return bool(((got - want).abs() <= 1e-4 * (want.abs().max() + 1)).all())

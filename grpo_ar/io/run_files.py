@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .rollout import Rollout
+from ..types import Rollout
 
 
 def jsonable(x: Any) -> Any:

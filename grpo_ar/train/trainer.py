@@ -1,7 +1,7 @@
 """The seed's GRPO loop, nothing modality-specific: sample groups, score, normalise, then μ
 optimizer passes of grad-accumulated micro-batches through the core registries.
 
-The same loop runs under torchrun (grpo_ar/distributed.py): each rank samples and scores its
+The same loop runs under torchrun (grpo_ar/parallel/ddp.py): each rank samples and scores its
 share of the prompts, all ranks then hold the global rollout (advantages and batch statistics
 as in one process) and train on their share with global normalisers."""
 
@@ -18,19 +18,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .config import Config, save_config
-from .core import ADVANTAGES, AGGREGATIONS, compute_advantages
-from .core.corrections import entropy_bonus
-from .data import Entry, PromptSampler
-from .distributed import Parallel, build_parallel, derive_seed
+from ..config.run import Config, save_config
+from ..core import ADVANTAGES, AGGREGATIONS, compute_advantages
+from ..core.corrections import entropy_bonus
+from ..finetune import build_finetune
+from ..finetune.base import Finetune
+from ..io.data import PromptSampler
+from ..io.run_files import append_metrics, append_samples, progress
+from ..parallel import build_parallel
+from ..parallel.ddp import Parallel, derive_seed
+from ..rewards import RewardComputer, RewardContext, build_rewards, reward_metrics
+from ..types import Entry, Rollout
 from .dynamic_sampling import fill_batch
 from .evaluation import evaluate_rewards, reward_context
-from .finetune import Finetune, build_finetune
-from .rewards import RewardComputer, RewardContext, build_rewards, reward_metrics
-from .rollout import Rollout
-from .run_io import append_metrics, append_samples, progress
 from .run_state import resume_trainer, save_trainer, trainer_state
-from .train_utils import (
+from .step import (
     StepStats,
     build_optimizer,
     build_scheduler,
@@ -47,7 +49,7 @@ class Trainer:
     """GRPO over any adapter. `train()` runs `config.trainer.steps` steps.
 
     What is trained follows `config.finetune` (the whole model, a peft adapter or a LyCORIS
-    network; grpo_ar/finetune.py) unless a built `finetune` is passed; `reference` overrides the
+    network; grpo_ar/finetune/base.py) unless a built `finetune` is passed; `reference` overrides the
     KL reference it brings (a frozen copy, or the same model with the adapter off). Data
     parallelism follows `config.trainer.strategy` unless a `parallel` is passed."""
 
@@ -148,7 +150,7 @@ class Trainer:
         return getattr(self.adapter, "sampling", self.cfg.sampling).pad_token_id or 0
 
     def _dynamic_sampling(self, rollout: Rollout, result: Any, stats: StepStats) -> tuple:
-        """DAPO's dynamic sampling (grpo_ar/dynamic_sampling.py)."""
+        """DAPO's dynamic sampling (grpo_ar/train/dynamic_sampling.py)."""
         a, rounds = self.cfg.algorithm, itertools.count(1)
         draw = lambda: self._sample_and_score(self.prompts.next_batch(), stats, next(rounds))  # noqa: E731
         rollout, result, info = fill_batch(
@@ -383,7 +385,7 @@ class Trainer:
             append_metrics(self.run_dir, metrics)
 
     def state_dict(self) -> dict[str, Any]:
-        """The trainer state a checkpoint stores besides weights (grpo_ar/run_state.py)."""
+        """The trainer state a checkpoint stores besides weights (grpo_ar/train/run_state.py)."""
         return trainer_state(self)
 
     def save(self) -> Path:

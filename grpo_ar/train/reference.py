@@ -27,8 +27,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from .checkpoint import load_tied_state_dict
-from .rollout import Rollout
+from ..io.checkpoint import load_tied_state_dict
+from ..types import Rollout
 
 
 def _check_alpha(alpha: float) -> None:

@@ -14,9 +14,10 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from .config import ConfigError, TrainerConfig
-from .core.corrections import AdaptiveEntropyCoef
-from .core.objective import token_objective
+from ..config.run import TrainerConfig
+from ..core.corrections import AdaptiveEntropyCoef
+from ..core.objective import token_objective
+from ..errors import ConfigError
 
 
 def import_object(path: str) -> Any:

@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from .core import ADVANTAGES, AGGREGATIONS, KL, LOSSES
-from .errors import ConfigError, need
+from ..core import ADVANTAGES, AGGREGATIONS, KL, LOSSES
+from ..errors import ConfigError, need
 
 REFERENCE_REFRESH = ("iteration", "never", "soft")
 
@@ -104,8 +104,8 @@ class AlgorithmConfig:
         self._dry_run()
 
     def _check_registries(self) -> None:
-        from .core.advantages import MULTI_OBJECTIVE
-        from .core.corrections import IS_CORRECTIONS
+        from ..core.advantages import MULTI_OBJECTIVE
+        from ..core.corrections import IS_CORRECTIONS
 
         checks = [
             (ADVANTAGES, self.advantage, self.advantage_args, "advantage"),
@@ -174,7 +174,7 @@ class AlgorithmConfig:
             raise ConfigError(f"algorithm.loss={self.loss!r} with {self.loss_args}: {e}") from None
         except TypeError as e:
             raise ConfigError(f"algorithm.loss_args: {e}") from None
-        from .core.advantages import check_advantages
+        from ..core.advantages import check_advantages
 
         try:
             check_advantages(self.advantage, g, self.multi_objective, **self.advantage_args)

@@ -1,7 +1,7 @@
 """A Trainer's checkpoint: policy weights (the whole model, or only the adapter tensors of a
 peft / LyCORIS fine-tune), the reference's (a frozen copy; a frozen adapter copy once refreshed,
 no file while it is still the base) and the trainer state (optimizer, scheduler, data order,
-RNG, entropy controller). Written atomically by grpo_ar.checkpoint; nothing is unpickled.
+RNG, entropy controller). Written atomically by grpo_ar.io.checkpoint; nothing is unpickled.
 
 Under torchrun every rank calls these (FSDP2 gathers full state dicts, a collective); rank 0
 writes, in the one-process format, so a checkpoint resumes in one process or any world size.
@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
-from .errors import ConfigError
+from ..errors import ConfigError
+from ..io.checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
 
 
 def trainer_state(tr: Any) -> dict[str, Any]:

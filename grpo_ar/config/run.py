@@ -21,20 +21,11 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from .algorithm_config import AlgorithmConfig
-from .errors import ConfigError, need
-from .finetune import FinetuneConfig
-from .modality_config import ImageConfig, VideoConfig
-from .sampling import SamplingParams
-
-__all__ = [
-    "AlgorithmConfig",
-    "Config",
-    "ConfigError",
-    "FinetuneConfig",
-    "load_config",
-    "save_config",
-]
+from ..errors import ConfigError, need
+from ..finetune.base import FinetuneConfig
+from ..generation.params import SamplingParams
+from .algorithm import AlgorithmConfig
+from .modality import ImageConfig, VideoConfig
 
 
 class _Loader(yaml.SafeLoader):

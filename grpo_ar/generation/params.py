@@ -1,0 +1,219 @@
+"""The sampling distribution: `SamplingParams` and the one logits transform (CFG combination,
+allowed-token ranges, per-position ranges, temperature, top-k, top-p, min-p) that the sampler
+draws from and teacher-forced scoring recomputes, so training log-probs equal the sampler's."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How completions are sampled (and how their log-probs are recomputed for training)."""
+
+    max_new_tokens: int = 64
+    """Completion budget in tokens."""
+    min_new_tokens: int = 0
+    """EOS is forbidden before this many tokens."""
+    temperature: float = 1.0
+    """Softmax temperature (> 0)."""
+    top_k: int = 0
+    """Keep the k most likely tokens (0 = off)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set with mass >= top_p (1 = off)."""
+    min_p: float = 0.0
+    """Drop tokens below min_p × the top probability (0 = off)."""
+    allowed_ranges: tuple[tuple[int, int], ...] = ()
+    """Half-open [lo, hi) token-id ranges that may be sampled (empty = all)."""
+    position_ranges: tuple[tuple[int, int, int], ...] = ()
+    """(t, lo, hi): at completion position t only [lo, hi) may be sampled, in place of
+    allowed_ranges (triples of one t form a union; EOS is not added). (t, x, x + 1) forces token x
+    at t, which then has log-prob 0 (adapters force layout tokens this way, e.g. Emu3 EOL/EOF)."""
+    eos_token_ids: tuple[int, ...] = ()
+    """Tokens that end a completion (empty = fixed-length generation)."""
+    pad_token_id: int = 0
+    """Filler after EOS."""
+    cfg_scale: float = 1.0
+    """Classifier-free guidance scale s: logits u + s·(c - u) over paired rows (1 = off)."""
+    train_filters: bool = True
+    """Apply top-k/top-p/min-p when recomputing log-probs, so training sees the sampled
+    distribution exactly; False trains on the temperature-only distribution (TRL's choice) and
+    leaves the gap to importance-sampling correction."""
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
+            (
+                0 <= self.min_new_tokens <= self.max_new_tokens,
+                f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}",
+            ),
+            (
+                self.temperature > 0,
+                f"temperature must be > 0, got {self.temperature} (greedy is an eval option)",
+            ),
+            (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (0 <= self.min_p < 1, f"min_p must be in [0, 1), got {self.min_p}"),
+            (self.cfg_scale >= 0, f"cfg_scale must be >= 0, got {self.cfg_scale}"),
+            (
+                all(0 <= lo < hi for lo, hi in self.allowed_ranges),
+                f"allowed_ranges must be [lo, hi) pairs with 0 <= lo < hi, got {self.allowed_ranges}",
+            ),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+        self._check_position_ranges()
+
+    def _check_position_ranges(self) -> None:
+        by_pos: dict[int, list[tuple[int, int]]] = {}
+        for rule in self.position_ranges:
+            if len(rule) != 3 or not all(isinstance(v, int) for v in rule):
+                raise ValueError(f"position_ranges holds (t, lo, hi) int triples, got {rule!r}")
+            t, lo, hi = rule
+            if not (0 <= t < self.max_new_tokens and 0 <= lo < hi):
+                raise ValueError(
+                    f"position_ranges: {tuple(rule)} needs 0 <= t < max_new_tokens="
+                    f"{self.max_new_tokens} and 0 <= lo < hi"
+                )
+            by_pos.setdefault(t, []).append((lo, hi))
+        for t, ranges in by_pos.items():  # EOS is banned there: the row would have no token
+            if t < self.min_new_tokens and all(
+                all(x in self.eos_token_ids for x in range(lo, hi)) for lo, hi in ranges
+            ):
+                raise ValueError(
+                    f"position_ranges allow only EOS at position {t} < min_new_tokens="
+                    f"{self.min_new_tokens}"
+                )
+
+    @property
+    def uses_cfg(self) -> bool:
+        return self.cfg_scale != 1.0
+
+    def filters_on(self) -> bool:
+        return self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0
+
+
+def allowed_mask(params: SamplingParams, vocab: int, device: torch.device) -> Tensor | None:
+    """(V,) bool of samplable tokens, or None when all are allowed."""
+    if not params.allowed_ranges:
+        return None
+    mask = torch.zeros(vocab, dtype=torch.bool, device=device)
+    for lo, hi in params.allowed_ranges:
+        if hi > vocab:
+            raise ValueError(f"allowed range [{lo}, {hi}) exceeds the vocabulary of {vocab}")
+        mask[lo:hi] = True
+    for t in params.eos_token_ids:  # EOS always ends a completion, even outside the ranges
+        mask[t] = True
+    return mask
+
+
+def position_masks(
+    params: SamplingParams, vocab: int, device: torch.device
+) -> tuple[Tensor, list[int]] | None:
+    """Allowed tokens per completion position: an (M, V) bool table of distinct sets and the
+    table row of each of the `max_new_tokens` positions (row 0: `allowed_mask`, all True when
+    that is None); None when `params.position_ranges` is empty."""
+    if not params.position_ranges:
+        return None
+    base = allowed_mask(params, vocab, device)
+    by_pos: dict[int, set[tuple[int, int]]] = {}
+    for t, lo, hi in params.position_ranges:
+        if hi > vocab:
+            raise ValueError(f"position range [{lo}, {hi}) exceeds the vocabulary of {vocab}")
+        by_pos.setdefault(t, set()).add((lo, hi))
+    rows = [torch.ones(vocab, dtype=torch.bool, device=device) if base is None else base]
+    index: dict[tuple[tuple[int, int], ...], int] = {}
+    kinds = [0] * params.max_new_tokens
+    for t, ranges in by_pos.items():
+        key = tuple(sorted(ranges))
+        if key not in index:
+            index[key] = len(rows)
+            mask = torch.zeros(vocab, dtype=torch.bool, device=device)
+            for lo, hi in key:
+                mask[lo:hi] = True
+            rows.append(mask)
+        kinds[t] = index[key]
+    return torch.stack(rows), kinds
+
+
+def transform_logits(
+    logits: Tensor,
+    params: SamplingParams,
+    allowed: Tensor | None,
+    filters: bool = True,
+    forbid_eos: bool = False,
+) -> Tensor:
+    """(R, V) raw (CFG-combined) logits -> (R, V) fp32 logits of the sampling distribution,
+    -inf on excluded tokens. Order: allowed ranges, temperature, top-k, top-p, min-p."""
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    z = z / params.temperature if params.temperature != 1.0 else z  # mask_logits never writes z
+    return mask_logits(z, params, allowed, filters, forbid_eos)
+
+
+def mask_logits(
+    z: Tensor,
+    params: SamplingParams,
+    allowed: Tensor | None,
+    filters: bool = True,
+    forbid_eos: bool | Tensor = False,
+) -> Tensor:
+    """(R, V) temperature-scaled fp32 logits -> the same with excluded tokens at -inf (allowed
+    ranges, EOS before `min_new_tokens`, top-k, top-p, min-p); masking only, so its gradient is
+    the masked softmax's. `allowed` is (V,) or one set per row (R, V); `forbid_eos` may be an
+    (R,) bool tensor (one flag per row)."""
+    if allowed is not None:
+        z = z.masked_fill(~allowed, NEG_INF)
+    if params.eos_token_ids and forbid_eos is not False:
+        eos = torch.zeros(z.shape[-1], dtype=torch.bool, device=z.device)
+        eos[list(params.eos_token_ids)] = True
+        z = z.masked_fill(
+            eos & forbid_eos[:, None] if isinstance(forbid_eos, Tensor) else eos, NEG_INF
+        )
+    if not filters:
+        return z
+    if params.top_k > 0 and params.top_k < z.shape[-1]:
+        kth = torch.topk(z, params.top_k, dim=-1).values[:, -1:]
+        z = z.masked_fill(z < kth, NEG_INF)
+    if params.top_p < 1.0:
+        z = z.masked_fill(_top_p_drop(z, params.top_p), NEG_INF)
+    if params.min_p > 0.0:
+        probs = z.softmax(-1)
+        z = z.masked_fill(probs < params.min_p * probs.amax(-1, keepdim=True), NEG_INF)
+    return z
+
+
+# top-p first looks at the TOP_P_PROBE most likely tokens; rows whose nucleus is not inside them
+# fall back to a full sort (same result, a partial sort instead of sorting V each step)
+TOP_P_PROBE = 256
+
+
+def _top_p_drop(z: Tensor, top_p: float) -> Tensor:
+    """(R, V) bool: tokens outside the smallest set whose mass reaches top_p (the first stays)."""
+    v = z.shape[-1]
+    k = v if v <= 4 * TOP_P_PROBE else TOP_P_PROBE
+    vals, order = torch.topk(z, k, dim=-1, sorted=True)
+    probs = (vals - torch.logsumexp(z, -1, keepdim=True)).exp()
+    # drop a token when the mass before it already reaches top_p
+    drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+    covered = drop_sorted[:, -1] if k < v else torch.ones_like(drop_sorted[:, 0])
+    drop = torch.ones_like(z, dtype=torch.bool).scatter(-1, order, drop_sorted)
+    if not bool(covered.all()):
+        rows = (~covered).nonzero().squeeze(-1)
+        sorted_z, full_order = torch.sort(z[rows], dim=-1, descending=True)
+        p = sorted_z.softmax(-1)
+        d = (p.cumsum(-1) - p) >= top_p
+        drop[rows] = torch.zeros_like(d).scatter(-1, full_order, d)
+    return drop
+
+
+def cfg_combine(cond: Tensor, uncond: Tensor, scale: float, detach_uncond: bool = False) -> Tensor:
+    """u + s·(c - u) on raw logits."""
+    if detach_uncond:
+        uncond = uncond.detach()
+    return uncond + scale * (cond - uncond)
