@@ -8,6 +8,8 @@ importing this module costs no more than importing torch. Builders that take a `
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -189,3 +191,47 @@ def tiny_emu3_vq(seed: int = 0):
         temporal_downsample_factor=4,
     )
     return Emu3VQVAE(cfg).eval()
+
+
+# ---------------------------------------------------------------------------------- tiny runs
+def tiny_vq_run(root: Path, modality: str, grid: tuple[int, ...], rows: list[dict[str, Any]],
+                code_offset: int = 8, bos: int = 1) -> list[str]:  # fmt: skip
+    """Saves a tiny_llama over `code_offset` + VQ_CODES ids (root/lm), a tiny_vqmodel (root/vq)
+    and `rows` (root/train.jsonl); -> the `key=value` overrides of a one-step `modality`
+    ("image" or "video") run of them: 4 classes from id 2, CFG 2, written to root/run."""
+    import json
+
+    lm_dir, vq_dir, data = root / "lm", root / "vq", root / "train.jsonl"
+    tiny_llama(vocab_size=code_offset + VQ_CODES).save_pretrained(lm_dir)
+    tiny_vqmodel().save_pretrained(vq_dir)
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    m = modality
+    return [
+        f"model.path={lm_dir}",
+        f"model.adapter={m}",
+        f"{m}.decoder_path={vq_dir}",
+        f"{m}.grid={list(grid)}",
+        f"{m}.code_offset={code_offset}",
+        f"{m}.class_offset=2",
+        f"{m}.num_classes=4",
+        f"{m}.bos_token_id={bos}",
+        f"sampling.max_new_tokens={math.prod(grid)}",
+        "sampling.cfg_scale=2.0",
+        f"data.train={data}",
+        "algorithm.group_size=2",
+        "trainer.batch_size=2",
+        "trainer.steps=1",
+        "trainer.lr=1e-3",
+        f"log.run_dir={root / 'run'}",
+        "log.progress=false",
+    ]
+
+
+def run_records(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(metrics.jsonl rows, samples.jsonl rows) of a finished run."""
+    import json
+
+    return tuple(
+        [json.loads(x) for x in (run_dir / name).read_text().splitlines()]
+        for name in ("metrics.jsonl", "samples.jsonl")
+    )

@@ -5,6 +5,7 @@ keyed by their settings in meta.json."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import time
@@ -32,8 +33,28 @@ def lr_factor(step: int, steps: int, warmup: int = 20, final: float = 0.1) -> fl
     return min(1.0, (step + 1) / warmup) * cos
 
 
-def _scheduled(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def scheduled(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """`opt`'s learning rate times `lr_factor` of the step."""
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps))
+
+
+def optimizer_step(opt: torch.optim.Optimizer, sched: Any, loss: Tensor,
+                   clip: Any = None) -> None:  # fmt: skip
+    """One update; `clip`: parameters whose gradient norm is clipped to 1 first."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(clip, 1.0)
+    opt.step()
+    sched.step()
+
+
+def log_step(verbose: bool, stage: str, step: int, steps: int, every: int, loss: Tensor,
+             t0: float | None = None, digits: int = 4) -> None:  # fmt: skip
+    """Progress of a training loop, every `every` steps and at the last one."""
+    if step % every == 0 or step == steps - 1:
+        took = "" if t0 is None else f"  {time.perf_counter() - t0:5.1f}s"
+        log(verbose, f"{stage:<5} step {step:4d}  loss {loss.item():.{digits}f}{took}")
 
 
 def encoder_latents(vq: Any, x: Tensor) -> Tensor:
@@ -55,7 +76,7 @@ def train_vq(images: Tensor, steps: int, batch_size: int, lr: float, codebook: i
         lat = encode(vq, x_all[:512]).permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
         emb.copy_(lat[torch.randperm(len(lat))[:codebook]])
     opt = torch.optim.Adam(vq.parameters(), lr=lr)
-    sched = _scheduled(opt, steps)
+    sched = scheduled(opt, steps)
     used = torch.zeros(codebook, dtype=torch.bool)
     t0 = time.perf_counter()
     for step in range(steps):
@@ -64,10 +85,7 @@ def train_vq(images: Tensor, steps: int, batch_size: int, lr: float, codebook: i
         z_q, commit, (_, _, idx) = vq.quantize(lat)
         rec = vq.decoder(vq.post_quant_conv(z_q), None)
         loss = F.mse_loss(rec, x) + commit.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        optimizer_step(opt, sched, loss)
         used[idx.flatten()] = True
         if step % 100 == 99 and step < steps - 100:
             dead = (~used).nonzero().flatten()
@@ -76,11 +94,7 @@ def train_vq(images: Tensor, steps: int, batch_size: int, lr: float, codebook: i
                     pool = lat.detach().permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
                     emb[dead] = pool[torch.randint(0, len(pool), (len(dead),))]
             used.zero_()
-        if step % log_every == 0 or step == steps - 1:
-            log(
-                verbose,
-                f"vq    step {step:4d}  loss {loss.item():.4f}  {time.perf_counter() - t0:5.1f}s",
-            )
+        log_step(verbose, "vq", step, steps, log_every, loss, t0)
     return vq.eval(), {"seconds": round(time.perf_counter() - t0, 1), "loss": loss.item()}
 
 
@@ -118,7 +132,7 @@ def train_prior(tokenizer: Any, prompt_ids: Tensor, codes: Tensor, steps: int, b
     rest = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": rest,
                              "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))  # fmt: skip
-    sched = _scheduled(opt, steps)
+    sched = scheduled(opt, steps)
     t0 = time.perf_counter()
     for step in range(steps):
         i = torch.randint(0, len(flat), (batch_size,))
@@ -130,16 +144,8 @@ def train_prior(tokenizer: Any, prompt_ids: Tensor, codes: Tensor, steps: int, b
             noisy[hit] = CODE_OFFSET + torch.randint(0, codebook, (int(hit.sum()),))
         logits = model(input_ids=torch.cat([p, noisy], 1)).logits[:, n_prompt - 1 : -1]
         loss = F.cross_entropy(logits.flatten(0, 1), flat[i].flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % log_every == 0 or step == steps - 1:
-            log(
-                verbose,
-                f"prior step {step:4d}  loss {loss.item():.3f}  {time.perf_counter() - t0:5.1f}s",
-            )
+        optimizer_step(opt, sched, loss, clip=model.parameters())
+        log_step(verbose, "prior", step, steps, log_every, loss, t0, digits=3)
     return model.eval(), {"seconds": round(time.perf_counter() - t0, 1), "loss": loss.item()}
 
 
@@ -149,6 +155,16 @@ def settings(base: dict[str, dict[str, Any]], **overrides: Any) -> dict[str, dic
     if unknown:
         raise ValueError(f"unknown pre-training stage(s) {sorted(unknown)}: use {', '.join(base)}")
     return {k: {**v, **overrides.get(k, {})} for k, v in base.items()}
+
+
+def main(pretrain: Callable[..., dict[str, Any]], doc: str, out: str) -> None:
+    """An example's `pretrain.py` command line: --out, --threads; prints the measurements."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--out", default=out)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    res = pretrain(args.out, threads=args.threads)
+    print(json.dumps({k: v for k, v in res["meta"].items() if k != "settings"}, indent=2))
 
 
 class StageCache:

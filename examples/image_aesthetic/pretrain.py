@@ -13,8 +13,6 @@ Each stage is reused when meta.json holds the same settings for it and everythin
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -29,7 +27,10 @@ from ar_common.pretraining import (  # noqa: E402
     StageCache,
     decode_codes,
     log,
-    lr_factor,
+    log_step,
+    main,
+    optimizer_step,
+    scheduled,
     train_prior,
     train_vq,
 )
@@ -104,18 +105,14 @@ def train_classifier(data: dict[str, Tensor], steps: int, batch_size: int, lr: f
     torch.manual_seed(seed)
     net = ShapeClassifier().train()
     opt = torch.optim.Adam(net.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps))
+    sched = scheduled(opt, steps)
     x_all, c_all, s_all = data["images"], data["colour"], data["shape"]
     for step in range(steps):
         i = torch.randint(0, len(x_all), (batch_size,))
         c, s = net(x_all[i])
         loss = F.cross_entropy(c, c_all[i]) + F.cross_entropy(s, s_all[i])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 100 == 0 or step == steps - 1:
-            log(verbose, f"cls   step {step:4d}  loss {loss.item():.4f}")
+        optimizer_step(opt, sched, loss)
+        log_step(verbose, "cls", step, steps, 100, loss)
     return net.eval()
 
 
@@ -208,14 +205,5 @@ def check_classifier(vq: Any, data: dict[str, Tensor], st: dict[str, dict[str, A
     return cls, measured
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="runs/image_aesthetic_base")
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
-    res = pretrain(args.out, threads=args.threads)
-    print(json.dumps({k: v for k, v in res["meta"].items() if k != "settings"}, indent=2))
-
-
 if __name__ == "__main__":
-    main()
+    main(pretrain, __doc__, "runs/image_aesthetic_base")

@@ -14,8 +14,6 @@ Each stage is reused when meta.json holds the same settings for it and everythin
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -31,6 +29,7 @@ from ar_common.pretraining import (  # noqa: E402
     StageCache,
     decode_codes,
     log,
+    main,
     train_prior,
     train_vq,
 )
@@ -145,14 +144,5 @@ def pretrain(out_dir: str | Path, threads: int = 1, verbose: bool = True,
     return {"dir": out, "meta": cache.meta, "vq": vq, "prior": prior, "tokenizer": tok}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="runs/video_motion_base")
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
-    res = pretrain(args.out, threads=args.threads)
-    print(json.dumps({k: v for k, v in res["meta"].items() if k != "settings"}, indent=2))
-
-
 if __name__ == "__main__":
-    main()
+    main(pretrain, __doc__, "runs/video_motion_base")
