@@ -117,6 +117,11 @@ def result(**kv: float | int | str) -> None:
     print("RESULT " + " ".join(f"{k}={fmt(v)}" for k, v in kv.items()), flush=True)
 
 
+def run_result(args, **kv: float | int | str) -> None:
+    """`result(**kv)` followed by the run's conditions: load, threads, repeats."""
+    result(**kv, load=load(), threads=args.threads, repeats=args.repeats)
+
+
 def need_smollm2() -> Path:
     """The converted SmolLM2-135M-Instruct folder, or exit non-zero saying how to make it."""
     if not (SMOLLM2 / "config.json").exists():
