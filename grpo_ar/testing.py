@@ -235,3 +235,16 @@ def run_records(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any
         [json.loads(x) for x in (run_dir / name).read_text().splitlines()]
         for name in ("metrics.jsonl", "samples.jsonl")
     )
+
+
+def cli_train(root: Path, adapter: str, overrides: list[str]) -> tuple[list, list]:
+    """`grpo-ar train` of a config file naming only the adapter, `overrides` given as --set
+    (a tiny_vq_run's); -> run_records of root/run. Raises when the command fails."""
+    from grpo_ar.cli import main
+
+    cfg = root / f"{adapter}.toml"
+    cfg.write_text(f'[model]\nadapter = "{adapter}"\n')
+    code = main(["train", str(cfg), *(x for kv in overrides for x in ("--set", kv))])
+    if code != 0:
+        raise RuntimeError(f"grpo-ar train {cfg} exited with {code}")
+    return run_records(root / "run")

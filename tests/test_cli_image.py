@@ -1,10 +1,10 @@
 """`grpo-ar train` builds an AR image model from config alone: saved LM + saved VQ tokenizer,
 class-conditioned prompts from JSONL, the offline aesthetic proxy as reward."""
 
-from grpo_ar.cli import build_model_and_adapter, main
+from grpo_ar.cli import build_model_and_adapter
 from grpo_ar.config import load_config
 from grpo_ar.testing import VQ_CODES as K
-from grpo_ar.testing import run_records, tiny_vq_run
+from grpo_ar.testing import cli_train, tiny_vq_run
 from grpo_ar.types import Entry
 
 BOS, OFFSET, GRID = 1, 8, (4, 6)
@@ -26,11 +26,7 @@ def test_config_builds_image_model_and_adapter(tmp_path):
 
 
 def test_cli_trains_an_image_model(tmp_path):
-    cfg = tmp_path / "image.toml"
-    cfg.write_text('[model]\nadapter = "image"\n')
-    sets = [x for kv in image_run(tmp_path) for x in ("--set", kv)]
-    assert main(["train", str(cfg), *sets]) == 0
-    metrics, samples = run_records(tmp_path / "run")
+    metrics, samples = cli_train(tmp_path, "image", image_run(tmp_path))
     assert metrics[-1]["step"] == 1 and 0 <= metrics[-1]["reward/mean"] <= 1
     assert samples and all(s["output"].endswith(".png") for s in samples)  # media files, not reprs
     assert all((tmp_path / "run" / s["output"]).is_file() for s in samples)

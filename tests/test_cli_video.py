@@ -3,10 +3,10 @@ tokenizer applied per frame, class-conditioned prompts, video rewards."""
 
 import pytest
 
-from grpo_ar.cli import build_model_and_adapter, main
+from grpo_ar.cli import build_model_and_adapter
 from grpo_ar.config import ConfigError, load_config
 from grpo_ar.testing import VQ_CODES as K
-from grpo_ar.testing import run_records, tiny_vq_run
+from grpo_ar.testing import cli_train, tiny_vq_run
 from grpo_ar.types import Entry
 
 BOS, OFFSET, GRID = 1, 8, (2, 4, 6)  # 2 frames of 4 x 6 codes (8 x 12 pixels)
@@ -31,11 +31,7 @@ def test_config_builds_a_per_frame_video_model_and_adapter(tmp_path):
 
 
 def test_cli_trains_a_video_model(tmp_path):
-    cfg = tmp_path / "video.toml"
-    cfg.write_text('[model]\nadapter = "video"\n')
-    sets = [x for kv in video_run(tmp_path) for x in ("--set", kv)]
-    assert main(["train", str(cfg), *sets]) == 0
-    metrics, samples = run_records(tmp_path / "run")
+    metrics, samples = cli_train(tmp_path, "video", video_run(tmp_path))
     assert metrics[-1]["step"] == 1 and "reward/motion/mean" in metrics[-1]
     assert samples and all(s["output"].endswith(".gif") for s in samples)  # media files, not reprs
     assert all((tmp_path / "run" / s["output"]).is_file() for s in samples)
