@@ -172,12 +172,16 @@ class StageCache:
     with ("settings") and what it measured (one key per stage). A stage is reused while its
     settings, the data's and those of the stages it depends on are unchanged."""
 
-    def __init__(self, out_dir: str | Path, st: dict[str, dict[str, Any]], verbose: bool) -> None:
+    def __init__(self, out_dir: str | Path, st: dict[str, dict[str, Any]], verbose: bool = True,
+                 threads: int = 0) -> None:  # fmt: skip
         self.out, self.st, self.verbose = Path(out_dir), st, verbose
         self.out.mkdir(parents=True, exist_ok=True)
         self.meta_path = self.out / "meta.json"
         self.meta = json.loads(self.meta_path.read_text()) if self.meta_path.exists() else {}
         self.done = self.meta.setdefault("settings", {})  # settings of the stages saved so far
+        if threads:
+            torch.set_num_threads(threads)
+        self.t0 = time.perf_counter()
 
     def reusable(self, stage: str, saved: str, after: tuple[str, ...] = ()) -> bool:
         """Whether `stage` (file `saved` in the folder) was saved with the current settings of
@@ -196,3 +200,37 @@ class StageCache:
         self.meta[stage] = measured
         self.done.update({"data": self.st["data"], stage: self.st[stage]})
         self.meta_path.write_text(json.dumps(self.meta, indent=2))
+
+    def ready(self, **models: Any) -> dict[str, Any]:
+        """-> {"dir", "meta", **models}: what an example's `pretrain` returns."""
+        log(self.verbose, f"pretrain: ready in {time.perf_counter() - self.t0:.1f}s -> {self.out}")
+        return {"dir": self.out, "meta": self.meta, **models}
+
+
+def vq_stage(cache: StageCache, train: Callable[[], tuple[Any, dict]]) -> Any:
+    """The VQModel saved in the cache (vq/), or `train()` -> (vq, measured) saved there; a new
+    VQ makes every later stage stale (its codes changed)."""
+    from diffusers import VQModel
+
+    if cache.reusable("vq", "vq/config.json"):
+        return VQModel.from_pretrained(cache.out / "vq").eval()
+    vq, measured = train()
+    vq.save_pretrained(cache.out / "vq")
+    cache.record("vq", measured, first=True)
+    return vq
+
+
+def prior_stage(cache: StageCache, train: Callable[[], tuple[Any, Any, dict]]) -> tuple[Any, Any]:
+    """(prior, tokenizer) saved in the cache (prior/), or `train()` -> (prior, tokenizer,
+    measured) saved there."""
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    where = cache.out / "prior"
+    if cache.reusable("prior", "prior/config.json", after=("vq",)):
+        prior = LlamaForCausalLM.from_pretrained(where).eval()
+        return prior, PreTrainedTokenizerFast.from_pretrained(where)
+    prior, tok, measured = train()
+    prior.save_pretrained(where)
+    tok.save_pretrained(where)
+    cache.record("prior", measured)
+    return prior, tok

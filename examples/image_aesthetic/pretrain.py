@@ -13,8 +13,8 @@ Each stage is reused when meta.json holds the same settings for it and everythin
 
 from __future__ import annotations
 
+import functools
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +30,11 @@ from ar_common.pretraining import (  # noqa: E402
     log_step,
     main,
     optimizer_step,
+    prior_stage,
     scheduled,
     train_prior,
     train_vq,
+    vq_stage,
 )
 from ar_common.pretraining import settings as stage_settings  # noqa: E402
 from image_aesthetic.shapes import COLOURS, SHAPES, make_images  # noqa: E402
@@ -138,53 +140,32 @@ def settings(**overrides: Any) -> dict[str, dict[str, Any]]:
 def pretrain(out_dir: str | Path, threads: int = 1, verbose: bool = True,
              **overrides: Any) -> dict[str, Any]:  # fmt: skip
     """Train (or reuse) VQ, classifier and prior; returns paths, meta and the loaded models."""
-    from diffusers import VQModel
     from safetensors.torch import load_file, save_file
-    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-    st = settings(**overrides)
-    cache = StageCache(out_dir, st, verbose)
-    out, d = cache.out, st["data"]
-    if threads:
-        torch.set_num_threads(threads)
-    t0 = time.perf_counter()
-    data: dict[str, Tensor] = {}
-
-    def get_data() -> dict[str, Tensor]:
-        if not data:
-            data.update(make_images(d["n_train"], d["seed"], d["size"]))
-        return data
-
-    if cache.reusable("vq", "vq/config.json"):
-        vq = VQModel.from_pretrained(out / "vq").eval()
-    else:
-        vq, measured = train_vq(get_data()["images"], seed=d["seed"], verbose=verbose, **st["vq"])
-        vq.save_pretrained(out / "vq")
-        cache.record("vq", measured, first=True)  # a new VQ makes the classifier and prior stale
+    cache = StageCache(out_dir, settings(**overrides), verbose, threads)
+    st, d = cache.st, cache.st["data"]
+    data = functools.cache(lambda: make_images(d["n_train"], d["seed"], d["size"]))
+    vq = vq_stage(cache, lambda: train_vq(data()["images"], seed=d["seed"], verbose=verbose,
+                                          **st["vq"]))  # fmt: skip
     if cache.reusable("cls", "classifier.safetensors", after=("vq",)):
         cls = ShapeClassifier()
-        cls.load_state_dict(load_file(out / "classifier.safetensors"))
+        cls.load_state_dict(load_file(cache.out / "classifier.safetensors"))
         cls.eval()
     else:
-        cls, measured = check_classifier(vq, get_data(), st, verbose)
-        save_file(cls.state_dict(), out / "classifier.safetensors")
+        cls, measured = check_classifier(vq, data(), st, verbose)
+        save_file(cls.state_dict(), cache.out / "classifier.safetensors")
         cache.record("cls", measured)
-    if cache.reusable("prior", "prior/config.json", after=("vq",)):
-        prior = LlamaForCausalLM.from_pretrained(out / "prior").eval()
-        tok = PreTrainedTokenizerFast.from_pretrained(out / "prior")
-    else:
+
+    def new_prior() -> tuple[Any, Any, dict]:
         tok = build_tokenizer()
-        codes = vq_codes(vq, get_data()["images"])
         prior, measured = train_prior(
-            tok, prompt_ids(tok, get_data()), codes, seed=d["seed"], verbose=verbose,
-            codebook=st["vq"]["codebook"], **st["prior"],
+            tok, prompt_ids(tok, data()), vq_codes(vq, data()["images"]), seed=d["seed"],
+            verbose=verbose, codebook=st["vq"]["codebook"], **st["prior"],
         )  # fmt: skip
-        prior.save_pretrained(out / "prior")
-        tok.save_pretrained(out / "prior")
-        cache.record("prior", measured)
-    log(verbose, f"pretrain: ready in {time.perf_counter() - t0:.1f}s -> {out}")
-    return {"dir": out, "meta": cache.meta, "vq": vq, "classifier": cls, "prior": prior,
-            "tokenizer": tok}  # fmt: skip
+        return prior, tok, measured
+
+    prior, tok = prior_stage(cache, new_prior)
+    return cache.ready(vq=vq, classifier=cls, prior=prior, tokenizer=tok)
 
 
 def check_classifier(vq: Any, data: dict[str, Tensor], st: dict[str, dict[str, Any]],

@@ -14,8 +14,8 @@ Each stage is reused when meta.json holds the same settings for it and everythin
 
 from __future__ import annotations
 
+import functools
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # as video_motion.
 from ar_common.pretraining import (  # noqa: E402
     StageCache,
     decode_codes,
-    log,
     main,
+    prior_stage,
     train_prior,
     train_vq,
+    vq_stage,
 )
 from ar_common.pretraining import settings as stage_settings  # noqa: E402
 from video_motion.clips import COLOURS, DIRECTIONS, SHAPES, make_clips  # noqa: E402
@@ -102,46 +103,23 @@ def settings(**overrides: Any) -> dict[str, dict[str, Any]]:
 def pretrain(out_dir: str | Path, threads: int = 1, verbose: bool = True,
              **overrides: Any) -> dict[str, Any]:  # fmt: skip
     """Train (or reuse) the VQ tokenizer and the prior; returns the folder, meta and models."""
-    from diffusers import VQModel
-    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+    cache = StageCache(out_dir, settings(**overrides), verbose, threads)
+    st, d = cache.st, cache.st["data"]
+    data = functools.cache(lambda: make_clips(d["n_train"], d["seed"], d["mislabel"]))
+    vq = vq_stage(cache, lambda: train_vq(data()["clips"].flatten(0, 1), seed=d["seed"],
+                                          verbose=verbose, log_every=250, encode=patch_latents,
+                                          **st["vq"]))  # fmt: skip
 
-    st = settings(**overrides)
-    cache = StageCache(out_dir, st, verbose)
-    out, seed = cache.out, st["data"]["seed"]
-    if threads:
-        torch.set_num_threads(threads)
-    t0 = time.perf_counter()
-    data: dict[str, Tensor] = {}
-
-    def get_data() -> dict[str, Tensor]:
-        if not data:
-            d = st["data"]
-            data.update(make_clips(d["n_train"], d["seed"], d["mislabel"]))
-        return data
-
-    if cache.reusable("vq", "vq/config.json"):
-        vq = VQModel.from_pretrained(out / "vq").eval()
-    else:
-        frames = get_data()["clips"].flatten(0, 1)
-        vq, measured = train_vq(frames, seed=seed, verbose=verbose, log_every=250,
-                                encode=patch_latents, **st["vq"])  # fmt: skip
-        vq.save_pretrained(out / "vq")
-        cache.record("vq", measured, first=True)  # a new tokenizer makes the prior stale
-    if cache.reusable("prior", "prior/config.json", after=("vq",)):
-        prior = LlamaForCausalLM.from_pretrained(out / "prior").eval()
-        tok = PreTrainedTokenizerFast.from_pretrained(out / "prior")
-    else:
+    def new_prior() -> tuple[Any, Any, dict]:
         tok = build_tokenizer()
-        codes = clip_codes(vq, get_data()["clips"])
         prior, measured = train_prior(
-            tok, caption_ids(tok, get_data()), codes, seed=seed, verbose=verbose,
-            codebook=st["vq"]["codebook"], log_every=250, **st["prior"],
+            tok, caption_ids(tok, data()), clip_codes(vq, data()["clips"]), seed=d["seed"],
+            verbose=verbose, codebook=st["vq"]["codebook"], log_every=250, **st["prior"],
         )  # fmt: skip
-        prior.save_pretrained(out / "prior")
-        tok.save_pretrained(out / "prior")
-        cache.record("prior", measured)
-    log(verbose, f"pretrain: ready in {time.perf_counter() - t0:.1f}s -> {out}")
-    return {"dir": out, "meta": cache.meta, "vq": vq, "prior": prior, "tokenizer": tok}
+        return prior, tok, measured
+
+    prior, tok = prior_stage(cache, new_prior)
+    return cache.ready(vq=vq, prior=prior, tokenizer=tok)
 
 
 if __name__ == "__main__":
