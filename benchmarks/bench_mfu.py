@@ -29,7 +29,7 @@ from common import (
     median,
     n_params,
     parse_args,
-    result,
+    run_result,
     setup,
 )
 
@@ -112,10 +112,9 @@ def main() -> None:
             f"{median(cpu[k]):.2f} s (share of the cores {cpu_share(s, median(cpu[k]))})"
         )
     print(f"# load after: {load()}")
-    result(mfu=mfu["grpo_ar"], mfu_round=mfu_round["grpo_ar"], mfu_cpu=mfu_cpu["grpo_ar"],
-           hf_mfu=mfu["hf_plain"],
-           speedup=median(times["hf_plain"]) / median(times["grpo_ar"]), peak_gflops=peak,
-           load=load(), threads=args.threads, repeats=args.repeats)  # fmt: skip
+    run_result(args, mfu=mfu["grpo_ar"], mfu_round=mfu_round["grpo_ar"], mfu_cpu=mfu_cpu["grpo_ar"],
+               hf_mfu=mfu["hf_plain"],
+               speedup=median(times["hf_plain"]) / median(times["grpo_ar"]), peak_gflops=peak)  # fmt: skip
 
 
 if __name__ == "__main__":

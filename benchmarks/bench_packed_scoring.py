@@ -14,7 +14,7 @@ sampled by grpo_ar from the bench prompts.
 from __future__ import annotations
 
 import torch
-from common import header, interleaved, load, median, parse_args, result, setup
+from common import header, interleaved, load, median, parse_args, run_result, setup
 
 from grpo_ar.adapters.text import TextAdapter
 from grpo_ar.generation.packing import best_bins
@@ -69,16 +69,14 @@ def main() -> None:
             f"  {k:7s} fwd+bwd median {median(ts):7.3f} s ({', '.join(f'{t:.2f}' for t in ts)});"
             f" CPU {median(cpu[k]):.3f} s"
         )
-    result(
+    run_result(
+        args,
         time_ratio=median(times["packed"]) / median(times["padded"]),
         cpu_ratio=median(cpu["packed"]) / median(cpu["padded"]),
         max_abs_err=err,
         grad_rel_err=g_err,
         tokens_padded=padded,
         tokens_packed=packed,
-        load=load(),
-        threads=args.threads,
-        repeats=args.repeats,
     )
 
 

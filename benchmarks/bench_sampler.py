@@ -26,7 +26,7 @@ from common import (
     matmul_peak,
     median,
     parse_args,
-    result,
+    run_result,
     setup,
 )
 
@@ -115,7 +115,8 @@ def main() -> None:
     tiny = bench("tiny", args)
     smol = bench("smol", args)
     print(f"# {time.perf_counter() - start:.0f} s; load after: {load()}")
-    result(
+    run_result(
+        args,
         tiny_ratio=tiny["ratio"],
         smol_ratio=smol["ratio"],
         prefill_ratio=smol["prefill"],
@@ -127,9 +128,6 @@ def main() -> None:
         smol_tokens_per_s=smol["tps"],
         smol_hf_tokens_per_s=smol["hf_tps"],
         peak_gflops=peak,
-        load=load(),
-        threads=args.threads,
-        repeats=args.repeats,
     )
 
 

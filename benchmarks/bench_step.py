@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import header, load, matmul_peak, median, n_params, parse_args, result, setup
+from common import header, load, matmul_peak, median, n_params, parse_args, run_result, setup
 
 from grpo_ar.adapters.text import TextAdapter
 from grpo_ar.config import load_config
@@ -254,7 +254,7 @@ def main() -> None:
     for name, r in runs.items():
         out[f"{name}_s"], out[f"{name}_trl_s"] = r["ours"], r["trl"]
         out[f"{name}_cpu_ratio"] = r["trl_cpu"] / r["cpu"]
-    result(**out, peak_gflops=peak, load=load(), threads=args.threads, repeats=args.repeats)
+    run_result(args, **out, peak_gflops=peak)
 
 
 if __name__ == "__main__":

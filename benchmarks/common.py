@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from grpo_ar import testing
+
 ROOT = Path(__file__).resolve().parent.parent
 SMOLLM2 = ROOT / "runs" / "smollm2-135m-instruct"
 
@@ -115,6 +117,11 @@ def result(**kv: float | int | str) -> None:
     print("RESULT " + " ".join(f"{k}={fmt(v)}" for k, v in kv.items()), flush=True)
 
 
+def run_result(args, **kv: float | int | str) -> None:
+    """`result(**kv)` followed by the run's conditions: load, threads, repeats."""
+    result(**kv, load=load(), threads=args.threads, repeats=args.repeats)
+
+
 def need_smollm2() -> Path:
     """The converted SmolLM2-135M-Instruct folder, or exit non-zero saying how to make it."""
     if not (SMOLLM2 / "config.json").exists():
@@ -128,48 +135,10 @@ def need_smollm2() -> Path:
     return SMOLLM2
 
 
-def char_tokenizer():
-    """A char-level PreTrainedTokenizerFast, <pad>=0, <bos>=1, <eos>=2 (mirrors tests/tiny.py)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    chars = "0123456789+-*=?: abcdefghijklmnopqrstuvwxyz<>/.,ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2}
-    for c in chars:
-        vocab.setdefault(c, len(vocab))
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tk.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    tk.decoder = decoders.Fuse()
-    tk.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", special_tokens=[("<bos>", 1)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tk,
-        pad_token="<pad>",
-        bos_token="<bos>",
-        eos_token="<eos>",
-        padding_side="left",
-    )
-
-
 def tiny_llama(vocab_size: int, seed: int = 0):
     """The issue's tiny config: Llama, hidden 256, 4 layers, MLP 1024, 4 heads (4.2M params)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=256,
-        intermediate_size=1024,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return testing.tiny_llama(vocab_size, seed, hidden=256, layers=4, logit_scale=1.0,
+                              kv_heads=4, mlp=1024, max_positions=512)  # fmt: skip
 
 
 def n_params(model: torch.nn.Module) -> int:
@@ -201,7 +170,7 @@ def smol_prompt(question: str) -> list[dict[str, str]]:
 def setup(name: str, prompts: int):
     """(model, tokenizer, prompt list, group size, max new tokens) of config `tiny` or `smol`."""
     if name == "tiny":
-        tok = char_tokenizer()
+        tok = testing.char_tokenizer()
         return tiny_llama(len(tok)), tok, TINY_PROMPTS[:prompts], 8, 32
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

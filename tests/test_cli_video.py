@@ -1,47 +1,22 @@
 """`grpo-ar train` builds an AR video model from config alone: saved LM + a saved 2D VQ
 tokenizer applied per frame, class-conditioned prompts, video rewards."""
 
-import json
-
 import pytest
-from test_vq import K, tiny_vqmodel
 
-from grpo_ar.cli import build_model_and_adapter, main
+from grpo_ar.cli import build_model_and_adapter
 from grpo_ar.config import ConfigError, load_config
+from grpo_ar.testing import VQ_CODES as K
+from grpo_ar.testing import cli_train, tiny_vq_run
 from grpo_ar.types import Entry
-from tiny import tiny_llama
 
 BOS, OFFSET, GRID = 1, 8, (2, 4, 6)  # 2 frames of 4 x 6 codes (8 x 12 pixels)
 N_TOK = GRID[0] * GRID[1] * GRID[2]
 
 
 def video_run(tmp_path):
-    lm_dir, vq_dir = tmp_path / "lm", tmp_path / "vq"
-    tiny_llama(vocab_size=OFFSET + K).save_pretrained(lm_dir)
-    tiny_vqmodel().save_pretrained(vq_dir)
     rewards = [{"name": "temporal_consistency"}, {"name": "motion", "args": {"direction": "left"}}]
     rows = [{"prompt": c, "rewards": rewards} for c in range(4)]
-    data = tmp_path / "train.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in rows))
-    return [
-        f"model.path={lm_dir}",
-        "model.adapter=video",
-        f"video.decoder_path={vq_dir}",
-        f"video.grid=[{GRID[0]}, {GRID[1]}, {GRID[2]}]",
-        f"video.code_offset={OFFSET}",
-        "video.class_offset=2",
-        "video.num_classes=4",
-        f"video.bos_token_id={BOS}",
-        f"sampling.max_new_tokens={N_TOK}",
-        "sampling.cfg_scale=2.0",
-        f"data.train={data}",
-        "algorithm.group_size=2",
-        "trainer.batch_size=2",
-        "trainer.steps=1",
-        "trainer.lr=1e-3",
-        f"log.run_dir={tmp_path / 'run'}",
-        "log.progress=false",
-    ]
+    return tiny_vq_run(tmp_path, "video", GRID, rows, code_offset=OFFSET, bos=BOS)
 
 
 def test_config_builds_a_per_frame_video_model_and_adapter(tmp_path):
@@ -56,13 +31,8 @@ def test_config_builds_a_per_frame_video_model_and_adapter(tmp_path):
 
 
 def test_cli_trains_a_video_model(tmp_path):
-    cfg = tmp_path / "video.toml"
-    cfg.write_text('[model]\nadapter = "video"\n')
-    sets = [x for kv in video_run(tmp_path) for x in ("--set", kv)]
-    assert main(["train", str(cfg), *sets]) == 0
-    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    metrics, samples = cli_train(tmp_path, "video", video_run(tmp_path))
     assert metrics[-1]["step"] == 1 and "reward/motion/mean" in metrics[-1]
-    samples = [json.loads(x) for x in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     assert samples and all(s["output"].endswith(".gif") for s in samples)  # media files, not reprs
     assert all((tmp_path / "run" / s["output"]).is_file() for s in samples)
 

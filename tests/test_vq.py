@@ -18,89 +18,15 @@ from grpo_ar.adapters.vq import (
     to_unit,
     with_row_ends,
 )
+from grpo_ar.testing import (
+    VQ_CODES,
+    structured_images,
+    tiny_emu3_vq,
+    tiny_janus_vq,
+    tiny_vqmodel,
+)
 
-K = 16  # codebook size of every tiny tokenizer here
-
-
-def tiny_vqmodel(lookup_from_codebook: bool = False, seed: int = 0, norm_type: str = "group"):
-    """diffusers VQModel, spatial factor 2, 16 codes of dim 4 (~0.2M params). `norm_type=
-    "spatial"` (MoVQ) modulates the decoder's norms by the codes, so codes differ in brightness."""
-    from diffusers import VQModel
-
-    torch.manual_seed(seed)
-    vq = VQModel(
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(32, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        num_vq_embeddings=K,
-        vq_embed_dim=4,
-        norm_num_groups=8,
-        sample_size=8,
-        lookup_from_codebook=lookup_from_codebook,
-        norm_type=norm_type,
-    ).eval()
-    # codebook rows drawn from the encoder's latents (as a k-means init would): the default
-    # uniform(±1/K) rows are so small that one code wins almost everywhere
-    with torch.no_grad():
-        lat = vq.encode(structured_images(2, 8, 12, seed=seed + 1)).latents
-        rows = lat.permute(0, 2, 3, 1).reshape(-1, 4)
-        vq.quantize.embedding.weight.copy_(rows[torch.randperm(len(rows))[:K]])
-    return vq
-
-
-def tiny_janus_vq(seed: int = 0, side: int = 4):
-    """transformers JanusVQVAE, spatial factor 2, a side×side grid; its codebook rows are
-    L2-normalised as in LlamaGen's VQ, so nearest-code search and decode lookup agree."""
-    from transformers import JanusVQVAE, JanusVQVAEConfig
-
-    torch.manual_seed(seed)
-    cfg = JanusVQVAEConfig(
-        embed_dim=4,
-        num_embeddings=K,
-        latent_channels=32,
-        base_channels=32,
-        channel_multiplier=[1, 1],
-        num_res_blocks=1,
-        num_patches=side,
-        projection_dim=8,
-        image_token_embed_dim=8,
-    )
-    vq = JanusVQVAE(cfg).eval()
-    with torch.no_grad():
-        w = vq.quantize.embedding.weight
-        w.copy_(torch.nn.functional.normalize(w, dim=-1))
-    return vq
-
-
-def tiny_emu3_vq(seed: int = 0):
-    """transformers Emu3VQVAE (embed_dim == latent_channels), spatial 2, temporal 4."""
-    from transformers import Emu3VQVAE, Emu3VQVAEConfig
-
-    torch.manual_seed(seed)
-    cfg = Emu3VQVAEConfig(
-        codebook_size=K,
-        embed_dim=4,
-        latent_channels=4,
-        base_channels=32,
-        channel_multiplier=[1, 1],
-        num_res_blocks=1,
-        attn_resolutions=[],
-        hidden_size=32,
-        num_attention_heads=1,
-        temporal_downsample_factor=4,
-    )
-    return Emu3VQVAE(cfg).eval()
-
-
-def structured_images(b: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
-    """(b, 3, h, w) in [-1, 1] with spatial structure (gradients + noise), not symmetric in h/w."""
-    g = torch.Generator().manual_seed(seed)
-    ys = torch.linspace(-1, 1, h)[:, None].expand(h, w)
-    xs = torch.linspace(-1, 1, w)[None, :].expand(h, w)
-    base = torch.stack([ys, xs, ys * xs])
-    return (base + 0.5 * torch.randn(b, 3, h, w, generator=g)).clamp(-1, 1)
+K = VQ_CODES  # codebook size of every tiny tokenizer here
 
 
 @pytest.mark.parametrize("lookup", [False, True])

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -31,6 +30,7 @@ from torch import Tensor
 # other examples' modules of that name in one process (e.g. the test suite)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ar_common.runs import parse_overrides, run_parser  # noqa: E402
 from image_aesthetic.pretrain import pretrain  # noqa: E402
 from image_aesthetic.shapes import image_grid, parse_prompt, prompt_split  # noqa: E402
 
@@ -45,22 +45,6 @@ CONFIG = Path(__file__).resolve().parent / "config.toml"
 
 def entries(prompts: list[str], reward: str) -> list:
     return load_rows([{"prompt": p} for p in prompts], default_rewards=[{"name": reward}])
-
-
-def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
-    """["vq.steps=3", ...] -> {"vq": {"steps": 3}} (values read as JSON, else strings)."""
-    out: dict[str, dict[str, Any]] = {}
-    for item in items:
-        key, _, raw = item.partition("=")
-        stage, _, name = key.partition(".")
-        if not name:
-            raise SystemExit(f"--pretrain-set {item!r}: use STAGE.KEY=VALUE, e.g. vq.steps=300")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        out.setdefault(stage, {})[name] = value
-    return out
 
 
 @torch.no_grad()
@@ -90,21 +74,9 @@ def measure(trainer: Trainer, ref: Any, prompts: list[str], samples: int, seed: 
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--base", default="runs/image_aesthetic_base", help="cache of pre-training")
-    ap.add_argument(
-        "--pretrain-set",
-        action="append",
-        default=[],
-        metavar="STAGE.KEY=VALUE",
-        help="pre-training override, e.g. prior.steps=600 (stages: data vq cls prior)",
-    )
-    ap.add_argument("--eval-samples", type=int, default=16, help="images per held-out prompt")
-    ap.add_argument("--eval-seed", type=int, default=12345, help="sampling seed of evaluation")
+    ap = run_parser(__doc__, "runs/image_aesthetic_base", "data vq cls prior", "images")
     ap.add_argument("--clip", help="local CLIPModel folder: reward = aesthetic_laion (with --mlp)")
     ap.add_argument("--mlp", help="LAION aesthetic predictor v2 weights (.pth or .safetensors)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="config override (config.toml keys)")  # fmt: skip
     args = ap.parse_args(argv)
     if bool(args.clip) != bool(args.mlp):
         raise SystemExit("aesthetic_laion needs both --clip DIR and --mlp FILE")

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -31,8 +30,10 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # as video_motion.*: no clash
 # with other examples' modules of the same name (pretrain.py) in one process
 
+from ar_common.pretraining import CODE_OFFSET  # noqa: E402
+from ar_common.runs import parse_overrides, run_parser  # noqa: E402
 from video_motion.clips import CLIP, DIRECTIONS, RGB, parse_prompt, prompt_split  # noqa: E402
-from video_motion.pretrain import CODE_OFFSET, pretrain  # noqa: E402
+from video_motion.pretrain import pretrain  # noqa: E402
 
 from grpo_ar.adapters.image import TextCondition  # noqa: E402
 from grpo_ar.adapters.video import VideoAdapter, frame_strip, save_clips, video_grid  # noqa: E402
@@ -117,25 +118,13 @@ def measure(trainer: Trainer, ref: Any, held: list, samples: int, seed: int) -> 
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--base", default="runs/video_motion_base", help="cache of pre-training")
-    ap.add_argument(
-        "--pretrain-set",
-        action="append",
-        default=[],
-        metavar="STAGE.KEY=VALUE",
-        help="pre-training override, e.g. prior.steps=600 (stages: data vq prior)",
-    )
-    ap.add_argument("--eval-samples", type=int, default=16, help="clips per held-out prompt")
-    ap.add_argument("--eval-seed", type=int, default=12345, help="sampling seed of evaluation")
+    ap = run_parser(__doc__, "runs/video_motion_base", "data vq prior", "clips")
     ap.add_argument(
         "--consistency-weight",
         type=float,
         default=1.0,
         help="weight of temporal_consistency beside motion (weight 1)",
     )
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="config override (config.toml keys)")  # fmt: skip
     args = ap.parse_args(argv)
     t0, load0 = time.perf_counter(), os.getloadavg()
     cfg = load_config(CONFIG, args.set)
@@ -204,22 +193,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{run_dir / 'clips'}; frame strips: {strip}"
     )
     return result
-
-
-def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
-    """["prior.steps=3", ...] -> {"prior": {"steps": 3}} (values read as JSON, else strings)."""
-    out: dict[str, dict[str, Any]] = {}
-    for item in items:
-        key, _, raw = item.partition("=")
-        stage, _, name = key.partition(".")
-        if not name:
-            raise SystemExit(f"--pretrain-set {item!r}: use STAGE.KEY=VALUE, e.g. vq.steps=300")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        out.setdefault(stage, {})[name] = value
-    return out
 
 
 def _fmt(m: dict[str, float]) -> str:

@@ -12,9 +12,10 @@ import string
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from grpo_ar.rewards import LLMJudge, RewardContext, RewardSpecError, build_rewards
+from grpo_ar.testing import tiny_llama
 from grpo_ar.types import Entry, RewardSpec
 
 
@@ -29,20 +30,10 @@ def echo_lm():
         tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
     )
     v = len(vocab)
-    cfg = LlamaConfig(
-        vocab_size=v,
-        hidden_size=128,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=None,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).eval()
+    # one layer whose attention and MLP are zeroed below; no BOS: the template's text leads
+    model = tiny_llama(v, seed=0, hidden=128, layers=1, logit_scale=1.0, heads=2, kv_heads=2,
+                       mlp=32, max_positions=2048, eos_token_id=1, bos_token_id=None,
+                       tie_word_embeddings=False)  # fmt: skip
     with torch.no_grad():
         model.model.embed_tokens.weight.copy_(torch.eye(v, 128))
         for layer in model.model.layers:
