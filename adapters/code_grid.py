@@ -272,33 +272,18 @@ class CodeGridAdapter(Adapter):
 
 def code_sampling(sampling: SamplingParams, layout: CodeLayout, kind: str) -> SamplingParams:
     """Fixed-length layout.num_tokens tokens: codes inside the codebook, layout tokens forced at
-    their positions; refuses settings that contradict that (`kind` names the sample)."""
-    n, rng = layout.num_tokens, layout.code_range
-    if sampling.max_new_tokens != n:
-        how = (
-            f"{layout.num_codes} codes + {n - layout.num_codes} EOL/EOF"
-            if n > layout.num_codes
-            else ""
-        )
-        raise ValueError(
-            f"sampling.max_new_tokens={sampling.max_new_tokens}, but {kind} of grid "
-            f"{layout.grid} is exactly {n} tokens{f' ({how})' if how else ''}; "
-            f"set sampling.max_new_tokens={n}"
-        )
-    if sampling.eos_token_ids:
-        raise ValueError(
-            f"{kind.split()[-1]} generation is fixed-length; leave sampling.eos_token_ids empty "
-            f"(got {list(sampling.eos_token_ids)})"
-        )
-    if sampling.allowed_ranges and tuple(map(tuple, sampling.allowed_ranges)) != (rng,):
-        raise ValueError(
-            f"sampling.allowed_ranges={[list(r) for r in sampling.allowed_ranges]} differs from "
-            f"the codebook range [{rng[0]}, {rng[1]}); leave it empty (the adapter sets it)"
-        )
-    forced = layout.position_ranges
-    if sampling.position_ranges and tuple(map(tuple, sampling.position_ranges)) != forced:
-        raise ValueError(
-            "sampling.position_ranges differs from the layout tokens' positions; leave it empty "
-            "(the adapter forces EOL/EOF where they belong)"
-        )
-    return replace(sampling, allowed_ranges=(rng,), position_ranges=forced, min_new_tokens=0)
+    their positions, no EOS; a `[sampling]` key set to something else is refused (`kind` names
+    the sample: "an image", "a clip")."""
+    n, (lo, hi), noun = layout.num_tokens, layout.code_range, kind.split()[-1]
+    size = f"the {noun} grid {'x'.join(map(str, layout.grid))} = "
+    if n > layout.num_codes:
+        size += f"{layout.num_codes} codes + {n - layout.num_codes} EOL/EOF = "
+    return sampling.impose(
+        {
+            "max_new_tokens": (n, f"{size}{n} tokens"),
+            "min_new_tokens": (0, f"fixed-length {noun} generation"),
+            "eos_token_ids": ((), f"fixed-length {noun} generation (no EOS)"),
+            "allowed_ranges": (((lo, hi),), f"the codebook range [{lo}, {hi})"),
+            "position_ranges": (layout.position_ranges, "the EOL/EOF layout tokens' positions"),
+        }
+    )

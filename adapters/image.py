@@ -85,6 +85,13 @@ class ImageAdapter(CodeGridAdapter):
         images = to_uint8(unit)
         return list(images) if self.output == "uint8" else to_pil(images)
 
+    def summarize(self, output: Any) -> dict[str, list[int]]:
+        """{"image": [H, W]} for a decoded image of any `output` kind."""
+        if isinstance(output, Tensor):
+            h, w = output.shape[:2] if output.dtype == torch.uint8 else output.shape[1:]
+            return {"image": [int(h), int(w)]}
+        return {"image": [output.height, output.width]}
+
     def save_samples(self, outputs: Sequence[Any], directory: str | Path) -> list[Path]:
         """Write decoded images (any `output` kind) as `sample_{i:03d}.png`; the paths."""
         out = Path(directory)

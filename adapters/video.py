@@ -84,6 +84,11 @@ class VideoAdapter(CodeGridAdapter):
         unit = self.decode_pixels(rollout)  # (N, F, 3, H, W)
         return list(unit) if self.output == "float" else list(to_uint8(unit))
 
+    def summarize(self, output: Any) -> dict[str, list[int]]:
+        """{"clip": [F, H, W]} for a decoded clip of either `output` kind."""
+        f, h, w, _ = clip_frames(output).shape
+        return {"clip": [f, h, w]}
+
     def save_samples(
         self, outputs: Sequence[Any], directory: str | Path, fmt: Literal["gif", "png"] = "gif"
     ) -> list[Path]:

@@ -323,6 +323,19 @@ def load_config(
     return _build(Config, apply_overrides(raw, list(overrides or [])), "")
 
 
+def with_sampling(cfg: Config, sampling: SamplingParams) -> Config:
+    """`cfg` with the sampling parameters a run actually uses (its adapter's); refuses a
+    `[sampling]` key the user set that the adapter does not sample with (ignored silently,
+    it would be recorded in config.yaml as used)."""
+    for key, value in cfg.sampling.changed().items():
+        if getattr(sampling, key) != value:
+            raise ConfigError(
+                f"sampling.{key}={value!r} but the adapter samples with {getattr(sampling, key)!r}; "
+                "build the adapter from config.sampling, or remove the key"
+            )
+    return dataclasses.replace(cfg, sampling=sampling)
+
+
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     """Plain nested dict (tuples as lists) for YAML."""
 

@@ -18,11 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config.run import Config, save_config
+from ..config.run import Config, save_config, with_sampling
 from ..core import ADVANTAGES, AGGREGATIONS, compute_advantages
 from ..core.corrections import entropy_bonus
 from ..finetune import build_finetune
 from ..finetune.base import Finetune
+from ..generation.params import SamplingParams
 from ..io.data import PromptSampler
 from ..io.run_files import append_metrics, append_samples, progress
 from ..parallel import build_parallel
@@ -71,6 +72,8 @@ class Trainer:
         if finetune is None:
             want_ref = a.beta > 0 and reference is None
             finetune = build_finetune(model, config.finetune, want_ref, seed=t.seed)
+        if isinstance(getattr(adapter, "sampling", None), SamplingParams):
+            config = with_sampling(config, adapter.sampling)  # config.yaml: what is used
         self.cfg, self.adapter = config, adapter
         self.finetune, self.model = finetune, finetune.model
         if config.model.disable_dropout:  # training log-probs must match the sampler's
@@ -316,7 +319,9 @@ class Trainer:
         )
         if self.dist.is_main:
             save = getattr(self.adapter, "save_samples", None)
-            append_samples(self.run_dir, rollout, self.step, self.cfg.log.samples_per_step, save)
+            summarize = getattr(self.adapter, "summarize", None)
+            k = self.cfg.log.samples_per_step
+            append_samples(self.run_dir, rollout, self.step, k, save, summarize)
         return metrics
 
     def end_iteration(self) -> None:
