@@ -9,6 +9,9 @@ from typing import Any
 
 _PUBLIC = {
     "Adapter": "base",
+    "ADAPTERS": "registry",
+    "AdapterSpec": "registry",
+    "register_adapter": "registry",
     "TextAdapter": "text",
     "load_text_model": "text",
     "CodeGridAdapter": "code_grid",
