@@ -130,7 +130,7 @@ def import_adapter_module(module: str, path: str = "") -> None:
             sys.path.insert(0, folder)
     cwd = os.getcwd()
     saved = list(sys.path)
-    sys.path[:] = [p for p in saved if os.path.abspath(p or ".") != cwd or p == folder]
+    sys.path[:] = [p for p in saved if os.path.abspath(p or ".") != cwd or (folder and p == folder)]
     try:
         importlib.import_module(module)
     except ModuleNotFoundError as e:

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..errors import ConfigError
+
 NEG_INF = float("-inf")
 
 
@@ -123,7 +125,7 @@ class SamplingParams:
         given = self.changed()
         for key, (value, why) in fixed.items():
             if key in given and _plain(given[key]) != _plain(value):
-                raise ValueError(
+                raise ConfigError(
                     f"sampling.{key}={_plain(given[key])} conflicts with {why}; remove it "
                     f"(the adapter sets {_plain(value)})"
                 )
