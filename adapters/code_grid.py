@@ -69,6 +69,7 @@ class ClassCondition:
         self.max_token_id = max([*self.bos, self.null, class_offset + num_classes - 1])
 
     def tokens(self, entry: Entry) -> list[int]:
+        """The conditional prefix of `entry` (its prompt is a class id)."""
         c = entry.prompt
         if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < self.num_classes:
             raise ValueError(
@@ -119,6 +120,7 @@ class TextCondition:
         return list(ids)
 
     def tokens(self, entry: Entry) -> list[int]:
+        """The conditional prefix of `entry` (its prompt is a string)."""
         if not isinstance(entry.prompt, str):
             raise ValueError(f"text-conditional prompts are strings, got {entry.prompt!r}")
         return self._encode(entry.prompt)

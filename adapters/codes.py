@@ -75,6 +75,7 @@ class CodeLayout:
 
     @property
     def num_codes(self) -> int:
+        """Codes per sample (the product of the grid)."""
         return math.prod(self.grid)
 
     @property

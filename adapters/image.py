@@ -76,6 +76,7 @@ class ImageAdapter(CodeGridAdapter):
 
     @property
     def image_prefix_ids(self) -> list[int]:
+        """Tokens after the condition in both CFG branches (e.g. <begin_of_image>)."""
         return self.prefix_ids
 
     def decode(self, rollout: Rollout) -> list[Any]:

@@ -71,10 +71,12 @@ class VQDecoder(ABC):
 
     @property
     def device(self) -> torch.device:
+        """Where the tokenizer's weights are."""
         return next(self.model.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
+        """The tokenizer's parameter dtype."""
         return next(self.model.parameters()).dtype
 
     def check_grid(self, grid: Sequence[int]) -> None:

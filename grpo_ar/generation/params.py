@@ -103,6 +103,7 @@ class SamplingParams:
 
     @property
     def uses_cfg(self) -> bool:
+        """Whether classifier-free guidance is on (cfg_scale != 1)."""
         return self.cfg_scale != 1.0
 
     def filters_on(self) -> bool:

@@ -292,6 +292,7 @@ class Trainer:
                 self.reference.mix(self.model, a.reference_mix_alpha)
 
     def train_step(self) -> dict[str, float]:
+        """One GRPO step: sample and score a batch of groups, μ optimizer passes; its metrics."""
         stats = StepStats()
         start = time.perf_counter()
         rollout = self.generate(self.prompts.next_batch(), stats)
@@ -332,6 +333,10 @@ class Trainer:
 
     # -- the run -----------------------------------------------------------------------------
     def train(self) -> list[dict[str, float]]:
+        """Run the remaining steps of `config.trainer.steps`: writes config.yaml (the sampling
+        parameters actually used), metrics.jsonl, samples.jsonl and checkpoints under
+        `config.log.run_dir`, evaluates on the held-out entries at the start and end (and every
+        `eval_every` steps); returns each step's metrics."""
         t = self.cfg.trainer
         if self.dist.is_main:
             save_config(self.cfg, self.run_dir / "config.yaml")
