@@ -26,11 +26,14 @@ def undocumented(obj) -> list[str]:
                 continue
             raw = inspect.getattr_static(obj, key)
             if isinstance(raw, property):
-                doc = inspect.getdoc(raw)
+                fn, doc = raw.fget, inspect.getdoc(raw)
             elif inspect.isfunction(raw) or isinstance(raw, (staticmethod, classmethod)):
-                doc = inspect.getdoc(getattr(obj, key))
+                fn, doc = getattr(obj, key), inspect.getdoc(getattr(obj, key))
             else:
                 continue  # data: fields and constants
+            home = getattr(fn, "__module__", None) or ""
+            if home != obj.__module__ and not home.startswith("grpo_ar"):
+                continue  # inherited from torch / lightning: theirs to document
             if not (doc or "").strip():
                 missing.append(key)
     return missing
