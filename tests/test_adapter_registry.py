@@ -217,3 +217,17 @@ def test_impose_refuses_only_keys_the_user_set_otherwise():
     assert SamplingParams(allowed_ranges=((8, 24),)).impose(ranges).allowed_ranges == ((8, 24),)
     with pytest.raises(ConfigError, match=r"allowed_ranges=\[\[0, 24\]\] conflicts"):
         SamplingParams(allowed_ranges=((0, 24),)).impose(ranges)
+
+
+def test_an_installed_entry_point_registers_its_adapter(user_module, tmp_path):
+    folder = user_module("sketch_ep_pkg", "sketch_ep")
+    info = tmp_path / "sketch_ep-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: sketch-ep\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[grpo_ar.adapters]\nsketch_ep = sketch_ep_pkg\n")
+    sys.path.insert(0, folder)  # as if installed: on sys.path with its metadata
+    assert "sketch_ep" not in ADAPTERS._fns
+    cfg = load_config(None, ["model.adapter=sketch_ep", "sketch_ep.width=7"])
+    assert cfg.adapter_config.width == 7 and ADAPTERS["sketch_ep"].config_cls.__name__ == (
+        "SketchConfig"
+    )
