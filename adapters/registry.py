@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import torch
 
-from grpo_ar.config.modality import CodeGridConfig, ImageConfig, VideoConfig
+from grpo_ar.config.modality import ImageConfig, VideoConfig
 from grpo_ar.core.registry import Registry, same_definition
 from grpo_ar.errors import ConfigError
 
@@ -180,7 +180,7 @@ def build_video(
 
 
 def build_code_grid(
-    config: Any, sec: CodeGridConfig, device: str, dtype: torch.dtype
+    config: Any, sec: ImageConfig | VideoConfig, device: str, dtype: torch.dtype
 ) -> tuple[Any, Adapter]:
     """The LM from model.path, the VQ tokenizer and condition from an [image] / [video] section."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -205,11 +205,12 @@ def build_code_grid(
     else:
         tok = AutoTokenizer.from_pretrained(config.model.path)
         cond = TextCondition(tok, sec.prompt_template, sec.uncond, sec.negative_prompt)
-    cls = VideoAdapter if isinstance(sec, VideoConfig) else ImageAdapter
-    prefix = sec.video_prefix_ids if isinstance(sec, VideoConfig) else sec.image_prefix_ids  # type: ignore[attr-defined]
+    video = isinstance(sec, VideoConfig)
+    cls = VideoAdapter if video else ImageAdapter
+    prefix = sec.video_prefix_ids if video else sec.image_prefix_ids
     adapter = cls(
-        decoder, config.sampling, sec.grid, sec.code_offset, cond, prefix,  # type: ignore[attr-defined]
-        cfg_train=sec.cfg_train, detach_uncond=sec.detach_uncond, output=sec.output,  # type: ignore[attr-defined]
+        decoder, config.sampling, sec.grid, sec.code_offset, cond, prefix,
+        cfg_train=sec.cfg_train, detach_uncond=sec.detach_uncond, output=sec.output,
         decode_batch_size=sec.decode_batch_size, eol_token_id=sec.eol_token_id,
         eof_token_id=sec.eof_token_id,
     )  # fmt: skip
