@@ -231,3 +231,44 @@ def test_an_installed_entry_point_registers_its_adapter(user_module, tmp_path):
     assert cfg.adapter_config.width == 7 and ADAPTERS["sketch_ep"].config_cls.__name__ == (
         "SketchConfig"
     )
+
+
+class SixDigits(Adapter):
+    """Fixes six digits of output; everything else of `sampling` is the user's."""
+
+    def __init__(self, sampling):
+        fixed = {
+            "max_new_tokens": (6, "six digits"),
+            "allowed_ranges": (((0, 10),), "the digits [0, 10)"),
+        }
+        super().__init__(sampling.impose(fixed))
+
+    def encode(self, entries):
+        raise NotImplementedError
+
+    def decode(self, rollout):
+        raise NotImplementedError
+
+
+def test_the_trainer_uses_the_adapters_sampling_and_refuses_an_ignored_key(tmp_path):
+    from grpo_ar import Trainer, load_rows, register_reward
+    from tiny import tiny_llama
+
+    @register_reward("sketch_zero")
+    @per_sample
+    def sketch_zero(digits) -> float:
+        return 0.0
+
+    rows = load_rows([{"prompt": 1, "rewards": {"sketch_zero": {}}}])
+    over = [f"log.run_dir={tmp_path}", "sampling.temperature=0.7", "trainer.batch_size=1"]
+    cfg = load_config(None, over)
+    model = tiny_llama(vocab_size=12)
+    tr = Trainer(cfg, model, SixDigits(cfg.sampling), rows)
+    # what config.yaml will record: the user's temperature and the adapter's fixed keys
+    assert tr.cfg.sampling == SamplingParams(
+        temperature=0.7, max_new_tokens=6, allowed_ranges=((0, 10),)
+    )
+    with pytest.raises(
+        ConfigError, match="sampling.temperature=0.7 but the adapter samples with 1.0"
+    ):
+        Trainer(cfg, model, SixDigits(SamplingParams()), rows)  # built without the config's
