@@ -8,6 +8,7 @@ rollout equals the rollout's `sampling_logp` (the invariant the trainer relies o
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
@@ -55,3 +56,33 @@ class Adapter(ABC):
     def output_lengths(self, rollout: Rollout) -> list[int]:
         """Completion length of each sample in tokens (for length-based rewards)."""
         return rollout.lengths.tolist()
+
+    def summarize(self, output: Any) -> Any:
+        """What samples.jsonl shows for one decoded output (JSON): strings and numbers as they
+        are, arrays and tensors as {"shape", "dtype"}, images as {"image": [H, W]}, short lists
+        and dicts item by item, anything else as a short repr. Override for a better view;
+        adapters with `save_samples(outputs, directory)` have their outputs written as files
+        and referenced by path instead."""
+        return summary(output)
+
+
+def summary(x: Any, depth: int = 0) -> Any:
+    """A short JSON value describing `x` (see `Adapter.summarize`); never a long repr."""
+    if x is None or isinstance(x, (bool, int, str)):
+        return x
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if hasattr(x, "shape") and hasattr(x, "dtype"):  # tensors, arrays
+        if getattr(x, "ndim", None) == 0:
+            return summary(x.item(), depth)
+        return {"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")}
+    if hasattr(x, "size") and hasattr(x, "mode") and hasattr(x, "getpixel"):  # PIL images
+        return {"image": [x.size[1], x.size[0]]}
+    if isinstance(x, dict) and depth < 2 and len(x) <= 16:
+        return {str(k): summary(v, depth + 1) for k, v in x.items()}
+    if isinstance(x, (list, tuple)) and depth < 2 and len(x) <= 16:
+        return [summary(v, depth + 1) for v in x]
+    if isinstance(x, (list, tuple, dict)):
+        return {type(x).__name__: len(x)}
+    text = repr(x)
+    return text if len(text) <= 80 else text[:77] + "..."

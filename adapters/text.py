@@ -39,7 +39,8 @@ class TextAdapter(Adapter):
         tokenizer.padding_side = "left"
         if not sampling.eos_token_ids and tokenizer.eos_token_id is not None:
             sampling = replace(sampling, eos_token_ids=(tokenizer.eos_token_id,))
-        sampling = replace(sampling, pad_token_id=tokenizer.pad_token_id)
+        pad = tokenizer.pad_token_id
+        sampling = sampling.impose({"pad_token_id": (pad, f"the tokenizer's pad token {pad}")})
         super().__init__(sampling)
         self.tokenizer = tokenizer
         self.chat_template = chat_template

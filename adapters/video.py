@@ -1,6 +1,6 @@
 """AR video adapter: a causal LM over video codes, conditioned by prefix tokens, with CFG.
 
-Everything but the layout is the image adapter's (`image.CodeGridAdapter`: class/text conditions
+Everything but the layout is shared with images (`code_grid.CodeGridAdapter`: class/text conditions
 and their CFG-unconditional prompts, fixed-length sampling inside the codebook, the CFG-scale
 record, `cfg_train` same|conditional, chunked decoding). A clip is a (t, h, w) grid of codes in
 raster order, tokens `b (t h w)`, decoded by any `VQDecoder` of rank-3 grids:
@@ -28,8 +28,9 @@ from torch import Tensor
 from grpo_ar.generation.params import SamplingParams
 from grpo_ar.types import Rollout
 
-from .image import ClassCondition, CodeGridAdapter, TextCondition
-from .vq import CodeLayout, VQDecoder, to_uint8
+from .code_grid import ClassCondition, CodeGridAdapter, TextCondition
+from .codes import CodeLayout, to_uint8
+from .vq import VQDecoder
 
 
 class VideoAdapter(CodeGridAdapter):
@@ -82,6 +83,11 @@ class VideoAdapter(CodeGridAdapter):
         """One clip per sample: (F, H, W, 3) uint8, or (F, 3, H, W) float in [0, 1]."""
         unit = self.decode_pixels(rollout)  # (N, F, 3, H, W)
         return list(unit) if self.output == "float" else list(to_uint8(unit))
+
+    def summarize(self, output: Any) -> dict[str, list[int]]:
+        """{"clip": [F, H, W]} for a decoded clip of either `output` kind."""
+        f, h, w, _ = clip_frames(output).shape
+        return {"clip": [f, h, w]}
 
     def save_samples(
         self, outputs: Sequence[Any], directory: str | Path, fmt: Literal["gif", "png"] = "gif"

@@ -19,6 +19,7 @@ _PUBLIC = {
     "load_config": "grpo_ar.config",
     "FinetuneConfig": "grpo_ar.finetune",
     "build_finetune": "grpo_ar.finetune",
+    "GRPOModule": "grpo_ar.parallel.lightning",  # needs the `lightning` extra
     # data and rewards
     "Entry": "grpo_ar.types",
     "load_rows": "grpo_ar.io.data",

@@ -24,69 +24,21 @@ def _device(name: str) -> str:
 
 
 def build_model_and_adapter(cfg: Config) -> tuple[Any, Any]:
-    """Load the configured model and its modality adapter."""
+    """Load the configured model and its modality adapter: the builder `model.adapter` names in
+    `grpo_ar.adapters.ADAPTERS`, given the adapter's own section ([image], [video], ...)."""
     import torch
+
+    from .adapters.registry import ADAPTERS
 
     if not cfg.model.path:
         raise ConfigError(
             "model.path is empty: give a local folder or hub id of the model to train"
         )
+    build = ADAPTERS[cfg.model.adapter].build
     dtype = getattr(torch, cfg.model.dtype)
-    if cfg.model.adapter == "image":
-        return _build_code_grid(cfg, dtype, "image")
-    if cfg.model.adapter == "video":
-        return _build_code_grid(cfg, dtype, "video")
-    if cfg.model.adapter != "text":
-        raise ConfigError(f"model.adapter={cfg.model.adapter!r}: use text, image or video")
-    from .adapters.text import TextAdapter, load_text_model
-
-    model, tok = load_text_model(cfg.model.path, dtype=dtype, device=_device(cfg.model.device))
+    model, adapter = build(cfg, cfg.adapter_section, _device(cfg.model.device), dtype)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    adapter = TextAdapter(
-        tok,
-        cfg.sampling,
-        chat_template=cfg.model.chat_template,
-        max_prompt_tokens=cfg.model.max_prompt_tokens,
-        system_prompt=cfg.model.system_prompt,
-    )
-    return model, adapter
-
-
-def _build_code_grid(cfg: Config, dtype: Any, kind: str) -> tuple[Any, Any]:
-    """An AR image / video model: the LM from model.path, the VQ tokenizer and condition from
-    the [image] / [video] section."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .adapters.image import ClassCondition, ImageAdapter, TextCondition
-    from .adapters.video import VideoAdapter
-    from .adapters.vq import load_vq_decoder
-
-    sec, device = getattr(cfg, kind), _device(cfg.model.device)
-    if not sec.decoder_path:
-        raise ConfigError(f"{kind}.decoder_path is empty: give the folder of the VQ tokenizer")
-    model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=dtype).to(device)
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    kw: dict[str, Any] = {"subfolder": sec.decoder_subfolder} if sec.decoder_subfolder else {}
-    if kind == "video":
-        kw["per_frame"] = sec.frame_wise
-    decoder = load_vq_decoder(sec.decoder, sec.decoder_path, device=device, **kw)  # fp32 decode
-    if sec.condition == "class":
-        cond = ClassCondition(
-            sec.class_offset, sec.num_classes, sec.bos_token_id, sec.null_class_token
-        )
-    else:
-        tok = AutoTokenizer.from_pretrained(cfg.model.path)
-        cond = TextCondition(tok, sec.prompt_template, sec.uncond, sec.negative_prompt)
-    cls = ImageAdapter if kind == "image" else VideoAdapter
-    prefix = sec.image_prefix_ids if kind == "image" else sec.video_prefix_ids
-    adapter = cls(
-        decoder, cfg.sampling, sec.grid, sec.code_offset, cond, prefix,
-        cfg_train=sec.cfg_train, detach_uncond=sec.detach_uncond, output=sec.output,
-        decode_batch_size=sec.decode_batch_size, eol_token_id=sec.eol_token_id,
-        eof_token_id=sec.eof_token_id,
-    )  # fmt: skip
     return model, adapter
 
 

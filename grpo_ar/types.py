@@ -85,6 +85,7 @@ class PromptBatch:
         )
 
     def to(self, device: torch.device | str) -> PromptBatch:
+        """The same prompts with every tensor on `device`."""
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return replace(
             self,

@@ -1,11 +1,15 @@
 """examples/audio_tones: the fourth modality, written only against the public API."""
 
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "audio_tones"
 sys.path.insert(0, str(EXAMPLE))
@@ -55,3 +59,55 @@ def test_the_example_trains_a_few_steps(tmp_path):
     assert 0 <= out["eval/greedy/reward/after"] <= 1
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) >= 2 and (tmp_path / "checkpoints" / "latest").exists()
+
+
+def tones_config(tmp_path, **extra_model):
+    """A TOML config training the tones adapter (registered outside the package) from a saved
+    tiny Llama: 2 steps of 2 prompts x 2 samples of 24-sample tones."""
+    run.tiny_model(0).save_pretrained(tmp_path / "model")
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in tones.tone_rows(8)))
+    model = {"path": str(tmp_path / "model"), "adapter": "tones", **extra_model}
+    table = lambda d: "".join(f"{k} = {json.dumps(v)}\n" for k, v in d.items())  # noqa: E731
+    text = (
+        f"[model]\n{table(model)}[tones]\nsamples = 24\n"
+        "[trainer]\nsteps = 2\nbatch_size = 2\nlr = 1e-3\nthreads = 1\n"
+        "[algorithm]\ngroup_size = 2\n"
+        f"[data]\ntrain = {json.dumps(str(data))}\n"
+        f"[log]\nrun_dir = {json.dumps(str(tmp_path / 'run'))}\nprogress = false\n"
+    )
+    path = tmp_path / "tones.toml"
+    path.write_text(text)
+    return path
+
+
+def test_grpo_ar_train_runs_the_tones_adapter_registered_outside_the_package(tmp_path):
+    cfg = tones_config(tmp_path, adapter_module="tones", adapter_path=str(EXAMPLE))
+    cli = Path(sys.executable).parent / "grpo-ar"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [str(cli), "train", str(cfg)], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+    used = yaml.safe_load((run_dir / "config.yaml").read_text())
+    # config.yaml records what the run sampled with: the adapter's fixed keys and the section
+    assert used["tones"] == {"samples": 24}
+    assert used["sampling"]["max_new_tokens"] == 24
+    assert used["sampling"]["allowed_ranges"] == [[0, 256]]
+    assert used["model"]["adapter_module"] == "tones"
+    rows = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
+    # Adapter.summarize: a (24,) waveform is its shape, not a 24-float repr
+    assert rows and all(r["output"] == {"shape": [24], "dtype": "float64"} for r in rows)
+
+
+def test_a_sampling_key_the_tones_adapter_fixes_is_refused(tmp_path, capsys):
+    from grpo_ar.cli import main
+
+    cfg = tones_config(tmp_path, adapter_module="tones", adapter_path=str(EXAMPLE))
+    assert main(["train", str(cfg), "--set", "sampling.max_new_tokens=5"]) == 2
+    err = capsys.readouterr().err
+    assert "sampling.max_new_tokens=5 conflicts with a tone of 24 mu-law samples" in err
+    assert "remove it" in err
+    assert not (tmp_path / "run" / "config.yaml").exists()  # refused before anything is written

@@ -211,9 +211,11 @@ def test_emu3_image_layout_sampled_scored_and_decoded(emu3):
 
 
 def test_emu3_layout_errors(emu3):
-    with pytest.raises(ValueError, match=r"exactly 29 tokens \(24 codes \+ 5 EOL/EOF\)"):
+    with pytest.raises(
+        ValueError, match=r"grid 4x6 = 24 codes \+ 5 EOL/EOF = 29 tokens; remove it"
+    ):
         emu3_adapter(emu3, sampling=SamplingParams(max_new_tokens=24))
-    with pytest.raises(ValueError, match="leave it empty"):
+    with pytest.raises(ValueError, match="conflicts with the EOL/EOF layout tokens' positions"):
         emu3_adapter(
             emu3, sampling=SamplingParams(max_new_tokens=N_TOK, position_ranges=((0, 8, 9),))
         )

@@ -104,12 +104,22 @@ def test_bad_prompts_and_settings_rejected(vq, tok):
         ImageAdapter(vq, params(cfg_scale=2.0), GRID, len(tok), empty).encode([Entry("a", ())])
     with pytest.raises(ValueError, match="null_token_id=3 is a class token"):
         ClassCondition(class_offset=2, num_classes=N_CLASSES, null_token_id=3)
-    with pytest.raises(ValueError, match="set sampling.max_new_tokens=24"):
-        class_adapter(vq, sampling=SamplingParams(max_new_tokens=64))
-    with pytest.raises(ValueError, match="fixed-length; leave sampling.eos_token_ids empty"):
+    with pytest.raises(
+        ValueError,
+        match=r"^sampling.max_new_tokens=5 conflicts with the image grid 4x6 = 24 tokens; remove it",
+    ):
+        class_adapter(vq, sampling=SamplingParams(max_new_tokens=5))
+    # left at its default, max_new_tokens is derived from the grid, not refused
+    assert class_adapter(vq, sampling=SamplingParams()).sampling.max_new_tokens == N_TOK
+    with pytest.raises(ValueError, match=r"eos_token_ids=\[2\] conflicts with fixed-length image"):
         class_adapter(vq, sampling=params(eos_token_ids=(2,)))
-    with pytest.raises(ValueError, match=r"differs from the codebook range \[8, 24\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"allowed_ranges=\[\[0, 24\]\] conflicts with the codebook range \[8, 24\)",
+    ):
         class_adapter(vq, sampling=params(allowed_ranges=((0, 24),)))
+    with pytest.raises(ValueError, match="min_new_tokens=3 conflicts with fixed-length image"):
+        class_adapter(vq, sampling=params(min_new_tokens=3))
     with pytest.raises(ValueError, match="cfg_train='both'"):
         class_adapter(vq, cfg_train="both")
     with pytest.raises(ValueError, match="only its 4×4 grid"):

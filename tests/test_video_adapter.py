@@ -285,9 +285,14 @@ def test_bad_grids_and_settings_rejected(decoders):
     cond = ClassCondition(class_offset=2, num_classes=4)
     with pytest.raises(ValueError, match=r"ImageAdapter takes an \(h, w\) code grid"):
         ImageAdapter(decoders["emu3"], SamplingParams(max_new_tokens=32), (2, 4, 4), OFFSET, cond)
-    with pytest.raises(ValueError, match=r"a clip of grid \(3, 4, 4\) is exactly 48 tokens"):
+    with pytest.raises(
+        ValueError,
+        match=r"max_new_tokens=16 conflicts with the clip grid 3x4x4 = 48 tokens; remove it",
+    ):
         adapter(dec, (3, 4, 4), sampling=SamplingParams(max_new_tokens=16))
-    with pytest.raises(ValueError, match="clip generation is fixed-length"):
+    with pytest.raises(
+        ValueError, match=r"eos_token_ids=\[2\] conflicts with fixed-length clip generation"
+    ):
         adapter(dec, (3, 4, 4), sampling=SamplingParams(max_new_tokens=48, eos_token_ids=(2,)))
     with pytest.raises(ValueError, match=r"DiffusersVQ decodes \(h, w\) images"):
         adapter(DiffusersVQ(tiny_vqmodel()), (3, 4, 4))

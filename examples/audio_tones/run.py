@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         load_rows(tone_rows(256, args.seed)),
         load_rows(tone_rows(64, 10**6 + args.seed)),
     )
-    trainer = Trainer(cfg, model, ToneAdapter(), train, held_out)
+    trainer = Trainer(cfg, model, ToneAdapter(cfg.sampling), train, held_out)
     before = {**trainer.evaluate(held_out), **trainer.evaluate(held_out, greedy=False, samples=4)}
     trainer.train()
     after = {**trainer.evaluate(held_out), **trainer.evaluate(held_out, greedy=False, samples=4)}

@@ -1,14 +1,17 @@
 """A fourth modality on the public API only: 8-bit mu-law audio (WaveNet's tokenisation) with a
 reward from the FFT peak's distance to the prompted pitch. Token ids: 0..255 mu-law codes, 256 BOS,
-257.. one token per pitch. A prompt is a pitch index; a completion is N_SAMPLES codes."""
+257.. one token per pitch. A prompt is a pitch index; a completion is N_SAMPLES codes.
+Registered as adapter "tones" for `grpo-ar train` (model.adapter_module = "tones")."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from grpo_ar import PromptBatch, Rollout, SamplingParams, per_sample, register_reward
-from grpo_ar.adapters import Adapter
+from grpo_ar import ConfigError, PromptBatch, Rollout, SamplingParams, per_sample, register_reward
+from grpo_ar.adapters import Adapter, register_adapter
 
 MU, RATE, N_SAMPLES = 255, 8000, 64
 BOS, PITCH0 = 256, 257
@@ -29,19 +32,17 @@ def mu_law_decode(codes: np.ndarray) -> np.ndarray:
 
 
 class ToneAdapter(Adapter):
-    """Prompt = [BOS, pitch token]; sampling restricted to the 256 codes, fixed length, no EOS."""
+    """Prompt = [BOS, pitch token]; sampling restricted to the 256 codes, fixed length, no EOS.
+    The rest of `sampling` (temperature, top-p, ...) is the user's; a key that contradicts the
+    three fixed ones is refused."""
 
-    def __init__(self, sampling: SamplingParams | None = None) -> None:
-        base = sampling or SamplingParams()
-        super().__init__(
-            SamplingParams(
-                max_new_tokens=N_SAMPLES,
-                temperature=base.temperature,
-                top_p=base.top_p,
-                allowed_ranges=((0, MU + 1),),
-                eos_token_ids=(),
-            )
-        )
+    def __init__(self, sampling: SamplingParams | None = None, samples: int = N_SAMPLES) -> None:
+        fixed = {
+            "max_new_tokens": (samples, f"a tone of {samples} mu-law samples (tones.samples)"),
+            "allowed_ranges": (((0, MU + 1),), f"the mu-law codes [0, {MU + 1})"),
+            "eos_token_ids": ((), "fixed-length tones (no EOS)"),
+        }
+        super().__init__((sampling or SamplingParams()).impose(fixed))
 
     def encode(self, entries):
         for e in entries:
@@ -52,6 +53,28 @@ class ToneAdapter(Adapter):
 
     def decode(self, rollout: Rollout) -> list[np.ndarray]:
         return [mu_law_decode(row) for row in rollout.completion_ids.cpu().numpy()]
+
+
+@dataclass(frozen=True)
+class ToneConfig:
+    """The [tones] table of a config (model.adapter = "tones")."""
+
+    samples: int = N_SAMPLES
+    """mu-law samples per tone (completion tokens); a pitch is cycles per tone."""
+
+    def __post_init__(self) -> None:
+        if self.samples < 2 * max(PITCHES) + 2:
+            raise ConfigError(f"tones.samples={self.samples}: need >= {2 * max(PITCHES) + 2}")
+
+
+@register_adapter("tones", ToneConfig)
+def build_tones(config, section: ToneConfig, device: str, dtype: torch.dtype):
+    """`grpo-ar train` with model.adapter = "tones": a causal LM over the tone vocabulary from
+    model.path, the adapter from [sampling] and [tones]."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(config.model.path, dtype=dtype).to(device)
+    return model, ToneAdapter(config.sampling, section.samples)
 
 
 @register_reward("tone_pitch")

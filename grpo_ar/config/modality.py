@@ -79,7 +79,7 @@ class ImageConfig(CodeGridConfig):
     outputs: ClassVar[tuple[str, ...]] = ("pil", "uint8", "float")
 
     grid: list[int] = field(default_factory=lambda: [16, 16])
-    """Codes per image [h, w]; sampling.max_new_tokens must be h*w (h*(w+1)+1 with EOL/EOF)."""
+    """Codes per image [h, w]; sets sampling.max_new_tokens to h*w (h*(w+1)+1 with EOL/EOF)."""
     image_prefix_ids: list[int] = field(default_factory=list)
     """Tokens after the condition in both CFG branches (e.g. <begin_of_image>)."""
     output: str = "pil"
@@ -98,7 +98,7 @@ class VideoConfig(CodeGridConfig):
     rank: ClassVar[int] = 3
 
     grid: list[int] = field(default_factory=lambda: [4, 8, 8])
-    """Codes per clip [t, h, w]; sampling.max_new_tokens must be t*h*w (t*(h*(w+1)+1) with
+    """Codes per clip [t, h, w]; sets sampling.max_new_tokens to t*h*w (t*(h*(w+1)+1) with
     Emu3's EOL/EOF layout); the tokenizer must be able to take the frame count."""
     per_frame: bool | None = None
     """Apply an image tokenizer frame by frame (tokens b (f h w)); None: yes for the 2D ones

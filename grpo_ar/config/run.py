@@ -53,7 +53,16 @@ class ModelConfig:
     path: str = ""
     """Local folder or hub id of a transformers model (empty when the script builds the model)."""
     adapter: str = "text"
-    """Modality adapter: text, image or video (the [image] / [video] section configures it)."""
+    """Modality adapter, a name in grpo_ar.adapters.ADAPTERS: text, image, video, or one a
+    module registers (model.adapter_module); its own section ([image], [video], ...) configures
+    it."""
+    adapter_module: str = ""
+    """Module imported first that registers model.adapter (e.g. "audio_tones.tones"); a config
+    is trusted like code. Found on sys.path, not in the working directory unless adapter_path
+    names it."""
+    adapter_path: str = ""
+    """Folder put first on sys.path to import adapter_module from (e.g. "examples/audio_tones",
+    or "." for the working directory); relative to the working directory."""
     dtype: str = "float32"
     """Parameter dtype: float32 (default), bfloat16 or float16."""
     device: str = "auto"
@@ -70,9 +79,18 @@ class ModelConfig:
     """Recompute activations in backward to save memory."""
 
     def __post_init__(self) -> None:
+        from ..adapters.registry import ADAPTERS, import_adapter_module  # it reads config.modality
+
+        if self.adapter_module:
+            import_adapter_module(self.adapter_module, self.adapter_path)
         _need(
-            self.adapter in ("text", "image", "video"),
-            f"model.adapter={self.adapter!r}: use text, image or video",
+            self.adapter in ADAPTERS,
+            f"model.adapter={self.adapter!r}: use one of {', '.join(sorted(ADAPTERS))}"
+            + (
+                f" (model.adapter_module={self.adapter_module!r} registered no {self.adapter!r})"
+                if self.adapter_module
+                else "; an adapter registered outside grpo_ar needs model.adapter_module"
+            ),
         )
         _need(
             self.dtype in ("float32", "bfloat16", "float16"),
@@ -208,6 +226,41 @@ class Config:
     image: ImageConfig = field(default_factory=ImageConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    adapter_config: Any = None
+    """The section of a registered adapter that has no field here (e.g. [tones]), parsed by
+    its config class; written to config.yaml under the adapter's name."""
+
+    @property
+    def adapter_section(self) -> Any:
+        """The selected adapter's own section: [image] / [video] or `adapter_config`."""
+        name = self.model.adapter
+        return getattr(self, name) if name in _FIELDS else self.adapter_config
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(Config) if f.name != "adapter_config")
+
+
+def _build_config(raw: Any) -> Config:
+    """[model] first (it may import the module registering its adapter), then the rest; the
+    adapter's own table when Config has no field for it (its registered config class)."""
+    from ..adapters.registry import ADAPTERS
+
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config must be a table/mapping, got {type(raw).__name__}")
+    raw = dict(raw)
+    model = _build(ModelConfig, raw.pop("model", {}), "model")
+    spec = ADAPTERS[model.adapter]
+    own = spec.name if spec.config_cls is not None and spec.name not in _FIELDS else None
+    for key in sorted(set(raw) - set(_FIELDS) - {own}):
+        other = (
+            f" ([{key}] configures adapter {key!r}, not {model.adapter!r})"
+            if key in ADAPTERS
+            else ""
+        )
+        valid = ", ".join(sorted([*_FIELDS, *([own] if own else [])]))
+        raise ConfigError(f"unknown key {key}{other}; valid keys: {valid}")
+    section = _build(spec.config_cls, raw.pop(own, {}), own) if own else None
+    return dataclasses.replace(_build(Config, raw, ""), model=model, adapter_config=section)
 
 
 def _build(cls: type, raw: Any, where: str) -> Any:
@@ -320,7 +373,20 @@ def load_config(
         raw[k] = (
             {**raw.get(k, {}), **v} if isinstance(v, dict) and isinstance(raw.get(k), dict) else v
         )
-    return _build(Config, apply_overrides(raw, list(overrides or [])), "")
+    return _build_config(apply_overrides(raw, list(overrides or [])))
+
+
+def with_sampling(cfg: Config, sampling: SamplingParams) -> Config:
+    """`cfg` with the sampling parameters a run actually uses (its adapter's); refuses a
+    `[sampling]` key the user set that the adapter does not sample with (ignored silently,
+    it would be recorded in config.yaml as used)."""
+    for key, value in cfg.sampling.changed().items():
+        if getattr(sampling, key) != value:
+            raise ConfigError(
+                f"sampling.{key}={value!r} but the adapter samples with {getattr(sampling, key)!r}; "
+                "build the adapter from config.sampling, or remove the key"
+            )
+    return dataclasses.replace(cfg, sampling=sampling)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -333,7 +399,12 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
             return {k: plain(v) for k, v in x.items()}
         return x
 
-    return plain(dataclasses.asdict(cfg))
+    out = plain(dataclasses.asdict(cfg))
+    if isinstance(cfg, Config):  # the adapter's own table under its name, as it was read
+        section = out.pop("adapter_config")
+        if section is not None:
+            out[cfg.model.adapter] = section
+    return out
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -71,3 +71,25 @@ class Registry(Mapping[str, Callable[..., Any]]):
                 f"{where}: {self.kind} {name!r} takes no option {', '.join(map(repr, unknown))}; "
                 f"valid options: {', '.join(sorted(valid)) or '(none)'}"
             )
+
+
+def same_definition(a: Any, b: Any) -> bool:
+    """Whether `a` and `b` are one definition evaluated twice: a module both run and imported,
+    a notebook cell run again. Same qualified name and same code (decorator wrappers unwrapped;
+    for classes, the code of every method); a changed body or another function is different."""
+    a, b = inspect.unwrap(a), inspect.unwrap(b)
+    if a is b:
+        return True
+    if getattr(a, "__qualname__", None) != getattr(b, "__qualname__", None):
+        return False
+    if inspect.isclass(a) and inspect.isclass(b):
+        code = lambda c: {k: v.__code__ for k, v in vars(c).items() if hasattr(v, "__code__")}  # noqa: E731
+        return code(a) == code(b)
+    if getattr(a, "__code__", None) is None or a.__code__ != getattr(b, "__code__", None):
+        return False
+    cells = lambda f: [c.cell_contents for c in f.__closure__ or ()]  # noqa: E731
+    try:  # a factory's functions share code; their captured values tell them apart
+        same_values = cells(a) == cells(b)
+    except Exception:  # values without a usable ==
+        same_values = False
+    return same_values and (a.__defaults__, a.__kwdefaults__) == (b.__defaults__, b.__kwdefaults__)

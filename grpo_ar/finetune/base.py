@@ -125,10 +125,12 @@ class FinetuneConfig:
 
     @property
     def dora(self) -> bool:
+        """Whether the method decomposes weights (DoRA: algo "dora" or algo_args.dora_wd)."""
         return self.algo == "dora" or bool(self.algo_args.get("dora_wd", False))
 
     @property
     def use_bypass(self) -> bool:
+        """Whether LyCORIS runs in bypass mode (`bypass`, or the algorithm's default)."""
         if self.bypass is not None:
             return self.bypass
         return self.algo in _BYPASS and not self.dora

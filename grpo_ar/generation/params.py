@@ -4,17 +4,27 @@ draws from and teacher-forced scoring recomputes, so training log-probs equal th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from ..errors import ConfigError
 
 NEG_INF = float("-inf")
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How completions are sampled (and how their log-probs are recomputed for training)."""
+    """How completions are sampled (and how their log-probs are recomputed for training).
+
+    Token-id ranges are half-open: `(lo, hi)` allows `lo <= id < hi`. EOS (`eos_token_ids`) is
+    always allowed where sampling may end, even outside `allowed_ranges`. An adapter derives
+    what its modality fixes (lengths, code ranges, EOS, layout positions) with `impose`, which
+    refuses a field the user set to something else; `adapter.sampling` is then the one set of
+    parameters a run uses (the trainer writes it to config.yaml)."""
 
     max_new_tokens: int = 64
     """Completion budget in tokens."""
@@ -29,7 +39,7 @@ class SamplingParams:
     min_p: float = 0.0
     """Drop tokens below min_p × the top probability (0 = off)."""
     allowed_ranges: tuple[tuple[int, int], ...] = ()
-    """Half-open [lo, hi) token-id ranges that may be sampled (empty = all)."""
+    """Half-open [lo, hi) token-id ranges that may be sampled (empty = all); EOS stays allowed."""
     position_ranges: tuple[tuple[int, int, int], ...] = ()
     """(t, lo, hi): at completion position t only [lo, hi) may be sampled, in place of
     allowed_ranges (triples of one t form a union; EOS is not added). (t, x, x + 1) forces token x
@@ -93,10 +103,39 @@ class SamplingParams:
 
     @property
     def uses_cfg(self) -> bool:
+        """Whether classifier-free guidance is on (cfg_scale != 1)."""
         return self.cfg_scale != 1.0
 
     def filters_on(self) -> bool:
+        """Whether any of top-k / top-p / min-p is active."""
         return self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0
+
+    def changed(self) -> dict[str, Any]:
+        """The fields that differ from their defaults: what a user (or an adapter) set."""
+        base = SamplingParams()
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if _plain(getattr(self, f.name)) != _plain(getattr(base, f.name))
+        }
+
+    def impose(self, fixed: Mapping[str, tuple[Any, str]]) -> SamplingParams:
+        """These parameters with `fixed` = {field: (value, why)} set, as an adapter must; a field
+        set to another value than its default and `value` is refused, naming `why`:
+        `sampling.max_new_tokens=5 conflicts with the image grid 16x16 = 256 tokens; remove it`."""
+        given = self.changed()
+        for key, (value, why) in fixed.items():
+            if key in given and _plain(given[key]) != _plain(value):
+                raise ConfigError(
+                    f"sampling.{key}={_plain(given[key])} conflicts with {why}; remove it "
+                    f"(the adapter sets {_plain(value)})"
+                )
+        return replace(self, **{k: v for k, (v, _) in fixed.items()})
+
+
+def _plain(x: Any) -> Any:
+    """Tuples as lists, so a config's [[8, 24]] equals ((8, 24),) and messages read like TOML."""
+    return [_plain(v) for v in x] if isinstance(x, (tuple, list)) else x
 
 
 def allowed_mask(params: SamplingParams, vocab: int, device: torch.device) -> Tensor | None:

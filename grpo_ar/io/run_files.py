@@ -33,16 +33,22 @@ def append_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
 
 
 def append_samples(
-    run_dir: Path, rollout: Rollout, step: int, k: int, save: Callable | None = None
+    run_dir: Path,
+    rollout: Rollout,
+    step: int,
+    k: int,
+    save: Callable | None = None,
+    summarize: Callable[[Any], Any] | None = None,
 ) -> None:
     """The first `k` samples of a scored rollout (prompt, output, reward, advantage). Outputs
     that are not JSON (images, clips) are written by `save(outputs, directory) -> paths` (an
-    adapter's `save_samples`) under samples/step_N/ and referenced by path."""
+    adapter's `save_samples`) under samples/step_N/ and referenced by path; otherwise each is
+    shown as `summarize(output)` (an adapter's `summarize`: a short JSON value, never a repr)."""
     if k <= 0:
         return
     k = min(k, len(rollout))
     outputs, result = rollout.extras["outputs"][:k], rollout.extras["reward"]
-    shown: list[Any] = list(outputs)
+    shown: list[Any] = [summarize(o) for o in outputs] if summarize else list(outputs)
     if save is not None and not all(isinstance(o, str) for o in outputs):
         paths = save(outputs, run_dir / "samples" / f"step_{step:06d}")
         shown = [str(Path(p).relative_to(run_dir)) for p in paths]

@@ -24,8 +24,8 @@ from .base import (
     reward_metrics,
     validate_specs,
 )
-from .image import images_to_tensor
 from .judge import LLMJudge
+from .pixels import images_to_tensor
 from .text import (
     extract_answer,
     extract_number,

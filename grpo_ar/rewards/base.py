@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..core.registry import Registry
+from ..core.registry import Registry, same_definition
 from ..errors import DataError
 from ..types import Entry
 
@@ -105,7 +105,9 @@ class RewardRegistry(Registry):
         check: Callable[[Mapping[str, Any]], None] | None = None,
         setup_defaults: Mapping[str, Any] | None = None,
     ) -> Callable[[Any], Any]:
-        """Decorator. `per_sample` functions contribute their own required args and defaults."""
+        """Decorator. `per_sample` functions contribute their own required args and defaults.
+        Registering the same definition again under its name (a module both run and imported,
+        a notebook cell run twice) replaces it; another function under a taken name is refused."""
 
         def deco(obj: Any) -> Any:
             req, opts = tuple(required), defaults
@@ -113,6 +115,10 @@ class RewardRegistry(Registry):
                 req = tuple(dict.fromkeys((*req, *obj.__reward_required__)))
                 opts = obj.__reward_defaults__ if opts is None else opts
             rdef = RewardDef(name, obj, req, opts, check, dict(setup_defaults or {}))
+            old = self._fns.get(name)
+            if old is not None and same_reward(old, rdef):
+                self._fns[name] = rdef
+                return obj
             super(RewardRegistry, self).register(name)(rdef)
             return obj
 
@@ -123,6 +129,17 @@ class RewardRegistry(Registry):
     def options(self, name: str) -> dict[str, Any]:
         """Optional per-entry arguments of reward `name` with their defaults."""
         return dict(self[name].defaults or {})
+
+
+def same_reward(a: RewardDef, b: RewardDef) -> bool:
+    """One reward definition evaluated twice: same function or class (per_sample unwrapped),
+    same arguments and checks."""
+    fn = lambda d: getattr(d.obj, "per_sample", d.obj)  # noqa: E731
+    parts = lambda d: (d.required, d.defaults, d.setup_defaults)  # noqa: E731
+    checks = a.check is b.check or (
+        a.check is not None and b.check is not None and same_definition(a.check, b.check)
+    )
+    return same_definition(fn(a), fn(b)) and parts(a) == parts(b) and checks
 
 
 REWARDS = RewardRegistry()

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import REWARDS, RewardContext, RewardFn, RewardRegistry, register_reward
-from .image import ClipScore, check_text, image_to_tensor, map_images
+from .clip import ClipScore, check_text
+from .pixels import image_to_tensor, map_images
 
 
 def clip_to_tensor(clip: Any) -> Tensor:

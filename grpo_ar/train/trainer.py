@@ -18,11 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config.run import Config, save_config
+from ..config.run import Config, save_config, with_sampling
 from ..core import ADVANTAGES, AGGREGATIONS, compute_advantages
 from ..core.corrections import entropy_bonus
 from ..finetune import build_finetune
 from ..finetune.base import Finetune
+from ..generation.params import SamplingParams
 from ..io.data import PromptSampler
 from ..io.run_files import append_metrics, append_samples, progress
 from ..parallel import build_parallel
@@ -71,6 +72,8 @@ class Trainer:
         if finetune is None:
             want_ref = a.beta > 0 and reference is None
             finetune = build_finetune(model, config.finetune, want_ref, seed=t.seed)
+        if isinstance(getattr(adapter, "sampling", None), SamplingParams):
+            config = with_sampling(config, adapter.sampling)  # config.yaml: what is used
         self.cfg, self.adapter = config, adapter
         self.finetune, self.model = finetune, finetune.model
         if config.model.disable_dropout:  # training log-probs must match the sampler's
@@ -289,6 +292,7 @@ class Trainer:
                 self.reference.mix(self.model, a.reference_mix_alpha)
 
     def train_step(self) -> dict[str, float]:
+        """One GRPO step: sample and score a batch of groups, μ optimizer passes; its metrics."""
         stats = StepStats()
         start = time.perf_counter()
         rollout = self.generate(self.prompts.next_batch(), stats)
@@ -316,7 +320,9 @@ class Trainer:
         )
         if self.dist.is_main:
             save = getattr(self.adapter, "save_samples", None)
-            append_samples(self.run_dir, rollout, self.step, self.cfg.log.samples_per_step, save)
+            summarize = getattr(self.adapter, "summarize", None)
+            k = self.cfg.log.samples_per_step
+            append_samples(self.run_dir, rollout, self.step, k, save, summarize)
         return metrics
 
     def end_iteration(self) -> None:
@@ -327,6 +333,10 @@ class Trainer:
 
     # -- the run -----------------------------------------------------------------------------
     def train(self) -> list[dict[str, float]]:
+        """Run the remaining steps of `config.trainer.steps`: writes config.yaml (the sampling
+        parameters actually used), metrics.jsonl, samples.jsonl and checkpoints under
+        `config.log.run_dir`, evaluates on the held-out entries at the start and end (and every
+        `eval_every` steps); returns each step's metrics."""
         t = self.cfg.trainer
         if self.dist.is_main:
             save_config(self.cfg, self.run_dir / "config.yaml")
