@@ -24,6 +24,7 @@ the exchange carries the error, and every rank raises it.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
@@ -56,16 +57,18 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def init_distributed(device: str = "auto") -> torch.device:
+def init_distributed(device: str = "auto", timeout_s: float | None = None) -> torch.device:
     """Join the torchrun process group (nccl on CUDA, gloo on CPU) and return this rank's
-    device: `cuda:LOCAL_RANK` when CUDA is used, else cpu."""
+    device: `cuda:LOCAL_RANK` when CUDA is used, else cpu. `timeout_s` bounds every collective
+    (trainer.dist_timeout_s), so a stopped or hanging rank ends the job with an error."""
     local = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     where = torch.device("cuda", local) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(where)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        kw = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
+        dist.init_process_group("nccl" if use_cuda else "gloo", **kw)
     return where
 
 

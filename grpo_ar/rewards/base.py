@@ -238,6 +238,7 @@ class RewardComputer:
         self.fns: dict[str, RewardFn] = {}
         self.default_args: dict[str, dict[str, Any]] = {}
         self.failure_totals: dict[str, int] = {}
+        self.last_errors: dict[str, str] = {}  # the newest error of each reward, for the stop
         self._logged: set[tuple[str, str]] = set()
         for name in sorted(set(self.setup) | set(names)):
             self._build(name)
@@ -278,6 +279,7 @@ class RewardComputer:
             raw = raw.detach().cpu().reshape(-1).tolist() if isinstance(raw, Tensor) else list(raw)
         except Exception as e:
             msg = f"reward {name!r} failed on {n} samples, all count as failed: {_summary(e)}"
+            self.last_errors[name] = f"{type(e).__name__}: {e}"
             self._log_once(name, "raised", msg)
             return [math.nan] * n
         if len(raw) != n:

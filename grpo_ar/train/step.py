@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -21,17 +23,30 @@ from ..errors import ConfigError
 
 
 def import_object(path: str) -> Any:
-    """`package.module.Name` -> the object."""
+    """`package.module.Name` -> the object. A config is trusted like code (it names what is
+    imported), but the working directory is not searched (`python -m` puts it first on
+    sys.path), so a stray file there cannot shadow a package; GRPO_AR_IMPORT_CWD=1 allows it."""
     module, _, name = path.rpartition(".")
+    saved = list(sys.path)
+    if os.environ.get("GRPO_AR_IMPORT_CWD", "") in ("", "0"):
+        cwd = os.getcwd()
+        sys.path[:] = [p for p in sys.path if p not in ("", ".") and os.path.abspath(p) != cwd]
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError) as e:
         raise ConfigError(f"cannot import {path!r}: {e}") from None
+    finally:
+        sys.path[:] = saved
 
 
 def build_optimizer(model: torch.nn.Module, t: TrainerConfig) -> torch.optim.Optimizer:
     """Any torch.optim-style class by import path (the seed mentions SOAP, PSGD)."""
     cls = import_object(t.optimizer)
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise ConfigError(
+            f"trainer.optimizer={t.optimizer!r} is not a torch.optim.Optimizer class: name one, "
+            "e.g. torch.optim.AdamW"
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("the model has no trainable parameters")

@@ -21,6 +21,7 @@ from torch import Tensor
 from ..config.run import Config, save_config
 from ..core import ADVANTAGES, AGGREGATIONS, compute_advantages
 from ..core.corrections import entropy_bonus
+from ..errors import RunError
 from ..finetune import build_finetune
 from ..finetune.base import Finetune
 from ..io.data import PromptSampler
@@ -97,6 +98,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, t)
         self.scheduler = build_scheduler(self.optimizer, t, total=t.steps * a.grpo_iters)
         self.step = 0
+        self.saved_step = -1  # the step of the newest checkpoint this trainer wrote or loaded
         self.updates = 0  # optimizer steps taken (skipped ones not counted)
         self.bonus_on = a.entropy_coef > 0 or a.entropy_target is not None
         self.run_dir = Path(config.log.run_dir)
@@ -143,8 +145,23 @@ class Trainer:
         with stats.timer("reward"):
             outputs = self.adapter.decode(rollout)
             result = self.rewards(outputs, self._reward_context(rollout, g))
+        self._check_reward_failures(result)
         rollout.extras["outputs"] = outputs
         return rollout, result
+
+    def _check_reward_failures(self, result: Any) -> None:
+        """Stop rather than train on a batch the rewards mostly failed to score (their
+        advantages would be 0); runs on each rank's share, so the failing rank is named."""
+        limit = self.cfg.data.reward_max_failed_frac
+        failed, n = int(torch.isnan(result.total).sum()), len(result.total)
+        if n and failed / n > limit:
+            errors = getattr(self.rewards, "last_errors", {})
+            why = "; ".join(f"{k}: {v}" for k, v in errors.items()) or "no number returned"
+            raise RunError(
+                f"step {self.step + 1}: {failed} of {n} samples got no reward (more than "
+                f"data.reward_max_failed_frac={limit}): {why}. Fix the reward, or raise "
+                "data.reward_max_failed_frac to train on the rest"
+            )
 
     def _pad(self) -> int:
         return getattr(self.adapter, "sampling", self.cfg.sampling).pad_token_id or 0
@@ -328,9 +345,12 @@ class Trainer:
     # -- the run -----------------------------------------------------------------------------
     def train(self) -> list[dict[str, float]]:
         t = self.cfg.trainer
+        history: list[dict[str, float]] = []
+        if self.step >= t.steps and self.saved_step == self.step:
+            log.info("the run is complete (step %d of %d): nothing to do", self.step, t.steps)
+            return history
         if self.dist.is_main:
             save_config(self.cfg, self.run_dir / "config.yaml")
-        history = []
         if self.eval_entries and self.step == 0:
             self._log({"step": 0, **self.evaluate(self.eval_entries)})
         bar = progress(self.cfg.log.progress and self.dist.is_main, t.steps, self.step)
@@ -343,9 +363,9 @@ class Trainer:
                 and self.step < t.steps
             ):
                 metrics.update(self.evaluate(self.eval_entries))
-            if t.save_every and self.step % t.save_every == 0:
-                self.save()
-            self._log(metrics)
+            self._log(metrics)  # before the checkpoint: resume truncates rows after it
+            if t.save_every and self.step % t.save_every == 0 and self.step < t.steps:
+                self.save()  # the final step is saved once, below
             history.append(metrics)
             if bar is not None:
                 bar.update(1)
