@@ -32,7 +32,10 @@ BAD_INPUT, FAULT = 2, 1
 
 def is_disk_full(e: BaseException) -> bool:
     """ENOSPC, also as safetensors reports it (a message without errno or file)."""
-    return (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "os error 28" in str(e)
+    text = str(e)
+    return (isinstance(e, OSError) and e.errno == errno.ENOSPC) or (
+        "os error 28" in text or "code: 28," in text or "No space left on device" in text
+    )
 
 
 def explain(e: BaseException) -> tuple[int, str]:

@@ -149,6 +149,7 @@ def per_sample(fn: Callable[..., float | None]) -> RewardFn:
             try:
                 out.append(fn(o, **a))
             except Exception as e:  # one odd output must not sink its batch-mates
+                batch.last_error = f"{type(e).__name__}: {e}"  # type: ignore[attr-defined]
                 if not logged:
                     logged.append(e)
                     msg = "reward %s failed on a sample (logged once): %s"
@@ -290,6 +291,7 @@ class RewardComputer:
         bad = [v for v, f in zip(raw, vals) if math.isnan(f)]
         if bad:
             msg = f"reward {name!r} gave {len(bad)} of {n} samples no finite score, e.g. {bad[0]!r}"
+            self.last_errors[name] = getattr(self.fns[name], "last_error", None) or msg
             self._log_once(name, "value", msg + "; they count as failed", logging.WARNING)
         return vals
 
