@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, RunError
 from ..types import PromptBatch, Rollout
 
 STRATEGIES = ("auto", "none", "ddp", "fsdp2")
@@ -293,7 +293,8 @@ class DataParallel(Parallel):
             rollout, result = fn(shard_prompts(prompts, first, count))
             payload: tuple = (None, move_rollout(rollout, "cpu"), result)
         except Exception as e:  # every rank must reach the exchange, or the others hang
-            error, payload = e, (f"{type(e).__name__}: {e}", None, None)
+            why = str(e) if isinstance(e, RunError) else f"{type(e).__name__}: {e}"
+            error, payload = e, (why, None, None)
         parts: list[Any] = [None] * self.size
         dist.all_gather_object(parts, payload)
         failed = [(r, p[0]) for r, p in enumerate(parts) if p[0] is not None]
@@ -301,7 +302,7 @@ class DataParallel(Parallel):
             raise error
         if failed:
             rank, msg = failed[0]
-            raise RuntimeError(f"rank {rank} failed while sampling or scoring: {msg}")
+            raise RunError(f"rank {rank} failed while sampling or scoring: {msg}")
         rollouts = [p[1] for p in parts]
         joined = concat_rollouts(rollouts, pad)
         joined.extras = {k: v for k, v in rollouts[0].extras.items() if k != "outputs"}
