@@ -102,6 +102,6 @@ def test_a_reward_failing_on_one_rank_stops_the_job_with_its_error(ws, tmp_path)
     err = p.stderr
     assert "grpo-ar: error: rank 1 failed while sampling or scoring: step 1: 4 of 4" in err, err
     assert "ConnectionError: judge endpoint refused" in err
-    # the only tracebacks are the reward's own failure, logged once per rank as it happens
-    assert err.count("Traceback") == err.count("failed on a sample (logged once)")
+    # tracebacks there are the reward's failure (logged once) and torchrun's own; none of ours
+    assert "grpo_ar/cli.py" not in err
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
