@@ -176,8 +176,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         elif held and main_rank:  # --overwrite, once every check has passed
             clear_run(run)
         trainer.train()
-    except RuntimeError as e:
-        if "timed out" not in str(e).lower() and "timeout" not in str(e).lower():
+    except RuntimeError as e:  # gloo / nccl: a collective waited past the timeout
+        text = str(e).lower()
+        waited = any(w in text for w in ("timed out", "timeout", "timing out"))
+        if isinstance(e, RunError) or not launched() or not waited:
             raise
         rank = os.environ.get("RANK", "0")
         raise RunError(

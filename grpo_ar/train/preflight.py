@@ -4,6 +4,7 @@ could have read at step 0)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +25,7 @@ def check_run_dir(run_dir: str | Path) -> None:
         raise ConfigError(f"log.run_dir={run} is a file, not a folder: choose another log.run_dir")
     try:
         run.mkdir(parents=True, exist_ok=True)
-        probe = run / ".grpo_ar_write_test"
+        probe = run / f".grpo_ar_write_test.{os.getpid()}"  # one per rank: no race
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:

@@ -19,7 +19,7 @@ from torch import Tensor
 from ..config.run import TrainerConfig
 from ..core.corrections import AdaptiveEntropyCoef
 from ..core.objective import token_objective
-from ..errors import ConfigError
+from ..errors import ConfigError, RunError
 
 
 def import_object(path: str) -> Any:
@@ -195,3 +195,17 @@ class StepStats:
         out.update({k: float(v) for k, v in self.counts.items()})
         out.update({f"time/{k}": v for k, v in self.times.items()})
         return out
+
+
+def check_reward_failures(result: Any, limit: float, rewards: Any, step: int) -> None:
+    """Stop rather than train on a batch the rewards mostly failed to score (their advantages
+    would be 0); runs on each rank's share, so the failing rank is named."""
+    failed, n = int(torch.isnan(result.total).sum()), len(result.total)
+    if n and failed / n > limit:
+        errors = getattr(rewards, "last_errors", {})
+        why = "; ".join(f"{k}: {v}" for k, v in errors.items()) or "no number returned"
+        raise RunError(
+            f"step {step + 1}: {failed} of {n} samples got no reward (more than "
+            f"data.reward_max_failed_frac={limit}): {why}. Fix the reward, or raise "
+            "data.reward_max_failed_frac to train on the rest"
+        )

@@ -21,7 +21,6 @@ from torch import Tensor
 from ..config.run import Config, save_config
 from ..core import ADVANTAGES, AGGREGATIONS, compute_advantages
 from ..core.corrections import entropy_bonus
-from ..errors import RunError
 from ..finetune import build_finetune
 from ..finetune.base import Finetune
 from ..io.data import PromptSampler
@@ -37,6 +36,7 @@ from .step import (
     StepStats,
     build_optimizer,
     build_scheduler,
+    check_reward_failures,
     disable_dropout,
     entropy_controller,
     token_terms,
@@ -145,23 +145,9 @@ class Trainer:
         with stats.timer("reward"):
             outputs = self.adapter.decode(rollout)
             result = self.rewards(outputs, self._reward_context(rollout, g))
-        self._check_reward_failures(result)
+        check_reward_failures(result, self.cfg.data.reward_max_failed_frac, self.rewards, self.step)
         rollout.extras["outputs"] = outputs
         return rollout, result
-
-    def _check_reward_failures(self, result: Any) -> None:
-        """Stop rather than train on a batch the rewards mostly failed to score (their
-        advantages would be 0); runs on each rank's share, so the failing rank is named."""
-        limit = self.cfg.data.reward_max_failed_frac
-        failed, n = int(torch.isnan(result.total).sum()), len(result.total)
-        if n and failed / n > limit:
-            errors = getattr(self.rewards, "last_errors", {})
-            why = "; ".join(f"{k}: {v}" for k, v in errors.items()) or "no number returned"
-            raise RunError(
-                f"step {self.step + 1}: {failed} of {n} samples got no reward (more than "
-                f"data.reward_max_failed_frac={limit}): {why}. Fix the reward, or raise "
-                "data.reward_max_failed_frac to train on the rest"
-            )
 
     def _pad(self) -> int:
         return getattr(self.adapter, "sampling", self.cfg.sampling).pad_token_id or 0
