@@ -314,8 +314,10 @@ def test_resume_of_a_folder_that_is_not_a_run(tmp_path):
 def test_latest_must_name_a_step_folder_inside_the_run(ws, tmp_path, pointer):
     run = copy_run(ws / "done", tmp_path / "run")
     (run / "checkpoints" / "latest").write_text(pointer)
+    shutil.copytree(run / "checkpoints" / "step_000002", run / "checkpoints" / "step_000001")
     before = snapshot(run)
-    rc, _, err = cli("train", "--resume", str(run), "--set", "trainer.steps=3")
+    keep = "log.keep_checkpoints=1"  # nothing is pruned on the word of a bad pointer
+    rc, _, err = cli("train", "--resume", str(run), "--set", "trainer.steps=3", "--set", keep)
     refused(rc, err, "not a step_* folder of this run")
     assert snapshot(run) == before
 
@@ -357,6 +359,18 @@ def test_left_over_temporary_checkpoint_folders_are_removed(ws, tmp_path):
     rc, _, err = cli("train", "--resume", str(run))
     assert rc == 0, err
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_000002"]
+
+
+def test_a_checkpoint_set_aside_by_a_killed_resave_is_put_back(ws, tmp_path):
+    """A re-save of a step moves the old folder aside before renaming the new one in; killed in
+    between, the next start puts the old one back."""
+    run = copy_run(ws / "done", tmp_path / "run")
+    before = snapshot(run)
+    ckpts = run / "checkpoints"
+    (ckpts / "step_000002").rename(ckpts / ".step_000002.old")
+    rc, _, err = cli("train", "--resume", str(run))
+    assert rc == 0, err
+    assert snapshot(run) == before
 
 
 # -- errors at run time --------------------------------------------------------------------

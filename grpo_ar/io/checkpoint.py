@@ -228,10 +228,11 @@ def prune_checkpoints(ckpts: Path, keep: int) -> None:
             shutil.rmtree(gone, ignore_errors=True)
 
 
-def clean_checkpoints(run_dir: str | Path, keep: int = 0) -> list[str]:
+def clean_checkpoints(run_dir: str | Path) -> list[str]:
     """Remove what a killed save or prune left behind (hidden temporary, set-aside and pruned
     folders); a set-aside copy whose step folder is missing is put back. Returns the names
-    removed. Called at start-up, before anything reads `latest`."""
+    removed. Called at start-up, before anything reads `latest`; no step_* folder is touched
+    (an extra one a killed prune left is pruned by the next save)."""
     ckpts = Path(run_dir) / "checkpoints"
     if not ckpts.is_dir():
         return []
@@ -247,8 +248,6 @@ def clean_checkpoints(run_dir: str | Path, keep: int = 0) -> list[str]:
         elif name == ".latest.tmp":
             p.unlink()
             removed.append(name)
-    if keep > 0 and (ckpts / "latest").is_file():
-        prune_checkpoints(ckpts, keep)
     return removed
 
 

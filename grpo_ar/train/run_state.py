@@ -64,7 +64,7 @@ def resume_trainer(tr: Any, run_dir: str | Path) -> None:
     """Load the newest checkpoint of `run_dir`; then metrics.jsonl / samples.jsonl hold only
     what steps up to it wrote, so the resumed steps add each row once."""
     if tr.dist.is_main:
-        clean_checkpoints(run_dir, tr.cfg.log.keep_checkpoints)
+        clean_checkpoints(run_dir)
     tr.dist.barrier()
     ckpt = latest_checkpoint(run_dir)
     state = load_state(ckpt)
