@@ -224,11 +224,16 @@ def load_trained(cfg: Config, checkpoint: str | Path | None) -> tuple[Any, Any]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .train.preflight import check_prompts, check_vocabulary, vocab_size
     from .train.trainer import Trainer
 
     cfg = load_config(args.config, args.set)
     train, evals = load_data(cfg)
     ft, adapter = load_trained(cfg, args.checkpoint)
+    check_vocabulary(ft.model, adapter)  # before any scoring, as `train` does
+    check_prompts(
+        adapter, evals or train, "data.eval" if evals else "data.train", vocab_size(ft.model)
+    )
     cfg = replace(cfg, algorithm=replace(cfg.algorithm, beta=0.0))  # scoring needs no reference
     trainer = Trainer(cfg, ft.model, adapter, train, evals, finetune=ft)
     entries = evals or train

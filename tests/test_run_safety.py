@@ -158,6 +158,12 @@ def test_bad_value_is_refused_before_the_first_step(ws, tmp_path, override, frag
     assert not (tmp_path / "run" / "config.yaml").exists()
 
 
+def test_eval_checks_prompts_before_scoring(ws):
+    rc, out, err = cli("eval", str(ws / "run.toml"), "--set", "model.max_prompt_tokens=4")
+    refused(rc, err, "data.train row 1: prompt(s) [0] exceed max_prompt_tokens=4")
+    assert out == ""
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the case is a machine without a GPU")
 def test_cuda_device_without_a_gpu(ws, tmp_path):
     rc, _, err = cli("train", str(new_config(ws, tmp_path)), "--set", "model.device=cuda")
