@@ -285,15 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         "--debug", action="store_true", help="show the traceback of an error (or GRPO_AR_DEBUG=1)"
     )
     sub = p.add_subparsers(dest="cmd", required=True)
-    helps = {
-        "train": "train with GRPO",
-        "eval": "score a model on held-out entries",
-        "export": "write a run's policy as a plain transformers model",
-        "report": "summarise a run's metrics",
-    }
-    for name, text in helps.items():  # --debug after any subcommand
-        sub.add_parser(name, parents=[common], help=text)
-    tr = sub.choices["train"]
+    tr = sub.add_parser("train", help="train with GRPO", parents=[common])
     tr.add_argument("config", nargs="?", help="TOML or YAML config file")
     tr.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
@@ -307,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         help="start over in a run directory that holds a run (deletes its metrics, samples, "
         "checkpoints)",
     )
-    ev = sub.choices["eval"]
+    ev = sub.add_parser("eval", help="score a model on held-out entries", parents=[common])
     ev.add_argument("config")
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ev.add_argument(
@@ -318,12 +310,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DIR",
         help="checkpoint folder, or run directory (its latest), to score",
     )
-    ex = sub.choices["export"]
+    ex = sub.add_parser(
+        "export", help="write a run's policy as a plain transformers model", parents=[common]
+    )
     ex.add_argument("run_dir", help="run directory (its config.yaml and checkpoints)")
     ex.add_argument("out_dir", help="folder for save_pretrained (adapters merged)")
     ex.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ex.add_argument("--checkpoint", metavar="DIR", help="a checkpoint folder (default: latest)")
-    rp = sub.choices["report"]
+    rp = sub.add_parser("report", help="summarise a run's metrics", parents=[common])
     rp.add_argument("run_dir")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
