@@ -89,7 +89,6 @@ _ZERO_MEANS = {
     "threads": "torch's default",
     "save_every": "only at the end",
     "eval_every": "start and end",
-    "seed": "seed 0",
 }
 
 
@@ -159,7 +158,7 @@ class TrainerConfig:
             v = getattr(self, key)
             _need(math.isfinite(v) and v >= 0, f"trainer.{key}={v}: need a finite >= 0")
         _need(self.dist_timeout_s > 0, "trainer.dist_timeout_s must be > 0")
-        for key in ("threads", "save_every", "eval_every", "seed"):
+        for key in _ZERO_MEANS:
             v = getattr(self, key)
             _need(v >= 0, f"trainer.{key}={v}: need >= 0 (0 = {_ZERO_MEANS[key]})")
         _need(
