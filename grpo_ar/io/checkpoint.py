@@ -312,6 +312,8 @@ def checkpoint_file(path: Path) -> Iterator[Path]:
     naming it and the way out (an earlier checkpoint), not a parser's traceback."""
     fix = f"point {path.parent.parent / 'latest'} at an earlier step_* folder, or start over"
     try:
+        if path.exists():  # safetensors reports an unreadable file as missing: open it first
+            path.open("rb").close()
         yield path
     except PermissionError:
         raise CheckpointError(f"{path}: no permission to read it: fix its permissions") from None
