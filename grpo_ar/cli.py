@@ -7,12 +7,13 @@ import json
 import logging
 import os
 import sys
+import traceback
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from .config.run import Config, load_config
-from .errors import ConfigError, DataError
+from .errors import CheckpointError, ConfigError, DataError, RunError, explain
 
 
 def _device(name: str) -> str:
@@ -20,6 +21,8 @@ def _device(name: str) -> str:
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"model.device={name} but no CUDA GPU is visible: use auto or cpu")
     return name
 
 
@@ -53,38 +56,95 @@ def load_data(cfg: Config) -> tuple[list[Any], list[Any]]:
     return train, evals
 
 
+def load_model(cfg: Config) -> tuple[Any, Any]:
+    """`build_model_and_adapter`, its loader errors (a missing or damaged folder, no tokenizer)
+    turned into one message naming the configured paths."""
+    from safetensors import SafetensorError
+
+    try:
+        return build_model_and_adapter(cfg)
+    except (ConfigError, DataError):
+        raise
+    except (OSError, ValueError, TypeError, KeyError, ImportError, SafetensorError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ConfigError(
+            f"cannot load the model of model.path={cfg.model.path!r} "
+            f"({type(e).__name__}: {first}): give a local folder (or a cached hub id) holding "
+            "config.json, the weights and the tokenizer files"
+        ) from e
+
+
+def train_config(args: argparse.Namespace) -> Config:
+    """The validated config of `train`; `--resume DIR` runs in DIR whatever its config.yaml
+    says (a copied run trains in the copy). Nothing is written here."""
+    if not args.resume:
+        return load_config(args.config, args.set)
+    if args.config:
+        raise ConfigError(
+            "--resume reads the run's own config.yaml; drop CONFIG and change keys with --set"
+        )
+    if args.overwrite:
+        raise ConfigError("--resume continues a run, --overwrite deletes it: give one of them")
+    run = Path(args.resume)
+    if not (run / "config.yaml").is_file():
+        raise CheckpointError(
+            f"--resume {run}: not a run directory (no config.yaml): give the folder a "
+            "`grpo-ar train` wrote"
+        )
+    cfg = load_config(run / "config.yaml", args.set)
+    return replace(cfg, log=replace(cfg.log, run_dir=str(run)))
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .parallel.ddp import init_distributed, launched
+    from .train.preflight import check_run_dir, clear_run, preflight, run_contents
     from .train.trainer import Trainer
 
-    if args.resume:
-        if args.config:
-            raise ConfigError(
-                "--resume reads the run's own config.yaml; drop CONFIG and change keys with --set"
-            )
-        cfg = load_config(Path(args.resume) / "config.yaml", args.set)
-    else:
-        cfg = load_config(args.config, args.set)
+    cfg = train_config(args)
+    run = Path(cfg.log.run_dir)
+    check_run_dir(run)
+    held = run_contents(run)
+    if held and not (args.resume or args.overwrite):
+        raise ConfigError(
+            f"log.run_dir={run} holds a run ({', '.join(held)}): continue it with "
+            f"`grpo-ar train --resume {run}`, start over with --overwrite (deletes its metrics, "
+            "samples and checkpoints), or choose another log.run_dir"
+        )
     joined = False
     if launched():  # under torchrun: join the process group, this rank's device
         import torch.distributed as dist
 
         joined = not dist.is_initialized()
-        device = init_distributed(cfg.model.device)
+        device = init_distributed(cfg.model.device, cfg.trainer.dist_timeout_s)
         cfg = replace(cfg, model=replace(cfg.model, device=str(device)))
+    main_rank = not launched() or int(os.environ.get("RANK", "0")) == 0
     try:
         train, evals = load_data(cfg)
-        model, adapter = build_model_and_adapter(cfg)
+        model, adapter = load_model(cfg)
         trainer = Trainer(cfg, model, adapter, train, evals)
+        preflight(trainer)
         if args.resume:
-            trainer.resume(args.resume)
+            trainer.resume(run)
+        elif held and main_rank:  # --overwrite, once every check has passed
+            clear_run(run)
         trainer.train()
+    except RuntimeError as e:  # gloo / nccl: a collective waited past the timeout
+        text = str(e).lower()
+        waited = any(w in text for w in ("timed out", "timeout", "timing out"))
+        if isinstance(e, RunError) or not launched() or not waited:
+            raise
+        rank = os.environ.get("RANK", "0")
+        raise RunError(
+            f"rank {rank}: waited trainer.dist_timeout_s={cfg.trainer.dist_timeout_s:g} s for "
+            "the other ranks: one stopped, crashed or hangs (e.g. a reward that never "
+            f"returns); see its log. Continue with `grpo-ar train --resume {run}`"
+        ) from e
     finally:
         if joined:
             import torch.distributed as dist
 
             dist.destroy_process_group()
-    if not launched() or int(os.environ.get("RANK", "0")) == 0:
+    if main_rank:
         print(f"run directory: {cfg.log.run_dir}")
     return 0
 
@@ -94,7 +154,13 @@ def _checkpoint_dir(path: str | Path) -> Path:
     from .io.checkpoint import latest_checkpoint
 
     path = Path(path)
-    return latest_checkpoint(path) if (path / "checkpoints").is_dir() else path
+    path = latest_checkpoint(path) if (path / "checkpoints").is_dir() else path
+    if not (path / "model.safetensors").is_file():
+        raise CheckpointError(
+            f"{path} is neither a checkpoint folder (no model.safetensors) nor a run directory "
+            "(no checkpoints/): give one of them"
+        )
+    return path
 
 
 def load_trained(cfg: Config, checkpoint: str | Path | None) -> tuple[Any, Any]:
@@ -102,7 +168,7 @@ def load_trained(cfg: Config, checkpoint: str | Path | None) -> tuple[Any, Any]:
     whole model or only the adapter, per `cfg.finetune`) when `checkpoint` is given."""
     from .finetune import build_finetune
 
-    model, adapter = build_model_and_adapter(cfg)
+    model, adapter = load_model(cfg)
     ft = build_finetune(model, cfg.finetune, need_reference=False, seed=cfg.trainer.seed)
     if checkpoint:
         ft.load_checkpoint_weights(_checkpoint_dir(checkpoint) / "model.safetensors")
@@ -110,11 +176,16 @@ def load_trained(cfg: Config, checkpoint: str | Path | None) -> tuple[Any, Any]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .train.preflight import check_prompts, check_vocabulary, vocab_size
     from .train.trainer import Trainer
 
     cfg = load_config(args.config, args.set)
     train, evals = load_data(cfg)
     ft, adapter = load_trained(cfg, args.checkpoint)
+    check_vocabulary(ft.model, adapter)  # before any scoring, as `train` does
+    check_prompts(
+        adapter, evals or train, "data.eval" if evals else "data.train", vocab_size(ft.model)
+    )
     cfg = replace(cfg, algorithm=replace(cfg.algorithm, beta=0.0))  # scoring needs no reference
     trainer = Trainer(cfg, ft.model, adapter, train, evals, finetune=ft)
     entries = evals or train
@@ -140,11 +211,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from .io.run_files import read_jsonl
+
     path = Path(args.run_dir) / "metrics.jsonl"
     if not path.exists():
-        print(f"{path} does not exist", file=sys.stderr)
-        return 2
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        raise CheckpointError(f"{path} does not exist: give a run directory `grpo-ar train` wrote")
+    rows = read_jsonl(path)
     keys = ["step", "reward/mean", "kl", "entropy", "completion/length_mean", "time/step"]
     keys += sorted({k for r in rows for k in r if k.startswith("eval/")})
     print("  ".join(f"{k:>14}" for k in keys))
@@ -160,8 +232,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="grpo-ar", description="GRPO for autoregressive token models")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error (or GRPO_AR_DEBUG=1)"
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
-    tr = sub.add_parser("train", help="train with GRPO")
+    tr = sub.add_parser("train", help="train with GRPO", parents=[common])
     tr.add_argument("config", nargs="?", help="TOML or YAML config file")
     tr.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
@@ -169,7 +245,13 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument(
         "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint"
     )
-    ev = sub.add_parser("eval", help="score a model on held-out entries")
+    tr.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in a run directory that holds a run (deletes its metrics, samples, "
+        "checkpoints)",
+    )
+    ev = sub.add_parser("eval", help="score a model on held-out entries", parents=[common])
     ev.add_argument("config")
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ev.add_argument(
@@ -180,26 +262,29 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DIR",
         help="checkpoint folder, or run directory (its latest), to score",
     )
-    ex = sub.add_parser("export", help="write a run's policy as a plain transformers model")
+    ex = sub.add_parser(
+        "export", help="write a run's policy as a plain transformers model", parents=[common]
+    )
     ex.add_argument("run_dir", help="run directory (its config.yaml and checkpoints)")
     ex.add_argument("out_dir", help="folder for save_pretrained (adapters merged)")
     ex.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ex.add_argument("--checkpoint", metavar="DIR", help="a checkpoint folder (default: latest)")
-    rp = sub.add_parser("report", help="summarise a run's metrics")
+    rp = sub.add_parser("report", help="summarise a run's metrics", parents=[common])
     rp.add_argument("run_dir")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.cmd == "train" and not (args.config or args.resume):
         p.error("train needs a CONFIG file or --resume RUN_DIR")
+    debug = args.debug or os.environ.get("GRPO_AR_DEBUG", "") not in ("", "0")
     try:
         cmds = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "report": cmd_report}
         return cmds[args.cmd](args)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except (DataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # one line for the user; the traceback only when asked
+        code, msg = explain(e)
+        if debug:
+            traceback.print_exc()
+        print(f"grpo-ar: error: {msg}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -217,7 +217,7 @@ def test_config_error_exits_2_with_the_message(workspace, capsys):
     rc = main(["train", str(workspace / "run.toml"), "--set", "trainer.bogus=1"])
     assert rc == 2
     err = capsys.readouterr().err
-    assert "config error: unknown key trainer.bogus" in err
+    assert "grpo-ar: error: unknown key trainer.bogus" in err
     assert "valid keys of trainer" in err
 
 

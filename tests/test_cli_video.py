@@ -9,7 +9,7 @@ from grpo_ar.testing import VQ_CODES as K
 from grpo_ar.testing import cli_train, tiny_vq_run
 from grpo_ar.types import Entry
 
-BOS, OFFSET, GRID = 1, 8, (2, 4, 6)  # 2 frames of 4 x 6 codes (8 x 12 pixels)
+BOS, OFFSET, GRID = 1, 8, (3, 4, 6)  # 3 frames (motion needs 3) of 4 x 6 codes (8 x 12 pixels)
 N_TOK = GRID[0] * GRID[1] * GRID[2]
 
 

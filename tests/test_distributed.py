@@ -311,7 +311,7 @@ def test_a_failing_rank_stops_every_rank_with_its_error(launch):
     of rank 0 waiting forever in the exchange; the launch returned (bounded by its timeout)."""
     assert (launch / "error_rank1.txt").read_text() == "ValueError: bad reward on rank 1"
     msg = (launch / "error_rank0.txt").read_text()
-    assert msg.startswith("RuntimeError: rank 1 failed") and "bad reward on rank 1" in msg
+    assert msg.startswith("RunError: rank 1 failed") and "bad reward on rank 1" in msg
 
 
 @pytest.mark.slow

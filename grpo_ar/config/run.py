@@ -6,6 +6,7 @@ Every field is validated where it is defined; unknown keys fail naming the valid
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import sys
 import types
@@ -96,6 +97,17 @@ class ModelConfig:
             self.dtype in ("float32", "bfloat16", "float16"),
             f"model.dtype={self.dtype!r}: use float32, bfloat16 or float16",
         )
+        _need(
+            self.max_prompt_tokens is None or self.max_prompt_tokens >= 1,
+            f"model.max_prompt_tokens={self.max_prompt_tokens}: need >= 1 (or leave it unset)",
+        )
+
+
+_ZERO_MEANS = {
+    "threads": "torch's default",
+    "save_every": "only at the end",
+    "eval_every": "start and end",
+}
 
 
 @dataclass(frozen=True)
@@ -138,6 +150,9 @@ class TrainerConfig:
     strategy: str = "auto"
     """Data parallelism under torchrun: none, ddp, fsdp2 (fully_shard per decoder layer), or
     auto (ddp with several processes, else none). grad_accum splits each rank's share."""
+    dist_timeout_s: float = 300.0
+    """Under torchrun: seconds a collective waits for the other ranks before the job stops
+    with an error (a stopped or hanging rank; gloo's own default is 30 minutes)."""
 
     def __post_init__(self) -> None:
         _need(self.batch_size >= 1, f"trainer.batch_size={self.batch_size}: need >= 1")
@@ -156,7 +171,14 @@ class TrainerConfig:
             f"trainer.steps={self.steps} must be a positive multiple of trainer.iterations="
             f"{self.iterations} (steps per iteration = steps / iterations)",
         )
-        _need(self.lr > 0, f"trainer.lr={self.lr}: need > 0")
+        _need(math.isfinite(self.lr) and self.lr > 0, f"trainer.lr={self.lr}: need > 0 and finite")
+        for key in ("weight_decay", "max_grad_norm", "dist_timeout_s"):
+            v = getattr(self, key)
+            _need(math.isfinite(v) and v >= 0, f"trainer.{key}={v}: need a finite >= 0")
+        _need(self.dist_timeout_s > 0, "trainer.dist_timeout_s must be > 0")
+        for key in _ZERO_MEANS:
+            v = getattr(self, key)
+            _need(v >= 0, f"trainer.{key}={v}: need >= 0 (0 = {_ZERO_MEANS[key]})")
         _need(
             self.strategy in ("auto", "none", "ddp", "fsdp2"),
             f"trainer.strategy={self.strategy!r}: use auto, none, ddp, fsdp2",
@@ -193,8 +215,13 @@ class DataConfig:
     """Evaluate on at most this many held-out entries (0 = all)."""
     eval_batch_size: int = 32
     """Prompts per batch during evaluation."""
+    reward_max_failed_frac: float = 0.5
+    """Stop the run when more than this fraction of a rank's samples in one step got no reward
+    (the reward raised or returned no number); 1 = never stop, train on what scored."""
 
     def __post_init__(self) -> None:
+        f = self.reward_max_failed_frac
+        _need(0 <= f <= 1, f"data.reward_max_failed_frac={f}: need a fraction in [0, 1]")
         _need(self.eval_size >= 0, f"data.eval_size={self.eval_size}: need >= 0")
         _need(self.eval_batch_size >= 1, f"data.eval_batch_size={self.eval_batch_size}: need >= 1")
 
@@ -328,8 +355,14 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     return value
 
 
-def _parse_value(text: str) -> Any:
-    return _yaml(text) if text.strip() else ""
+def _parse_value(text: str, item: str) -> Any:
+    try:
+        return _yaml(text) if text.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(
+            f"--set {item!r}: the value is not valid YAML ({getattr(e, 'problem', e)}); "
+            "quote a string value, e.g. --set 'key=\"text: more\"'"
+        ) from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -344,7 +377,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {k} is not a table")
-        node[keys[-1]] = _parse_value(value)
+        node[keys[-1]] = _parse_value(value, item)
     return raw
 
 
@@ -354,12 +387,29 @@ def read_raw(path: str | Path | None) -> dict[str, Any]:
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"config file {p} does not exist")
-    text = p.read_text(encoding="utf-8")
+    if p.suffix not in (".toml", ".yaml", ".yml"):
+        raise ConfigError(f"config file {p}: use .toml, .yaml or .yml")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}): save it as UTF-8") from None
     if p.suffix == ".toml":
-        return tomllib.loads(text)
-    if p.suffix in (".yaml", ".yml"):
-        return _yaml(text) or {}
-    raise ConfigError(f"config file {p}: use .toml, .yaml or .yml")
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            line = re.search(r"at line (\d+)", str(e))
+            raise ConfigError(f"{p}{':' + line[1] if line else ''}: not valid TOML: {e}") from None
+    try:
+        raw = _yaml(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}{at}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: the top level must map section names to tables")
+    return raw
 
 
 def load_config(

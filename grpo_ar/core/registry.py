@@ -71,6 +71,14 @@ class Registry(Mapping[str, Callable[..., Any]]):
                 f"{where}: {self.kind} {name!r} takes no option {', '.join(map(repr, unknown))}; "
                 f"valid options: {', '.join(sorted(valid)) or '(none)'}"
             )
+        for key, value in given.items():  # "0.2" for a number would fail deep inside the math
+            default = valid[key]
+            number = isinstance(default, (int, float)) and not isinstance(default, bool)
+            if number and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+                raise ValueError(
+                    f"{where}.{key}={value!r}: {self.kind} {name!r} takes a number here "
+                    f"(default {default}); write it without quotes"
+                )
 
 
 def same_definition(a: Any, b: Any) -> bool:

@@ -56,6 +56,14 @@ class SamplingParams:
     leaves the gap to importance-sampling correction."""
 
     def __post_init__(self) -> None:
+        for r in self.allowed_ranges:
+            if not (isinstance(r, (tuple, list)) and len(r) == 2):
+                raise ValueError(
+                    f"allowed_ranges holds [lo, hi) pairs of token ids, got {r!r} in "
+                    f"{list(self.allowed_ranges)}: write e.g. [[3, 10], [20, 25]]"
+                )
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in r):
+                raise ValueError(f"allowed_ranges: {r!r} must hold two integer token ids")
         checks = [
             (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
             (

@@ -13,15 +13,20 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import Tensor
+
+from ..errors import CheckpointError
 
 
 def _flatten(obj: Any, prefix: str, tensors: dict[str, Tensor]) -> Any:
@@ -148,6 +153,15 @@ def load_tied_state_dict(module: torch.nn.Module, sd: Mapping[str, Tensor]) -> N
     module.load_state_dict(full)
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file's or a folder's entries to disk, so a rename after it is never seen first."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(
     directory: str | Path,
     model: Weights,
@@ -157,10 +171,14 @@ def save_checkpoint(
 ) -> Path:
     """Write model (+ reference) weights — a module, or a name -> tensor dict such as an
     adapter's — and `state` (nested dicts/lists of tensors and JSON values) atomically into
-    `directory`; keep only the newest `keep` checkpoints (0 = all)."""
+    `directory`; keep only the newest `keep` checkpoints (0 = all).
+
+    Order, so a kill at any point leaves `latest` naming a complete folder: write a hidden
+    temporary folder, fsync, rename it into place, then point `latest` at it, then prune."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    parent = directory.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=TMP_SUFFIX, dir=parent))
     try:
         _save_weights(model, tmp / "model.safetensors")
         if reference is not None:
@@ -169,30 +187,104 @@ def save_checkpoint(
         meta = _flatten(state, "", tensors)
         save_file(tensors, tmp / "state.safetensors")
         (tmp / "state.json").write_text(json.dumps(meta), encoding="utf-8")
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
+        for f in tmp.iterdir():
+            _fsync(f)
+        _fsync(tmp)
+        if directory.exists():  # the same step again: set the old copy aside, never delete first
+            aside = parent / f".{directory.name}{OLD_SUFFIX}"
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(directory, aside)
+            os.replace(tmp, directory)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+        _fsync(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    latest = directory.parent / "latest"
-    tmp_latest = directory.parent / ".latest.tmp"
+    tmp_latest = parent / ".latest.tmp"
     tmp_latest.write_text(directory.name, encoding="utf-8")
-    os.replace(tmp_latest, latest)
+    _fsync(tmp_latest)
+    os.replace(tmp_latest, parent / "latest")
+    _fsync(parent)
     if keep > 0:
-        done = sorted(p for p in directory.parent.glob("step_*") if p.is_dir())
-        for old in done[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(parent, keep)
     return directory
 
 
+TMP_SUFFIX, OLD_SUFFIX, PRUNED_SUFFIX = ".tmp", ".old", ".pruned"
+STEP_NAME = re.compile(r"^step_\d+$")
+
+
+def prune_checkpoints(ckpts: Path, keep: int) -> None:
+    """Delete all but the newest `keep` step folders (never the one `latest` names); each is
+    renamed to a hidden name first, so a kill mid-delete leaves no half folder named step_*."""
+    latest = (ckpts / "latest").read_text(encoding="utf-8").strip()
+    done = sorted(p for p in ckpts.glob("step_*") if p.is_dir() and STEP_NAME.match(p.name))
+    for old in done[:-keep]:
+        if old.name != latest:
+            gone = ckpts / f".{old.name}{PRUNED_SUFFIX}"
+            os.replace(old, gone)
+            shutil.rmtree(gone, ignore_errors=True)
+
+
+def clean_checkpoints(run_dir: str | Path) -> list[str]:
+    """Remove what a killed save or prune left behind (hidden temporary, set-aside and pruned
+    folders); a set-aside copy whose step folder is missing is put back. Returns the names
+    removed. Called at start-up, before anything reads `latest`; no step_* folder is touched
+    (an extra one a killed prune left is pruned by the next save)."""
+    ckpts = Path(run_dir) / "checkpoints"
+    if not ckpts.is_dir():
+        return []
+    removed = []
+    for p in sorted(ckpts.glob(".*")):
+        name = p.name
+        if name.endswith(OLD_SUFFIX) and not (ckpts / name[1 : -len(OLD_SUFFIX)]).exists():
+            os.replace(p, ckpts / name[1 : -len(OLD_SUFFIX)])
+            continue
+        if p.is_dir() and name.endswith((TMP_SUFFIX, OLD_SUFFIX, PRUNED_SUFFIX)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(name)
+        elif name == ".latest.tmp":
+            p.unlink()
+            removed.append(name)
+    return removed
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path:
-    """The newest complete checkpoint of a run directory."""
+    """The newest complete checkpoint of a run directory: the `step_*` folder inside its
+    checkpoints/ that `checkpoints/latest` names (anything else is refused, never followed)."""
     ckpts = Path(run_dir) / "checkpoints"
     pointer = ckpts / "latest"
     if not pointer.exists():
-        raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from (no checkpoints/latest)")
-    return ckpts / pointer.read_text(encoding="utf-8").strip()
+        raise CheckpointError(
+            f"{run_dir}: no checkpoint to resume from (no checkpoints/latest); start the run "
+            "again without --resume (and with --overwrite)"
+        )
+    name = _read_text(pointer).strip()
+    steps = sorted(p.name for p in ckpts.glob("step_*") if p.is_dir())
+    fix = (
+        f"write the name of one of {steps} into {pointer}"
+        if steps
+        else "no checkpoint is left; start over with --overwrite"
+    )
+    if not STEP_NAME.match(name):
+        raise CheckpointError(
+            f"{pointer} names {name!r}, not a step_* folder of this run (refused: a checkpoint "
+            f"is only read from inside the run directory): {fix}"
+        )
+    if (ckpts / name).resolve().parent != ckpts.resolve():
+        raise CheckpointError(f"{ckpts / name} links outside the run directory (refused): {fix}")
+    if not (ckpts / name / "state.json").is_file():
+        raise CheckpointError(f"{pointer} names {name}, which is missing or incomplete: {fix}")
+    return ckpts / name
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: not text; it should hold a folder name") from None
 
 
 def load_weights(module: torch.nn.Module, path: str | Path) -> None:
@@ -207,5 +299,25 @@ def load_weights(module: torch.nn.Module, path: str | Path) -> None:
 def load_state(directory: str | Path) -> dict[str, Any]:
     """The trainer state of a checkpoint folder."""
     directory = Path(directory)
-    tensors = load_file(directory / "state.safetensors")
-    return _unflatten(json.loads((directory / "state.json").read_text(encoding="utf-8")), tensors)
+    with checkpoint_file(directory / "state.safetensors") as path:
+        tensors = load_file(path)
+    with checkpoint_file(directory / "state.json") as path:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    return _unflatten(meta, tensors)
+
+
+@contextmanager
+def checkpoint_file(path: Path) -> Iterator[Path]:
+    """Read a checkpoint file; a truncated, garbage or unreadable one raises CheckpointError
+    naming it and the way out (an earlier checkpoint), not a parser's traceback."""
+    fix = f"point {path.parent.parent / 'latest'} at an earlier step_* folder, or start over"
+    try:
+        if path.exists():  # safetensors reports an unreadable file as missing: open it first
+            path.open("rb").close()
+        yield path
+    except PermissionError:
+        raise CheckpointError(f"{path}: no permission to read it: fix its permissions") from None
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: the checkpoint is incomplete; {fix}") from None
+    except (SafetensorError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is damaged ({e}); {fix}") from None

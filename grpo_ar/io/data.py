@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..types import Entry, RewardSpec
 
 
@@ -84,6 +84,8 @@ def entry_from_row(
         raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
     if prompt_field not in row:
         raise DataError(f"{where}: missing field {prompt_field!r} (the prompt)")
+    if row[prompt_field] is None:
+        raise DataError(f"{where}: field {prompt_field!r} (the prompt) is null: give the prompt")
     if "rewards" in row and row["rewards"] is not None:
         specs = _spec_from(row["rewards"], where)
     elif default_rewards:
@@ -102,11 +104,17 @@ def entry_from_row(
 def load_jsonl(path: str | Path, **kw: Any) -> list[Entry]:
     """Read a JSONL file of rows; a malformed line raises naming file and line."""
     entries = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{where}: not UTF-8 (byte {e.start} of the line): save the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
@@ -151,7 +159,14 @@ def load_hf(name: str, split: str = "train", config: str | None = None, **kw: An
         if isinstance(ds, datasets.DatasetDict):
             ds = ds[split]
     else:
-        ds = datasets.load_dataset(name, config, split=split)
+        try:
+            ds = datasets.load_dataset(name, config, split=split)
+        except (OSError, ValueError, ConnectionError, KeyError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DataError(
+                f"hf:{name}:{split}: cannot load the dataset ({first}): give a local "
+                "save_to_disk folder, a dataset already in the HF cache, or a JSONL file"
+            ) from None
     return load_rows(ds, source=f"{name}[{split}]", **kw)
 
 
@@ -171,8 +186,9 @@ class PromptSampler:
 
     def __init__(self, entries: Sequence[Entry], batch_size: int, seed: int = 0) -> None:
         if batch_size > len(entries):
-            raise ValueError(
-                f"batch_size={batch_size} exceeds the {len(entries)} entries in the dataset"
+            raise ConfigError(
+                f"trainer.batch_size={batch_size} exceeds the {len(entries)} entries of the "
+                "training data: lower trainer.batch_size or add rows"
             )
         self.entries, self.batch_size, self.seed = list(entries), batch_size, seed
         self.epoch, self.pos = 0, 0

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..errors import DataError
 from ..types import Rollout
+
+log = logging.getLogger("grpo_ar")
 
 
 def jsonable(x: Any) -> Any:
@@ -28,8 +34,51 @@ def jsonable(x: Any) -> Any:
 
 
 def append_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
+    line = json.dumps({k: jsonable(v) for k, v in metrics.items()}) + "\n"
     with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps({k: jsonable(v) for k, v in metrics.items()}) + "\n")
+        f.write(line)  # one write, flushed on close, before the step's checkpoint
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a run's JSONL file. A cut last line (a kill or a full disk mid-write) is
+    skipped with a warning; a bad line elsewhere is damage and raises naming the line."""
+    lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i < len(lines) and any(rest.strip() for rest in lines[i:]):
+                raise DataError(
+                    f"{path}:{i}: not valid JSON ({e.msg}); the file is damaged"
+                ) from None
+            log.warning("%s:%d: skipping a cut last line (the run was stopped mid-write)", path, i)
+    return rows
+
+
+def truncate_run_files(run_dir: Path, step: int) -> None:
+    """Make metrics.jsonl, samples.jsonl and samples/ hold exactly what steps <= `step` wrote
+    (a resumed run rewrites the rest): no repeated rows, no cut line. Atomic per file."""
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        path = run_dir / name
+        if not path.exists():
+            continue
+        keep = []
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a cut line: its step is rewritten after the checkpoint
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+                keep.append(line + "\n")
+        tmp = path.with_name(f".{name}.tmp")
+        tmp.write_text("".join(keep), encoding="utf-8")
+        os.replace(tmp, path)
+    for folder in (run_dir / "samples").glob("step_*"):
+        if folder.name[5:].isdigit() and int(folder.name[5:]) > step:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def append_samples(

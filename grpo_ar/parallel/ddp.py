@@ -24,6 +24,7 @@ the exchange carries the error, and every rank raises it.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
@@ -34,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, RunError
 from ..types import PromptBatch, Rollout
 
 STRATEGIES = ("auto", "none", "ddp", "fsdp2")
@@ -56,16 +57,18 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def init_distributed(device: str = "auto") -> torch.device:
+def init_distributed(device: str = "auto", timeout_s: float | None = None) -> torch.device:
     """Join the torchrun process group (nccl on CUDA, gloo on CPU) and return this rank's
-    device: `cuda:LOCAL_RANK` when CUDA is used, else cpu."""
+    device: `cuda:LOCAL_RANK` when CUDA is used, else cpu. `timeout_s` bounds every collective
+    (trainer.dist_timeout_s), so a stopped or hanging rank ends the job with an error."""
     local = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     where = torch.device("cuda", local) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(where)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        kw = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
+        dist.init_process_group("nccl" if use_cuda else "gloo", **kw)
     return where
 
 
@@ -290,7 +293,8 @@ class DataParallel(Parallel):
             rollout, result = fn(shard_prompts(prompts, first, count))
             payload: tuple = (None, move_rollout(rollout, "cpu"), result)
         except Exception as e:  # every rank must reach the exchange, or the others hang
-            error, payload = e, (f"{type(e).__name__}: {e}", None, None)
+            why = str(e) if isinstance(e, RunError) else f"{type(e).__name__}: {e}"
+            error, payload = e, (why, None, None)
         parts: list[Any] = [None] * self.size
         dist.all_gather_object(parts, payload)
         failed = [(r, p[0]) for r, p in enumerate(parts) if p[0] is not None]
@@ -298,7 +302,7 @@ class DataParallel(Parallel):
             raise error
         if failed:
             rank, msg = failed[0]
-            raise RuntimeError(f"rank {rank} failed while sampling or scoring: {msg}")
+            raise RunError(f"rank {rank} failed while sampling or scoring: {msg}")
         rollouts = [p[1] for p in parts]
         joined = concat_rollouts(rollouts, pad)
         joined.extras = {k: v for k, v in rollouts[0].extras.items() if k != "outputs"}

@@ -166,6 +166,7 @@ def per_sample(fn: Callable[..., float | None]) -> RewardFn:
             try:
                 out.append(fn(o, **a))
             except Exception as e:  # one odd output must not sink its batch-mates
+                batch.last_error = f"{type(e).__name__}: {e}"  # type: ignore[attr-defined]
                 if not logged:
                     logged.append(e)
                     msg = "reward %s failed on a sample (logged once): %s"
@@ -255,6 +256,7 @@ class RewardComputer:
         self.fns: dict[str, RewardFn] = {}
         self.default_args: dict[str, dict[str, Any]] = {}
         self.failure_totals: dict[str, int] = {}
+        self.last_errors: dict[str, str] = {}  # the newest error of each reward, for the stop
         self._logged: set[tuple[str, str]] = set()
         for name in sorted(set(self.setup) | set(names)):
             self._build(name)
@@ -295,6 +297,7 @@ class RewardComputer:
             raw = raw.detach().cpu().reshape(-1).tolist() if isinstance(raw, Tensor) else list(raw)
         except Exception as e:
             msg = f"reward {name!r} failed on {n} samples, all count as failed: {_summary(e)}"
+            self.last_errors[name] = f"{type(e).__name__}: {e}"
             self._log_once(name, "raised", msg)
             return [math.nan] * n
         if len(raw) != n:
@@ -305,6 +308,7 @@ class RewardComputer:
         bad = [v for v, f in zip(raw, vals) if math.isnan(f)]
         if bad:
             msg = f"reward {name!r} gave {len(bad)} of {n} samples no finite score, e.g. {bad[0]!r}"
+            self.last_errors[name] = getattr(self.fns[name], "last_error", None) or msg
             self._log_once(name, "value", msg + "; they count as failed", logging.WARNING)
         return vals
 

@@ -12,8 +12,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
-from ..io.checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
+from ..errors import ConfigError, RunError, is_disk_full
+from ..io.checkpoint import (
+    checkpoint_file,
+    clean_checkpoints,
+    latest_checkpoint,
+    load_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from ..io.run_files import truncate_run_files
 
 
 def trainer_state(tr: Any) -> dict[str, Any]:
@@ -36,12 +45,27 @@ def save_trainer(tr: Any) -> Path:
     ref = tr.dist.reference_weights(tr.reference)
     state = trainer_state(tr)
     if tr.dist.is_main:
-        save_checkpoint(directory, weights, state, reference=ref, keep=tr.cfg.log.keep_checkpoints)
+        try:
+            keep = tr.cfg.log.keep_checkpoints
+            save_checkpoint(directory, weights, state, reference=ref, keep=keep)
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            raise RunError(
+                f"disk full writing the checkpoint {directory}; the previous one is intact: "
+                f"free space, then continue with `grpo-ar train --resume {tr.run_dir}`"
+            ) from e
     tr.dist.barrier()  # no rank reads the checkpoint before it is complete
+    tr.saved_step = tr.step
     return directory
 
 
 def resume_trainer(tr: Any, run_dir: str | Path) -> None:
+    """Load the newest checkpoint of `run_dir`; then metrics.jsonl / samples.jsonl hold only
+    what steps up to it wrote, so the resumed steps add each row once."""
+    if tr.dist.is_main:
+        clean_checkpoints(run_dir)
+    tr.dist.barrier()
     ckpt = latest_checkpoint(run_dir)
     state = load_state(ckpt)
     saved, now = state["dtype"], tr.cfg.model.dtype
@@ -56,8 +80,10 @@ def resume_trainer(tr: Any, run_dir: str | Path) -> None:
             f"the checkpoint was trained with finetune.method={method}; this run has "
             f"{tr.finetune.method}: set finetune.method={method}"
         )
-    tr.dist.load_policy(tr.finetune, ckpt / "model.safetensors")
-    tr.dist.load_reference(tr.reference, ckpt / "reference.safetensors")
+    with checkpoint_file(ckpt / "model.safetensors") as path:
+        tr.dist.load_policy(tr.finetune, path)
+    with checkpoint_file(ckpt / "reference.safetensors") as path:
+        tr.dist.load_reference(tr.reference, path)
     tr.dist.load_optimizer(tr.optimizer, state["optimizer"])
     tr.scheduler.load_state_dict(state["scheduler"])
     tr.prompts.load_state_dict(state["prompts"])
@@ -66,3 +92,6 @@ def resume_trainer(tr: Any, run_dir: str | Path) -> None:
     tr.updates = int(state.get("updates", 0))
     if "entropy" in state:
         tr.entropy.load_state_dict(state["entropy"])
+    tr.saved_step = tr.step
+    if tr.dist.is_main:
+        truncate_run_files(tr.run_dir, tr.step)

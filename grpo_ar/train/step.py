@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -17,21 +19,34 @@ from torch import Tensor
 from ..config.run import TrainerConfig
 from ..core.corrections import AdaptiveEntropyCoef
 from ..core.objective import token_objective
-from ..errors import ConfigError
+from ..errors import ConfigError, RunError
 
 
 def import_object(path: str) -> Any:
-    """`package.module.Name` -> the object."""
+    """`package.module.Name` -> the object. A config is trusted like code (it names what is
+    imported), but the working directory is not searched (`python -m` puts it first on
+    sys.path), so a stray file there cannot shadow a package; GRPO_AR_IMPORT_CWD=1 allows it."""
     module, _, name = path.rpartition(".")
+    saved = list(sys.path)
+    if os.environ.get("GRPO_AR_IMPORT_CWD", "") in ("", "0"):
+        cwd = os.getcwd()
+        sys.path[:] = [p for p in sys.path if p not in ("", ".") and os.path.abspath(p) != cwd]
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError) as e:
         raise ConfigError(f"cannot import {path!r}: {e}") from None
+    finally:
+        sys.path[:] = saved
 
 
 def build_optimizer(model: torch.nn.Module, t: TrainerConfig) -> torch.optim.Optimizer:
     """Any torch.optim-style class by import path (the seed mentions SOAP, PSGD)."""
     cls = import_object(t.optimizer)
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise ConfigError(
+            f"trainer.optimizer={t.optimizer!r} is not a torch.optim.Optimizer class: name one, "
+            "e.g. torch.optim.AdamW"
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("the model has no trainable parameters")
@@ -180,3 +195,17 @@ class StepStats:
         out.update({k: float(v) for k, v in self.counts.items()})
         out.update({f"time/{k}": v for k, v in self.times.items()})
         return out
+
+
+def check_reward_failures(result: Any, limit: float, rewards: Any, step: int) -> None:
+    """Stop rather than train on a batch the rewards mostly failed to score (their advantages
+    would be 0); runs on each rank's share, so the failing rank is named."""
+    failed, n = int(torch.isnan(result.total).sum()), len(result.total)
+    if n and failed / n > limit:
+        errors = getattr(rewards, "last_errors", {})
+        why = "; ".join(f"{k}: {v}" for k, v in errors.items()) or "no number returned"
+        raise RunError(
+            f"step {step + 1}: {failed} of {n} samples got no reward (more than "
+            f"data.reward_max_failed_frac={limit}): {why}. Fix the reward, or raise "
+            "data.reward_max_failed_frac to train on the rest"
+        )

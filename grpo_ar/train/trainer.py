@@ -37,6 +37,7 @@ from .step import (
     StepStats,
     build_optimizer,
     build_scheduler,
+    check_reward_failures,
     disable_dropout,
     entropy_controller,
     token_terms,
@@ -100,6 +101,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, t)
         self.scheduler = build_scheduler(self.optimizer, t, total=t.steps * a.grpo_iters)
         self.step = 0
+        self.saved_step = -1  # the step of the newest checkpoint this trainer wrote or loaded
         self.updates = 0  # optimizer steps taken (skipped ones not counted)
         self.bonus_on = a.entropy_coef > 0 or a.entropy_target is not None
         self.run_dir = Path(config.log.run_dir)
@@ -146,6 +148,7 @@ class Trainer:
         with stats.timer("reward"):
             outputs = self.adapter.decode(rollout)
             result = self.rewards(outputs, self._reward_context(rollout, g))
+        check_reward_failures(result, self.cfg.data.reward_max_failed_frac, self.rewards, self.step)
         rollout.extras["outputs"] = outputs
         return rollout, result
 
@@ -338,9 +341,12 @@ class Trainer:
         `config.log.run_dir`, evaluates on the held-out entries at the start and end (and every
         `eval_every` steps); returns each step's metrics."""
         t = self.cfg.trainer
+        history: list[dict[str, float]] = []
+        if self.step >= t.steps and self.saved_step == self.step:
+            log.info("the run is complete (step %d of %d): nothing to do", self.step, t.steps)
+            return history
         if self.dist.is_main:
             save_config(self.cfg, self.run_dir / "config.yaml")
-        history = []
         if self.eval_entries and self.step == 0:
             self._log({"step": 0, **self.evaluate(self.eval_entries)})
         bar = progress(self.cfg.log.progress and self.dist.is_main, t.steps, self.step)
@@ -353,9 +359,9 @@ class Trainer:
                 and self.step < t.steps
             ):
                 metrics.update(self.evaluate(self.eval_entries))
-            if t.save_every and self.step % t.save_every == 0:
-                self.save()
-            self._log(metrics)
+            self._log(metrics)  # before the checkpoint: resume truncates rows after it
+            if t.save_every and self.step % t.save_every == 0 and self.step < t.steps:
+                self.save()  # the final step is saved once, below
             history.append(metrics)
             if bar is not None:
                 bar.update(1)
