@@ -188,10 +188,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    path = Path(args.run_dir) / "metrics.jsonl"
-    if not path.exists():
-        print(f"{path} does not exist", file=sys.stderr)
-        return 2
+    for run in args.run_dir:
+        if not (Path(run) / "metrics.jsonl").exists():
+            print(f"{Path(run) / 'metrics.jsonl'} does not exist", file=sys.stderr)
+            return 2
+    path = Path(args.run_dir[0]) / "metrics.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     keys = ["step", "reward/mean", "kl", "entropy", "completion/length_mean", "time/step"]
     keys += sorted({k for r in rows for k in r if k.startswith("eval/")})
@@ -203,6 +204,10 @@ def cmd_report(args: argparse.Namespace) -> int:
                 for k in keys
             )
         )
+    if not args.text:
+        from .io.report import write_report
+
+        print(f"wrote {write_report(args.run_dir, args.out)}")
     return 0
 
 
@@ -233,8 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("out_dir", help="folder for save_pretrained (adapters merged)")
     ex.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ex.add_argument("--checkpoint", metavar="DIR", help="a checkpoint folder (default: latest)")
-    rp = sub.add_parser("report", help="summarise a run's metrics")
-    rp.add_argument("run_dir")
+    rp = sub.add_parser("report", help="a run's metrics table, and report.html with its curves")
+    rp.add_argument("run_dir", nargs="+", help="run directories (several: overlaid curves)")
+    rp.add_argument("--out", help="folder for report.html and its PNGs (default RUN/report)")
+    rp.add_argument("--text", action="store_true", help="only print the first run's table")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.cmd == "train" and not (args.config or args.resume):
