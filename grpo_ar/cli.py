@@ -207,7 +207,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not args.text:
         from .io.report import write_report
 
-        print(f"wrote {write_report(args.run_dir, args.out)}")
+        # stderr: stdout stays the table, for scripts that parse it
+        print(f"wrote {write_report(args.run_dir, args.out)}", file=sys.stderr)
     return 0
 
 

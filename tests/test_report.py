@@ -101,20 +101,20 @@ def write_media_run(root: Path, kind: str, steps: int = 5) -> Path:
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     """`grpo-ar report TEXT PNG GIF --out OUT`: a real 3-step text run overlaid with an image
-    and a video run; (out folder, stdout, run folders)."""
+    and a video run; (out folder, (stdout, stderr), run folders)."""
     root = tmp_path_factory.mktemp("report")
     runs = [root / "text", write_media_run(root, "png"), write_media_run(root, "gif")]
     make(runs[0]).train()
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         assert main(["report", *map(str, runs), "--out", str(root / "out")]) == 0
-    return root / "out", buf.getvalue(), runs
+    return root / "out", (out.getvalue(), err.getvalue()), runs
 
 
 def test_cli_report_writes_curves_tables_and_configs(report):
-    out, stdout, (text, png, gif) = report
-    assert stdout.splitlines()[0].split()[0] == "step"  # the first run's text table first
-    assert f"wrote {out / 'report.html'}" in stdout
+    out, (stdout, stderr), (text, png, gif) = report
+    assert stdout.splitlines()[0].split()[0] == "step"  # the first run's text table
+    assert f"wrote {out / 'report.html'}" in stderr
     pngs = {p.name for p in out.glob("*.png")}
     curves = pngs - {"samples_png.png", "samples_gif.png"}
     assert {"reward.png", "rewards.png", "kl.png", "entropy.png", "length.png"} <= curves
