@@ -8,14 +8,11 @@ import base64
 import contextlib
 import io
 import json
-from pathlib import Path
 
 import browser
 import pytest
-import torch
-from test_trackers import make
+from tiny_runs import make, write_media_run
 
-from grpo_ar.adapters.video import save_clips
 from grpo_ar.cli import main
 from grpo_ar.io.report import read_rows, write_report
 from grpo_ar.io.report_plots import frames_of, pick_steps, rolling
@@ -63,39 +60,6 @@ def test_read_rows_skips_only_a_cut_last_line(tmp_path):
     path.write_text('{"step": 1}\n{"ste\n{"step": 3}\n')
     with pytest.raises(json.JSONDecodeError):
         read_rows(path)
-
-
-def write_media_run(root: Path, kind: str, steps: int = 5) -> Path:
-    """A run folder as an image (kind="png") or video (kind="gif") run writes it: metrics and
-    samples.jsonl, sample files from the video adapter's own writer or PIL."""
-    from PIL import Image
-
-    run = root / kind
-    run.mkdir(parents=True)
-    g = torch.Generator().manual_seed(0)
-    metrics, samples = [], []
-    for step in range(1, steps + 1):
-        metrics.append({"step": step, "reward/mean": step / steps, "kl": 0.01 * step,
-                        "entropy": 2.0 - 0.1 * step, "time/step": 0.5, "tokens_per_s": 100.0})  # fmt: skip
-        folder = run / "samples" / f"step_{step:06d}"
-        if kind == "gif":  # (F, H, W, 3) uint8 clips
-            clips = [torch.randint(0, 256, (3, 8, 8, 3), dtype=torch.uint8, generator=g)] * 2
-            paths = save_clips(clips, folder)
-        else:
-            folder.mkdir(parents=True)
-            paths = []
-            for i in range(2):
-                px = torch.randint(0, 256, (8, 8, 3), dtype=torch.uint8, generator=g).numpy()
-                paths.append(folder / f"sample_{i:03d}.png")
-                Image.fromarray(px).save(paths[-1])
-        for p in paths:
-            out = str(p.relative_to(run))
-            samples.append({"step": step, "prompt": 1, "output": out, "reward": step / steps,
-                            "rewards": {"aesthetic": step / steps}, "advantage": 0.0})  # fmt: skip
-    (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
-    (run / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
-    (run / "config.yaml").write_text("trainer:\n  steps: 5  # <resolved>\n")
-    return run
 
 
 @pytest.fixture(scope="module")

@@ -10,54 +10,12 @@ import math
 from pathlib import Path
 
 import pytest
+from tiny_runs import make, write_media_run
 
-from grpo_ar.adapters.text import TextAdapter
-from grpo_ar.config import load_config
 from grpo_ar.errors import ConfigError
-from grpo_ar.io.data import load_rows
 from grpo_ar.io.metric_names import rename_metrics
-from grpo_ar.io.trackers import TRACKERS, Tracker, register_tracker
+from grpo_ar.io.trackers import TRACKERS, RunInfo, Tracker, Trackers, register_tracker
 from grpo_ar.parallel.ddp import Parallel
-from grpo_ar.rewards import REWARDS, per_sample, register_reward
-from grpo_ar.train.trainer import Trainer
-from tiny import char_tokenizer, tiny_llama
-
-if "trk_sevens" not in REWARDS:
-
-    @register_reward("trk_sevens")
-    @per_sample
-    def trk_sevens(output: str) -> float:
-        return output.count("7") / 4
-
-    @register_reward("trk_short")
-    @per_sample
-    def trk_short(output: str) -> float:
-        return 1.0 - len(output) / 4
-
-
-def make(run_dir: Path, overrides=(), parallel=None) -> Trainer:
-    tok = char_tokenizer()
-    cfg = load_config(
-        None,
-        [
-            "sampling.max_new_tokens=4",
-            "trainer.steps=3",
-            "trainer.batch_size=4",
-            "trainer.lr=1e-2",
-            "algorithm.group_size=2",
-            "algorithm.beta=0.05",  # a KL to log
-            "log.samples_per_step=2",
-            "log.progress=false",
-            f"log.run_dir={run_dir}",
-            *overrides,
-        ],
-    )
-    rows = [{"prompt": f"{i}+{i}=", "rewards": ["trk_sevens", "trk_short"]} for i in range(6)]
-    entries = load_rows(rows)
-    model = tiny_llama(vocab_size=len(tok), seed=0)
-    return Trainer(
-        cfg, model, TextAdapter(tok, cfg.sampling), entries, entries[:2], parallel=parallel
-    )
 
 
 def jsonl(path: Path) -> list[dict]:
@@ -69,12 +27,7 @@ def run(tmp_path_factory):
     """3 steps reported to all four trackers under TRL's metric names."""
     root = tmp_path_factory.mktemp("trackers")
     with pytest.MonkeyPatch.context() as mp:
-        # every library's local store and cache inside the test's folder, no network
-        mp.setenv("TRACKIO_DIR", str(root / "trackio"))
-        for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
-            mp.setenv(var, str(root / "wandb_home"))
-        mp.setenv("WANDB_SILENT", "true")
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        offline_stores(mp, root)
         trainer = make(
             root / "run",
             [
@@ -92,6 +45,15 @@ def run(tmp_path_factory):
             logging.getLogger("grpo_ar").removeHandler(errors)
     assert errors.seen == []  # no tracker dropped out
     return root / "run"
+
+
+def offline_stores(mp: pytest.MonkeyPatch, root: Path) -> None:
+    """Every library's local store and cache inside the test's folder; no network."""
+    mp.setenv("TRACKIO_DIR", str(root / "trackio"))  # read when trackio is first imported
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        mp.setenv(var, str(root / "wandb_home"))
+    mp.setenv("WANDB_SILENT", "true")
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
 class Errors(logging.Handler):
@@ -254,3 +216,38 @@ def test_only_rank_0_starts_trackers(tmp_path):
     trainer.train()
     assert trainer.step == 3
     assert not (tmp_path / "tensorboard").exists() and not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_images_and_clips_become_each_trackers_media(tmp_path):
+    """samples.jsonl rows of a video run (GIFs) and an image run (PNGs), logged as a table."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from trackio.utils import MEDIA_DIR
+
+    gif, png = write_media_run(tmp_path, "gif", steps=1), write_media_run(tmp_path, "png", steps=1)
+    rows = jsonl(gif / "samples.jsonl") + [
+        {**r, "output": f"../png/{r['output']}"} for r in jsonl(png / "samples.jsonl")
+    ]
+    with pytest.MonkeyPatch.context() as mp:
+        offline_stores(mp, tmp_path)
+        info = RunInfo(gif, "trk_media", "media")
+        trackers = Trackers.start(
+            ["tensorboard", "wandb", "trackio", "mlflow"], info, args={"wandb": {"mode": "offline"}}
+        )
+        trackers.log_samples(rows, step=1)
+        assert set(trackers.trackers) == {"tensorboard", "wandb", "trackio", "mlflow"}
+        trackers.close()
+    acc = EventAccumulator(str(gif / "tensorboard"), size_guidance={"images": 0})
+    acc.Reload()
+    assert sorted(acc.Tags()["images"]) == [f"completions/{i}" for i in range(4)]
+    strip = acc.Images("completions/0")[0]  # a clip as its 3 frames side by side
+    assert (strip.width, strip.height) == (24, 8)
+    (table,) = (gif / "wandb").glob("offline-run-*/files/media/table/*.table.json")
+    cells = [row[2] for row in json.loads(table.read_text())["data"]]
+    assert cells == ["Video", "Video", "Image", "Image"]  # wandb.Video / wandb.Image cells
+    stored = sorted(p.suffix for p in (MEDIA_DIR / "trk_media" / "media").rglob("*.*"))
+    assert stored == [".gif", ".gif", ".png", ".png"]
+    client = MlflowClient((gif / "mlruns").resolve().as_uri())
+    (r,) = client.search_runs([client.get_experiment_by_name("trk_media").experiment_id])
+    arts = client.list_artifacts(r.info.run_id, "completions/step_000001")
+    assert sorted(Path(a.path).suffix for a in arts) == [".gif", ".gif", ".png", ".png"]

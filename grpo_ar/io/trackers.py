@@ -244,7 +244,7 @@ class WandB(Tracker):
 
     def log_samples(self, rows: Sequence[dict[str, Any]], step: int) -> None:
         columns = table_columns(rows)
-        table = self.wandb.Table(columns=columns)
+        table = self.wandb.Table(columns=columns, allow_mixed_types=True)
         for row in rows:
             path = self.media(row)
             if path is None:
