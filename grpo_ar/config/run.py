@@ -209,9 +209,7 @@ class LogConfig:
 
     def __post_init__(self) -> None:
         if self.metric_names not in ("grpo_ar", "trl", "verl"):
-            raise ConfigError(
-                f"log.metric_names={self.metric_names!r}; use grpo_ar, trl or verl"
-            )
+            raise ConfigError(f"log.metric_names={self.metric_names!r}; use grpo_ar, trl or verl")
         if self.progress_every < 0:
             raise ConfigError(f"log.progress_every={self.progress_every} must be >= 0")
 

@@ -101,7 +101,11 @@ class Progress:
         elif step % self.every == 0 or step == self.total:
             took = time.perf_counter() - self.start
             fields = "  ".join(f"{k} {v}" for k, v in shown.items())
-            print(f"grpo step {step}/{self.total}  {fields}  {took:.0f}s", file=self.stream, flush=True)
+            print(
+                f"grpo step {step}/{self.total}  {fields}  {took:.0f}s",
+                file=self.stream,
+                flush=True,
+            )
 
     def close(self) -> None:
         if self.bar is not None:
