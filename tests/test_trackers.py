@@ -169,6 +169,14 @@ class BrokenStart(Tracker):
         raise RuntimeError("no route to the tracking server")
 
 
+@register_tracker("trk_not_installed")
+class NotInstalled(Tracker):
+    extra = "trk"
+
+    def __init__(self, run, **kwargs):
+        import grpo_ar_no_such_tracker_library  # noqa: F401
+
+
 @register_tracker("trk_broken_later")
 class BrokenLater(Tracker):
     seen: list[int] = []
@@ -186,6 +194,16 @@ def test_a_tracker_that_cannot_start_fails_before_the_first_step(tmp_path):
     assert trainer.step == 0 and not (tmp_path / "metrics.jsonl").exists()
     with pytest.raises(ConfigError, match="unknown tracker 'tensorbaord'; known: .*tensorboard"):
         make(tmp_path, ["log.report_to=[tensorbaord]"]).train()
+    # the real MLflow refusing a store URI it has no backend for
+    bad = ["log.report_to=[mlflow]", "log.tracker_args.mlflow.tracking_uri=nosuchstore://x"]
+    with pytest.raises(ConfigError, match="tracker 'mlflow' could not start: .*nosuchstore"):
+        make(tmp_path, bad).train()
+    with pytest.raises(ConfigError, match=r"lacks it"):
+        make(tmp_path, ["log.tracker_args.wandb.mode=offline"]).train()
+    with pytest.raises(
+        ConfigError, match=r"'trk_not_installed' but No module named .*grpo-ar\[trk\]"
+    ):
+        make(tmp_path, ["log.report_to=[trk_not_installed]"]).train()
     assert {"tensorboard", "wandb", "trackio", "mlflow"} <= set(TRACKERS)
 
 

@@ -345,8 +345,6 @@ class MLflow(Tracker):
 
 def start_trackers(log_cfg: Any, run_dir: Path, config: dict[str, Any]) -> Trackers:
     """The trackers `log_cfg.report_to` names (a LogConfig), started for the run in run_dir."""
-    if not log_cfg.report_to:
-        return Trackers()
     name = log_cfg.run_name or Path(run_dir).resolve().name
     run = RunInfo(Path(run_dir), log_cfg.project, name, config)
     return Trackers.start(log_cfg.report_to, run, log_cfg.metric_names, log_cfg.tracker_args)
