@@ -136,7 +136,11 @@ class Trackers:
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if self.trackers:
-            values = rename_metrics(_finite(metrics), self.names)
+            values = _finite(metrics)
+            try:
+                values = rename_metrics(values, self.names)
+            except ValueError as e:  # two names colliding must not stop the run
+                log.error("step %d: %s; logging grpo_ar's names instead", step, e)
             self._each("log", step, values, step)
 
     def log_samples(self, rows: Sequence[dict[str, Any]], step: int) -> None:
