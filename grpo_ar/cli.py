@@ -213,10 +213,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .io.run_files import read_jsonl
 
-    path = Path(args.run_dir) / "metrics.jsonl"
-    if not path.exists():
-        raise CheckpointError(f"{path} does not exist: give a run directory `grpo-ar train` wrote")
-    rows = read_jsonl(path)
+    for run in args.run_dir:
+        if not (Path(run) / "metrics.jsonl").exists():
+            raise CheckpointError(
+                f"{Path(run) / 'metrics.jsonl'} does not exist: give a run directory "
+                "`grpo-ar train` wrote"
+            )
+    rows = read_jsonl(Path(args.run_dir[0]) / "metrics.jsonl")
     keys = ["step", "reward/mean", "kl", "entropy", "completion/length_mean", "time/step"]
     keys += sorted({k for r in rows for k in r if k.startswith("eval/")})
     print("  ".join(f"{k:>14}" for k in keys))
@@ -227,6 +230,11 @@ def cmd_report(args: argparse.Namespace) -> int:
                 for k in keys
             )
         )
+    if not args.text:
+        from .io.report import write_report
+
+        # stderr: stdout stays the table, for scripts that parse it
+        print(f"wrote {write_report(args.run_dir, args.out)}", file=sys.stderr)
     return 0
 
 
@@ -269,8 +277,12 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("out_dir", help="folder for save_pretrained (adapters merged)")
     ex.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ex.add_argument("--checkpoint", metavar="DIR", help="a checkpoint folder (default: latest)")
-    rp = sub.add_parser("report", help="summarise a run's metrics", parents=[common])
-    rp.add_argument("run_dir")
+    rp = sub.add_parser(
+        "report", help="a run's metrics table, and report.html with its curves", parents=[common]
+    )
+    rp.add_argument("run_dir", nargs="+", help="run directories (several: overlaid curves)")
+    rp.add_argument("--out", help="folder for report.html and its PNGs (default RUN/report)")
+    rp.add_argument("--text", action="store_true", help="only print the first run's table")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.cmd == "train" and not (args.config or args.resume):

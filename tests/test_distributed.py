@@ -218,6 +218,7 @@ optimizer_args = {{eps = 1e-4}}
 train = "{out / "cli.jsonl"}"
 [log]
 progress = false
+report_to = ["tensorboard"]
 """
     )
 
@@ -317,13 +318,15 @@ def test_a_failing_rank_stops_every_rank_with_its_error(launch):
 @pytest.mark.slow
 def test_cli_train_under_torchrun_equals_one_process(launch, tmp_path):
     """`grpo-ar train CONFIG` under torchrun (2 ranks, strategy auto = ddp): rank 0 alone writes
-    metrics (one line per step) and checkpoints; the weights are the one-process CLI run's."""
+    metrics (one line per step), TensorBoard events and checkpoints; the weights are the
+    one-process CLI run's."""
     from grpo_ar.cli import main
     from grpo_ar.io.checkpoint import latest_checkpoint, load_tensors
 
     assert main(["train", str(launch / "cli.toml"), "--set", f"log.run_dir={tmp_path}"]) == 0
     two = launch / "cli_run"
     assert len((two / "metrics.jsonl").read_text().splitlines()) == 2
+    assert len(list((two / "tensorboard").glob("events.out.tfevents.*"))) == 1  # rank 0's
     a = load_tensors(latest_checkpoint(two) / "model.safetensors")
     b = load_tensors(latest_checkpoint(tmp_path) / "model.safetensors")
     assert set(a) == set(b)

@@ -238,6 +238,25 @@ class LogConfig:
     """Show a progress bar with the live reward."""
     keep_checkpoints: int = 2
     """Keep the newest N checkpoints (0 = all)."""
+    report_to: tuple[str, ...] = ()
+    """Experiment trackers fed besides the JSONL files: tensorboard, wandb, trackio, mlflow
+    (each an optional extra, e.g. `pip install grpo-ar[tensorboard]`; grpo_ar/io/trackers.py)."""
+    project: str = "grpo_ar"
+    """Tracker project (wandb/trackio project, mlflow experiment)."""
+    run_name: str = ""
+    """Tracker run name ("" = the run directory's name)."""
+    metric_names: str = "grpo_ar"
+    """Metric names sent to trackers: grpo_ar, trl or verl (README table; JSONL keeps grpo_ar's)."""
+    tracker_args: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Extra keyword arguments per tracker, e.g. {wandb = {mode = "offline", entity = "me"}}."""
+    progress_every: int = 0
+    """Without a terminal: one plain progress line every N steps (0 = about 20 lines a run)."""
+
+    def __post_init__(self) -> None:
+        if self.metric_names not in ("grpo_ar", "trl", "verl"):
+            raise ConfigError(f"log.metric_names={self.metric_names!r}; use grpo_ar, trl or verl")
+        if self.progress_every < 0:
+            raise ConfigError(f"log.progress_every={self.progress_every} must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ import logging
 import math
 import os
 import shutil
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -88,35 +90,83 @@ def append_samples(
     k: int,
     save: Callable | None = None,
     summarize: Callable[[Any], Any] | None = None,
-) -> None:
-    """The first `k` samples of a scored rollout (prompt, output, reward, advantage). Outputs
-    that are not JSON (images, clips) are written by `save(outputs, directory) -> paths` (an
-    adapter's `save_samples`) under samples/step_N/ and referenced by path; otherwise each is
-    shown as `summarize(output)` (an adapter's `summarize`: a short JSON value, never a repr)."""
+) -> list[dict[str, Any]]:
+    """The first `k` samples of a scored rollout (prompt, output, reward, each reward,
+    advantage), appended to samples.jsonl and returned (the trackers' completion table).
+    Outputs that are not JSON (images, clips) are written by `save(outputs, directory) ->
+    paths` (an adapter's `save_samples`) under samples/step_N/ and referenced by path;
+    otherwise each is shown as `summarize(output)` (an adapter's `summarize`: a short JSON
+    value, never a repr)."""
     if k <= 0:
-        return
+        return []
     k = min(k, len(rollout))
     outputs, result = rollout.extras["outputs"][:k], rollout.extras["reward"]
     shown: list[Any] = [summarize(o) for o in outputs] if summarize else list(outputs)
     if save is not None and not all(isinstance(o, str) for o in outputs):
         paths = save(outputs, run_dir / "samples" / f"step_{step:06d}")
         shown = [str(Path(p).relative_to(run_dir)) for p in paths]
-    with open(run_dir / "samples.jsonl", "a", encoding="utf-8") as f:
-        for i in range(k):
-            row = {
+    rows = []
+    for i in range(k):
+        used = [j for j in range(len(result.names)) if bool(result.used[i, j])]
+        rows.append(
+            {
                 "step": step,
                 "group": int(rollout.group_ids[i]),
                 "prompt": jsonable(rollout.entries[i].prompt),
                 "output": jsonable(shown[i]),
                 "reward": jsonable(float(result.total[i])),
+                "rewards": {
+                    result.names[j]: jsonable(float(result.components[i, j])) for j in used
+                },
                 "advantage": float(rollout.data["adv"][i]),
             }
+        )
+    with open(run_dir / "samples.jsonl", "a", encoding="utf-8") as f:
+        for row in rows:
             f.write(json.dumps(row) + "\n")
+    return rows
 
 
-def progress(enabled: bool, total: int, initial: int) -> Any:
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
+class Progress:
+    """The live reward, KL and tokens/s: a tqdm bar on a terminal; otherwise (a log file) one
+    plain line every `every` steps instead of carriage-return updates."""
 
-    return tqdm(total=total, initial=initial, desc="grpo", dynamic_ncols=True)
+    def __init__(self, total: int, initial: int, every: int = 0, stream: Any = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.total, self.start = total, time.perf_counter()
+        self.every = every or max(1, math.ceil(total / 20))
+        self.bar = None
+        isatty = getattr(self.stream, "isatty", None)
+        if isatty is not None and isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(
+                total=total, initial=initial, desc="grpo", dynamic_ncols=True, file=self.stream
+            )
+
+    def update(self, step: int, metrics: dict[str, Any]) -> None:
+        shown = {
+            "reward": f"{metrics.get('reward/mean', math.nan):.3f}",
+            "kl": f"{metrics['kl']:.3g}" if "kl" in metrics else None,
+            "tok/s": f"{metrics.get('tokens_per_s', math.nan):.0f}",
+        }
+        shown = {k: v for k, v in shown.items() if v is not None}
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(shown)
+        elif step % self.every == 0 or step == self.total:
+            took = time.perf_counter() - self.start
+            fields = "  ".join(f"{k} {v}" for k, v in shown.items())
+            print(
+                f"grpo step {step}/{self.total}  {fields}  {took:.0f}s",
+                file=self.stream,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def progress(enabled: bool, total: int, initial: int, every: int = 0) -> Progress | None:
+    return Progress(total, initial, every) if enabled else None

@@ -33,8 +33,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from ..config.run import Config, save_config
+from ..config.run import Config, config_to_dict, save_config
 from ..errors import ConfigError
+from ..io.trackers import start_trackers
 from ..train.step import StepStats
 from ..train.trainer import Trainer
 from ..types import Entry
@@ -120,6 +121,7 @@ class GRPOModule(pl.LightningModule):
             frozen.to(device)
         if core.dist.is_main:
             save_config(core.cfg, core.run_dir / "config.yaml")
+            core.trackers = start_trackers(core.cfg.log, core.run_dir, config_to_dict(core.cfg))
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.dataset, batch_size=None)
@@ -180,3 +182,4 @@ class GRPOModule(pl.LightningModule):
 
     def on_train_end(self) -> None:
         self.core.save()
+        self.core.trackers.close()

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config.run import Config, save_config, with_sampling
+from ..config.run import Config, config_to_dict, save_config, with_sampling
 from ..core import ADVANTAGES, AGGREGATIONS, compute_advantages
 from ..core.corrections import entropy_bonus
 from ..finetune import build_finetune
@@ -26,6 +26,7 @@ from ..finetune.base import Finetune
 from ..generation.params import SamplingParams
 from ..io.data import PromptSampler
 from ..io.run_files import append_metrics, append_samples, progress
+from ..io.trackers import Trackers, start_trackers
 from ..parallel import build_parallel
 from ..parallel.ddp import Parallel, derive_seed
 from ..rewards import RewardComputer, RewardContext, build_rewards, reward_metrics
@@ -106,6 +107,7 @@ class Trainer:
         self.bonus_on = a.entropy_coef > 0 or a.entropy_target is not None
         self.run_dir = Path(config.log.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.trackers = Trackers()  # started by train(), on rank 0 only
 
     # -- one GRPO step ---------------------------------------------------------------------
     def generate(self, entries: Sequence[Entry], stats: StepStats) -> Rollout:
@@ -325,7 +327,8 @@ class Trainer:
             save = getattr(self.adapter, "save_samples", None)
             summarize = getattr(self.adapter, "summarize", None)
             k = self.cfg.log.samples_per_step
-            append_samples(self.run_dir, rollout, self.step, k, save, summarize)
+            rows = append_samples(self.run_dir, rollout, self.step, k, save, summarize)
+            self.trackers.log_samples(rows, self.step)
         return metrics
 
     def end_iteration(self) -> None:
@@ -347,9 +350,12 @@ class Trainer:
             return history
         if self.dist.is_main:
             save_config(self.cfg, self.run_dir / "config.yaml")
+            # a tracker that cannot start fails here, before the first step
+            self.trackers = start_trackers(self.cfg.log, self.run_dir, config_to_dict(self.cfg))
         if self.eval_entries and self.step == 0:
             self._log({"step": 0, **self.evaluate(self.eval_entries)})
-        bar = progress(self.cfg.log.progress and self.dist.is_main, t.steps, self.step)
+        show = self.cfg.log.progress and self.dist.is_main
+        bar = progress(show, t.steps, self.step, self.cfg.log.progress_every)
         while self.step < t.steps:
             metrics = self.train_step()
             if (
@@ -364,13 +370,13 @@ class Trainer:
                 self.save()  # the final step is saved once, below
             history.append(metrics)
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(reward=f"{metrics.get('reward/mean', float('nan')):.3f}")
+                bar.update(self.step, metrics)
         if bar is not None:
             bar.close()
         if self.eval_entries:
             self._log({"step": self.step, **self.evaluate(self.eval_entries)})
         self.save()
+        self.trackers.close()
         return history
 
     def evaluate(
@@ -399,6 +405,7 @@ class Trainer:
     def _log(self, metrics: dict[str, float]) -> None:
         if self.dist.is_main:
             append_metrics(self.run_dir, metrics)
+            self.trackers.log(metrics, int(metrics["step"]))
 
     def state_dict(self) -> dict[str, Any]:
         """The trainer state a checkpoint stores besides weights (grpo_ar/train/run_state.py)."""
