@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,21 +14,12 @@ from typing import Any
 
 from ..errors import ConfigError
 from .report_plots import PANELS, Run, media_rows, pick_steps, plot_panel, sample_grid, series
+from .run_files import read_jsonl
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """JSONL rows; a last line cut by a crash mid-write is skipped, any other bad line raises."""
-    if not path.exists():
-        return []
-    lines = [x for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-    rows = []
-    for i, line in enumerate(lines):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i < len(lines) - 1:
-                raise
-    return rows
+    """JSONL rows (none when the file is missing); a cut last line is skipped with a warning."""
+    return read_jsonl(path) if path.exists() else []
 
 
 def load_run(path: str | Path, name: str | None = None) -> Run:
