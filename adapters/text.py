@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -12,6 +13,9 @@ from grpo_ar.generation.params import SamplingParams
 from grpo_ar.types import Entry, PromptBatch, Rollout
 
 from .base import Adapter
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 class TextAdapter(Adapter):
@@ -24,7 +28,7 @@ class TextAdapter(Adapter):
 
     def __init__(
         self,
-        tokenizer: Any,
+        tokenizer: PreTrainedTokenizerBase,
         sampling: SamplingParams,
         chat_template: bool | None = None,
         max_prompt_tokens: int | None = None,
@@ -93,6 +97,10 @@ class TextAdapter(Adapter):
         return self.tokenizer.batch_decode(
             [row[:n] for row, n in zip(ids, lengths)], skip_special_tokens=True
         )
+
+    def save_tokenizer(self, directory: Path) -> None:
+        """The tokenizer, so the exported folder loads with `AutoTokenizer.from_pretrained`."""
+        self.tokenizer.save_pretrained(directory)
 
 
 def load_text_model(

@@ -13,8 +13,7 @@ import torch
 
 from ..core import ADVANTAGES, AGGREGATIONS, KL, LOSSES
 from ..errors import ConfigError, need
-
-REFERENCE_REFRESH = ("iteration", "never", "soft")
+from ..train.reference import REFERENCE_REFRESH
 
 
 @dataclass(frozen=True)
@@ -93,7 +92,7 @@ class AlgorithmConfig:
         need(
             self.reference_refresh in REFERENCE_REFRESH,
             f"algorithm.reference_refresh={self.reference_refresh!r}: use "
-            + ", ".join(REFERENCE_REFRESH),
+            + ", ".join(sorted(REFERENCE_REFRESH)),
         )
         need(
             0 < self.reference_mix_alpha <= 1 and self.reference_sync_every >= 1,

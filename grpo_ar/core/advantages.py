@@ -11,7 +11,7 @@ verl names refer to volcengine/verl verl/trainer/ppo/core_algos.py (commit 012be
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from einops import rearrange
@@ -19,7 +19,23 @@ from torch import Tensor
 
 from .registry import Registry
 
-ADVANTAGES = Registry("advantage estimator", inputs=("lengths", "baseline"))
+
+class AdvantageFn(Protocol):
+    """The signature every `ADVANTAGES` entry shares."""
+
+    def __call__(
+        self,
+        rewards: Tensor,  # (N,) rewards of contiguous groups, 0 where invalid (never NaN)
+        valid: Tensor,  # (N,) bool: the reward was computed (invalid samples get advantage 0)
+        group_size: int,  # G; N = P·G
+        /,
+        *args: Any,
+        **options: Any,  # user options, plus the inputs `lengths` (N,) / `baseline` (P,) it takes
+    ) -> Tensor:  # (N,) advantages
+        ...
+
+
+ADVANTAGES: Registry[AdvantageFn] = Registry("advantage estimator", inputs=("lengths", "baseline"))
 
 MULTI_OBJECTIVE = ("sum_then_normalize", "normalize_then_sum")
 """How several rewards become one advantage (TRL 1.16 `multi_objective_aggregation`)."""
@@ -224,7 +240,13 @@ def _gdpo(
     return _batch_scaled(s, valid, eps), valid
 
 
-def _check_gdpo(name: str, components: Any, weights: Any, n: int, options: dict) -> None:
+def _check_gdpo(
+    name: str,
+    components: Tensor | None,
+    weights: Tensor | None,
+    n: int,
+    options: dict[str, Any],
+) -> None:
     if name != "grpo":
         raise ValueError(
             f"multi_objective='normalize_then_sum' (GDPO) is defined for advantage='grpo' only "
@@ -250,7 +272,9 @@ def _check_gdpo(name: str, components: Any, weights: Any, n: int, options: dict)
         )
 
 
-def _inputs(name: str, n: int, group_size: int, given: dict[str, Tensor | None]) -> dict:
+def _inputs(
+    name: str, n: int, group_size: int, given: dict[str, Tensor | None]
+) -> dict[str, Tensor]:
     """The caller-supplied tensors entry `name` takes, checked for presence and shape."""
     shapes = {"lengths": (n,), "baseline": (n // group_size,)}
     out = {}

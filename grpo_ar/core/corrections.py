@@ -7,7 +7,8 @@
   (N, 1) for `sequence_*`; the loss multiplies its per-token loss by them (`losses.is_weight`).
 - `off_policy_sequence_mask`: DeepSeek-V3.2 off-policy sequence masking.
 - `entropy_threshold` / `high_entropy_mask`: the 80/20 rule (train on high-entropy tokens).
-- `entropy_bonus` / `AdaptiveEntropyCoef`: entropy regularisation, Skywork-OR1 adaptive control.
+- `entropy_bonus` / `micro_batch_entropy_bonus` / `AdaptiveEntropyCoef`: entropy regularisation
+  and its normaliser under micro-batching, Skywork-OR1 adaptive control.
 - `bias_corrected_kl`: DeepSeek-V3.2's unbiased KL estimate, KL · π/π_old.
 
 TRL line numbers refer to trl 1.16 `trl/trainer/grpo_trainer.py`. TRL computes the IS correction
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -26,7 +28,23 @@ from torch import Tensor
 from .losses import log_ratio
 from .registry import Registry
 
-IS_CORRECTIONS = Registry("sampler IS correction")
+
+class ISCorrectionFn(Protocol):
+    """The signature every `IS_CORRECTIONS` entry shares; bounds are keyword-only options."""
+
+    def __call__(
+        self,
+        old_logp: Tensor,  # (N, T) log π_old, the trainer's log-prob of the sampling policy
+        sampling_logp: Tensor,  # (N, T) the sampler's recorded log-prob (NaN: not scored)
+        mask: Tensor,  # (N, T) 1 on completion tokens
+        /,
+        *args: Any,
+        **options: Any,  # c_min, c_max
+    ) -> Tensor:  # detached weights, (N, T) per token or (N, 1) per sequence
+        ...
+
+
+IS_CORRECTIONS: Registry[ISCorrectionFn] = Registry("sampler IS correction")
 
 
 def _check_bounds(c_min: float | None, c_max: float | None, truncate: bool) -> None:
@@ -189,13 +207,37 @@ def high_entropy_mask(
     return (ent >= threshold) & mask.bool()
 
 
-def entropy_bonus(entropy: Tensor, mask: Tensor, total_tokens: float) -> Tensor:
+def entropy_bonus(entropy: Tensor, mask: Tensor, total_tokens: Tensor | float) -> Tensor:
     """() Σ H_t over `mask` / total_tokens; loss = policy - coef · bonus. `mask` is the set the
-    bonus acts on (completion · high-entropy mask, TRL L3192) and `total_tokens` its size over the
-    optimizer step, so micro-batch parts sum to the full-batch mean. TRL (L3198-3201) divides
-    each micro-batch's own mean by the accumulation steps: the same when every micro-batch holds
-    as many tokens (pass total_tokens = local count · steps to reproduce it exactly)."""
+    bonus acts on (completion · high-entropy mask, as TRL) and `total_tokens` its size over the
+    optimizer step, so micro-batch parts sum to the full-batch mean. TRL divides each
+    micro-batch's own mean by the accumulation steps: the same when every micro-batch holds as
+    many tokens (pass total_tokens = local count · steps to reproduce it exactly)."""
     return torch.where(mask.bool(), entropy, 0.0).sum() / max(total_tokens, 1)
+
+
+def micro_batch_entropy_bonus(
+    entropy: Tensor,
+    mask: Tensor,
+    *,
+    total_tokens: Tensor | float,
+    n_micro: int,
+    top_entropy_quantile: float = 1.0,
+) -> Tensor:
+    """() one micro-batch's part of the optimizer step's entropy bonus (loss - coef · part);
+    `mask` (N, T) holds the tokens the bonus acts on, `total_tokens` the step's completion-token
+    count over all ranks, `n_micro` the micro-batches of the step on this rank.
+
+    ρ = 1: the bonus acts on every completion token, whose global count is known before the
+    pass, so the part is Σ H / total_tokens and the parts sum to the full-batch mean under any
+    split. ρ < 1: the 80/20 mask picks tokens per micro-batch (TRL's semantics), so the kept
+    set's global size is unknown until every micro-batch has run; the part is then this
+    micro-batch's mean / n_micro, TRL's per-micro-batch mean over the accumulation steps."""
+    if n_micro < 1:
+        raise ValueError(f"n_micro={n_micro}: a step has at least one micro-batch")
+    if top_entropy_quantile < 1.0:
+        return entropy_bonus(entropy, mask, mask.sum() * n_micro)
+    return entropy_bonus(entropy, mask, total_tokens)
 
 
 class AdaptiveEntropyCoef:

@@ -45,7 +45,8 @@ def append_samples(
     shown: list[Any] = list(outputs)
     if save is not None and not all(isinstance(o, str) for o in outputs):
         paths = save(outputs, run_dir / "samples" / f"step_{step:06d}")
-        shown = [str(Path(p).relative_to(run_dir)) for p in paths]
+        if paths is not None:  # None: the adapter writes no files (Adapter.save_samples)
+            shown = [str(Path(p).relative_to(run_dir)) for p in paths]
     with open(run_dir / "samples.jsonl", "a", encoding="utf-8") as f:
         for i in range(k):
             row = {
