@@ -24,6 +24,7 @@ demo: $(STAMP)
 	$(BIN)/python examples/text_arithmetic/run.py
 
 test: $(STAMP)
+	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

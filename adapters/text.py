@@ -67,9 +67,10 @@ class TextAdapter(Adapter):
         messages = list(prompt) if is_chat else [{"role": "user", "content": str(prompt)}]
         if self.system_prompt and messages[0].get("role") != "system":
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
-        return self.tokenizer.apply_chat_template(
+        text = self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True
         )
+        return str(text)  # tokenize=False: the rendered string
 
     def encode(self, entries: Sequence[Entry]) -> PromptBatch:
         texts = [self.prompt_text(e.prompt) for e in entries]
@@ -110,5 +111,6 @@ def load_text_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, **kw)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw).to(device)
-    return model, tokenizer
+    # as an nn.Module: transformers' decorated `PreTrainedModel.to` does not type-check as a method
+    model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
+    return model.to(device), tokenizer

@@ -65,7 +65,8 @@ def _build_code_grid(cfg: Config, dtype: Any, kind: str) -> tuple[Any, Any]:
     sec, device = getattr(cfg, kind), _device(cfg.model.device)
     if not sec.decoder_path:
         raise ConfigError(f"{kind}.decoder_path is empty: give the folder of the VQ tokenizer")
-    model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=dtype).to(device)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=dtype)
+    model = model.to(device)  # type: ignore[arg-type]  # transformers' decorated `to`
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     kw: dict[str, Any] = {"subfolder": sec.decoder_subfolder} if sec.decoder_subfolder else {}

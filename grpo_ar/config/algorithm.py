@@ -6,12 +6,13 @@ lists them with their papers and TRL / verl names.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..core import ADVANTAGES, AGGREGATIONS, KL, LOSSES
+from ..core import ADVANTAGES, AGGREGATIONS, KL, LOSSES, Registry
 from ..errors import ConfigError, need
 from ..train.reference import REFERENCE_REFRESH
 
@@ -106,7 +107,7 @@ class AlgorithmConfig:
         from ..core.advantages import MULTI_OBJECTIVE
         from ..core.corrections import IS_CORRECTIONS
 
-        checks = [
+        checks: list[tuple[Registry, str, Mapping[str, Any], str]] = [
             (ADVANTAGES, self.advantage, self.advantage_args, "advantage"),
             (LOSSES, self.loss, self.loss_args, "loss"),
             (KL, self.kl, self.kl_args, "kl"),

@@ -317,6 +317,7 @@ def compute_advantages(
     inputs = _inputs(name, n, group_size, {"lengths": lengths, "baseline": baseline})
     if multi_objective == "normalize_then_sum":
         _check_gdpo(name, components, weights, n, options)
+        assert components is not None and weights is not None  # _check_gdpo refuses None
         eps = options.get("eps", ADVANTAGES.options("grpo")["eps"])
         return _gdpo(rewards, components, weights, group_size, eps)
     valid = torch.isfinite(rewards)

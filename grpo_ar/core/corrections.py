@@ -201,6 +201,7 @@ def high_entropy_mask(
     if (quantile is None) == (threshold is None):
         raise ValueError("give exactly one of quantile (ρ, e.g. 0.2) or threshold")
     if threshold is None:
+        assert quantile is not None  # exactly one of the two, checked above
         threshold = entropy_threshold(entropy, mask, quantile)
     # TRL compares `entropies * mask.float()`: fp32 for half types, fp64 stays fp64
     ent = entropy.detach().to(torch.promote_types(entropy.dtype, torch.float32))

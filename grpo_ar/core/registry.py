@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, TypeVar
+from typing import Any
 
-F = TypeVar("F", bound=Callable[..., Any])
+from typing_extensions import TypeVar  # a default (PEP 696): `Registry(...)` alone is untyped
+
+F = TypeVar("F", default=Callable[..., Any])
 
 
 class UnknownNameError(KeyError, ValueError):
@@ -75,7 +77,9 @@ class Registry(Mapping[str, F]):
 
     def options(self, name: str) -> dict[str, Any]:
         """Keyword-only hyper-parameters of entry `name` with their defaults (inputs excluded)."""
-        sig = inspect.signature(self[name])
+        fn = self[name]
+        assert callable(fn), f"{self.kind} {name!r} is not callable"
+        sig = inspect.signature(fn)
         return {
             p.name: p.default
             for p in sig.parameters.values()
@@ -84,7 +88,9 @@ class Registry(Mapping[str, F]):
 
     def takes(self, name: str) -> frozenset[str]:
         """The caller-supplied inputs (of `self.inputs`) that entry `name` accepts."""
-        params = inspect.signature(self[name]).parameters
+        fn = self[name]
+        assert callable(fn), f"{self.kind} {name!r} is not callable"
+        params = inspect.signature(fn).parameters
         return frozenset(k for k in self.inputs if k in params)
 
     def check_options(self, name: str, given: Mapping[str, Any], where: str) -> None:

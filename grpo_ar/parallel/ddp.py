@@ -28,7 +28,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -36,6 +36,9 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..types import PromptBatch, Rollout
+
+if TYPE_CHECKING:
+    from ..adapters.base import Adapter
 
 STRATEGIES = ("auto", "none", "ddp", "fsdp2")
 
@@ -94,7 +97,9 @@ class ScoreNet(nn.Module):
     DDP's and FSDP2's forward hooks wrap the scorer's fast paths (shared prompt prefix, fused
     LM head), which call the model's body and head directly."""
 
-    def __init__(self, model: nn.Module, adapter: Any) -> None:
+    adapter: Adapter  # in __dict__, not a submodule
+
+    def __init__(self, model: nn.Module, adapter: Adapter) -> None:
         super().__init__()
         self.model = model
         self.__dict__["adapter"] = adapter  # not a module
@@ -200,7 +205,7 @@ class Parallel:
         return optimizer.state_dict()
 
     def load_optimizer(self, optimizer: torch.optim.Optimizer, state: Mapping[str, Any]) -> None:
-        optimizer.load_state_dict(state)
+        optimizer.load_state_dict(dict(state))
 
 
 # -- several processes --------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import contextlib
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -37,6 +37,9 @@ from ..types import Rollout
 from .ddp import DataParallel, ScoreNet
 
 _LAYER_LISTS = ("layers", "h", "blocks", "block")
+
+
+_T = TypeVar("_T", Tensor, None)  # pad keeps None as None and a tensor a tensor
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -60,7 +63,7 @@ def shard(model: nn.Module, adapter: Any, mesh: Any) -> FSDPModule:
     return root
 
 
-def _dedupe_tied(model: nn.Module, sd: dict[str, Tensor]) -> dict[str, Tensor]:
+def _dedupe_tied(model: nn.Module, sd: Mapping[str, Any]) -> dict[str, Tensor]:
     """One name per tied parameter (the loaders fill the others in)."""
     seen: dict[int, str] = {}
     drop = set()
@@ -93,7 +96,8 @@ def full_state(model: nn.Module) -> dict[str, Tensor]:
 def load_full_state(model: nn.Module, path: str | Path) -> None:
     """A full state dict file (every rank reads it) into the sharded model."""
     sd = _fill_tied(model, load_tensors(path))
-    set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, strict=True))
+    opts = StateDictOptions(full_state_dict=True, strict=True)
+    set_model_state_dict(model, cast("dict[str, Any]", sd), options=opts)
 
 
 def widen(r: Rollout, width: int) -> Rollout:
@@ -102,7 +106,7 @@ def widen(r: Rollout, width: int) -> Rollout:
     if t == width:
         return r
 
-    def pad(x: Tensor | None) -> Tensor | None:
+    def pad(x: _T) -> _T:
         if x is None or x.ndim < 2 or x.shape[1] != t:
             return x
         return torch.nn.functional.pad(x, (0, 0) * (x.ndim - 2) + (0, width - t))
@@ -112,7 +116,7 @@ def widen(r: Rollout, width: int) -> Rollout:
         completion_ids=pad(r.completion_ids),
         completion_mask=pad(r.completion_mask),
         sampling_logp=pad(r.sampling_logp),
-        span_ids=pad(r.span_ids),
+        span_ids=None if r.span_ids is None else pad(r.span_ids),
         data={k: pad(v) for k, v in r.data.items()},
     )
 
@@ -127,7 +131,7 @@ class ShardedReference:
     @torch.no_grad()
     def logprobs(self, adapter: Any, rollout: Rollout) -> Tensor:
         try:
-            return self.root(rollout, False)[0]
+            return self.root(rollout, False)[0]  # type: ignore[operator]  # an nn.Module too
         finally:  # a root keeps its tensors gathered after forward; no backward reshards them
             self.root.reshard()
 
@@ -164,14 +168,14 @@ class FSDP2Parallel(DataParallel):
         device = next(model.parameters()).device
         mesh = init_device_mesh(device.type, (self.size,))
         self.root = shard(model, adapter, mesh)
-        self.units = [m for m in self.root.modules() if isinstance(m, FSDPModule)]
+        self.units = [m for m in self.root.modules() if isinstance(m, FSDPModule)]  # type: ignore[attr-defined]
         if reference is None:
             return None
         ref_root = shard(reference.model, adapter, mesh)
         return ShardedReference(reference, ref_root)
 
     def score(self, rollout: Rollout, with_entropy: bool = True) -> tuple[Tensor, Any]:
-        return self.root(rollout, with_entropy)
+        return self.root(rollout, with_entropy)  # type: ignore[operator]  # an nn.Module too
 
     def align(self, micro: list[Rollout]) -> list[Rollout]:
         """One completion width on every rank: the scorer's number of forwards depends on it

@@ -149,7 +149,8 @@ class GRPOModule(pl.LightningModule):
             assert list(mb.prompts.entries) == list(entries), "sub-batch order diverged"
         if sub == 0:
             core.optimizer.zero_grad(set_to_none=True)
-            self._finite, self._total = True, 0.0
+            self._finite = True
+            self._total: torch.Tensor | float = 0.0
         self.model.train()
         block = getattr(self.trainer.strategy, "block_backward_sync", None)  # parallel ones
         sync = contextlib.nullcontext() if last or block is None else block()

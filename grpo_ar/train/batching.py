@@ -41,8 +41,8 @@ def concat_prompts(batches: list[PromptBatch], pad_id: int = 0) -> PromptBatch:
 
     return replace(
         batches[0],
-        input_ids=both("input_ids"),
-        attention_mask=both("attention_mask"),
+        input_ids=_pad_cat([b.input_ids for b in batches], pad_id, left=True),
+        attention_mask=_pad_cat([b.attention_mask for b in batches], 0, left=True),
         uncond_input_ids=both("uncond_input_ids"),
         uncond_attention_mask=both("uncond_attention_mask"),
         entries=[e for b in batches for e in b.entries],
@@ -57,7 +57,7 @@ def concat_rollouts(rollouts: list[Rollout], pad_id: int = 0) -> Rollout:
     offsets = torch.tensor([0] + [len(r.prompts) for r in rollouts[:-1]]).cumsum(0)
     n = sum(len(r) for r in rollouts)
     device = rollouts[0].completion_ids.device
-    spans = [r.span_ids for r in rollouts]
+    spans = [r.span_ids for r in rollouts if r.span_ids is not None]
     return replace(
         rollouts[0],
         prompts=concat_prompts([r.prompts for r in rollouts], pad_id),
@@ -67,7 +67,7 @@ def concat_rollouts(rollouts: list[Rollout], pad_id: int = 0) -> Rollout:
         truncated=torch.cat([r.truncated for r in rollouts]),
         prompt_index=torch.cat([r.prompt_index + o for r, o in zip(rollouts, offsets.tolist())]),
         group_ids=torch.arange(n, device=device) // g,
-        span_ids=None if any(s is None for s in spans) else _pad_cat(spans, 0),
+        span_ids=_pad_cat(spans, 0) if len(spans) == len(rollouts) else None,
         data={k: _pad_cat([r.data[k] for r in rollouts], 0) for k in rollouts[0].data},
         extras={},
     )

@@ -91,7 +91,9 @@ class FrozenCopy:
 class AdapterHost(Protocol):
     """What an adapter fine-tune (grpo_ar.finetune) offers its reference."""
 
-    model: torch.nn.Module
+    @property
+    def model(self) -> torch.nn.Module:
+        """The one model: the policy, and the reference under `adapter_off` / swapped tensors."""
 
     def trainable(self) -> dict[str, torch.nn.Parameter]:
         """The adapter's tensors by name in `model`."""

@@ -195,6 +195,7 @@ class Trainer:
     def update(self, rollout: Rollout, stats: StepStats) -> None:
         """μ optimizer passes over this rank's share of the rollout."""
         micro, totals = self.prepare(rollout, stats)
+        total: Tensor | float
         with stats.timer("update"):
             self.model.train()
             for it in range(self.cfg.algorithm.grpo_iters):
@@ -315,7 +316,7 @@ class Trainer:
         metrics.update(
             {
                 "step": self.step,
-                "lr": self.scheduler.get_last_lr()[0],
+                "lr": float(self.scheduler.get_last_lr()[0]),
                 "completion/length_mean": n_tok / len(rollout),
                 "completion/length_max": float(rollout.lengths.max()),
                 "completion/truncated": float(rollout.truncated.float().mean()),

@@ -339,7 +339,9 @@ def test_micro_batch_entropy_bonus_parts_sum_as_the_step_defines():
     ent[:4] *= 0.5
     halves = (slice(0, 4), slice(4, 8))
     total = int(mask.sum())
-    full = sum(micro_batch_entropy_bonus(ent[s], mask[s], total_tokens=total, n_micro=2) for s in halves)
+    full = sum(
+        micro_batch_entropy_bonus(ent[s], mask[s], total_tokens=total, n_micro=2) for s in halves
+    )
     close(full, ent[mask.bool()].mean())
     per_micro = sum(
         micro_batch_entropy_bonus(

@@ -50,7 +50,10 @@ def test_registration_facts_are_declared_with_defaults():
     reg.register("a")(lambda: 1)
     reg.register("b", level="sequence")(lambda: 2)
     assert reg.info("a") == {"level": "token"} and reg.info("b") == {"level": "sequence"}
-    with pytest.raises(TypeError, match=r"thing 'c': unknown registration field 'lvl'; this registry declares: level"):
+    with pytest.raises(
+        TypeError,
+        match=r"thing 'c': unknown registration field 'lvl'; this registry declares: level",
+    ):
         reg.register("c", lvl="sequence")
     with pytest.raises(UnknownNameError, match="unknown thing 'z'"):
         reg.info("z")
