@@ -105,7 +105,7 @@ def grpo(
 ) -> Tensor:
     """(r - mean_g) / (std + eps), std of the group ("group": DeepSeekMath arXiv 2402.03300
     §4.1.2), of the whole batch ("batch": Lite PPO arXiv 2508.08221) or no division ("none":
-    Dr. GRPO). TRL 1.16 `scale_rewards`, grpo_trainer.py L2761-2787: unbiased stds, eps 1e-4."""
+    Dr. GRPO). TRL 1.16 `scale_rewards`: unbiased stds, eps 1e-4."""
     _choice("grpo scale", scale, SCALES, " (TRL scale_rewards=True/False is 'group'/'none')")
     if scale == "none":
         return dr_grpo(rewards, valid, group_size)
@@ -220,12 +220,12 @@ def _gdpo(
     rewards: Tensor, components: Tensor, weights: Tensor, group_size: int, eps: float
 ) -> tuple[Tensor, Tensor]:
     """GDPO, arXiv 2601.05242: z-score each reward in its group, weighted sum, divide by the batch
-    std of the sum. TRL 1.16 `normalize_then_sum`, grpo_trainer.py L2790-2800.
+    std of the sum. TRL 1.16 `normalize_then_sum`.
 
     A reward with weight 0 (unused by the entry, or monitoring only) takes no part. A sample is
     valid iff `rewards` (the weighted total) is finite and none of its weighted rewards failed:
     the same samples as `sum_then_normalize` trains on. Each reward's statistics run over the
-    group's valid samples. TRL subtracts the batch mean of the sum (L2799); that mean is 0 by
+    group's valid samples. TRL subtracts the batch mean of the sum; that mean is 0 by
     construction (each group's z-scores sum to 0), so it is skipped and a group with no spread in
     any reward stays exactly 0.
     """

@@ -11,9 +11,10 @@
   and its normaliser under micro-batching, Skywork-OR1 adaptive control.
 - `bias_corrected_kl`: DeepSeek-V3.2's unbiased KL estimate, KL · π/π_old.
 
-TRL line numbers refer to trl 1.16 `trl/trainer/grpo_trainer.py`. TRL computes the IS correction
-only for vLLM rollouts (`use_vllm and vllm_importance_sampling_correction`, L2660); grpo_ar
-applies it to any sampler whose log-probs were recorded.
+TRL names refer to trl 1.16 `trl/trainer/grpo_trainer.py`. TRL computes the IS correction only
+for vLLM rollouts (`use_vllm and vllm_importance_sampling_correction`); grpo_ar applies it to any
+sampler whose log-probs were recorded, since top-p, min-p or CFG make even the built-in sampler's
+distribution differ from the policy's.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ IS_CORRECTIONS: Registry[ISCorrectionFn] = Registry("sampler IS correction")
 
 
 def _check_bounds(c_min: float | None, c_max: float | None, truncate: bool) -> None:
-    if truncate and c_min is None and c_max is None:  # grpo_config.py L1163-1171 refuses it too
+    if truncate and c_min is None and c_max is None:  # nothing to truncate at: a silent no-op
         raise ValueError(
             "a *_truncate IS correction needs c_min or c_max (TRL's default: c_max=3.0)"
         )
@@ -59,7 +60,7 @@ def _check_bounds(c_min: float | None, c_max: float | None, truncate: bool) -> N
 
 
 def _sampler_ratio(old_logp: Tensor, sampling_logp: Tensor, mask: Tensor, sequence: bool) -> Tensor:
-    """π_old/π_sampler, (N, T) per token or (N, 1) for the whole sequence (TRL L2660-2674).
+    """π_old/π_sampler, (N, T) per token or (N, 1) for the whole sequence.
     Padding and NaN tokens (a sampler that could not score a token) contribute log-ratio 0."""
     diff = torch.where(mask.bool(), old_logp.detach() - sampling_logp.detach(), 0.0)
     diff = torch.nan_to_num(diff, nan=0.0)  # like TRL: ±inf become ±finfo.max, exp gives inf / 0
@@ -89,7 +90,7 @@ def token_truncate(
 ) -> Tensor:
     """(N, T) clamp(π_old/π_sampler, C_min, C_max) per token: truncated IS (TIS; Yao et al. 2025,
     "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training"). TRL
-    `vllm_importance_sampling_mode="token_truncate"` (L2680-2685)."""
+    `vllm_importance_sampling_mode="token_truncate"`."""
     _check_bounds(c_min, c_max, truncate=True)
     return _truncate(_sampler_ratio(old_logp, sampling_logp, mask, False), c_min, c_max)
 
@@ -104,7 +105,7 @@ def token_mask(
     c_max: float | None = 3.0,
 ) -> Tensor:
     """(N, T) π_old/π_sampler per token, 0 outside [C_min, C_max]: masked IS (MIS; IcePop, Ring-1T
-    arXiv 2510.18855). TRL `"token_mask"` (L2686-2703); a missing bound is ±inf."""
+    arXiv 2510.18855). TRL `"token_mask"`; a missing bound is ±inf."""
     _check_bounds(c_min, c_max, truncate=False)
     return _mask(_sampler_ratio(old_logp, sampling_logp, mask, False), c_min, c_max)
 
@@ -119,7 +120,7 @@ def sequence_truncate(
     c_max: float | None = 3.0,
 ) -> Tensor:
     """(N, 1) clamp(Π_t π_old/π_sampler, C_min, C_max): sequence-level TIS. TRL
-    `"sequence_truncate"` (L2667-2685; the sequence ratio is the product, not a mean)."""
+    `"sequence_truncate"` (the sequence ratio is the product, not a mean)."""
     _check_bounds(c_min, c_max, truncate=True)
     return _truncate(_sampler_ratio(old_logp, sampling_logp, mask, True), c_min, c_max)
 
@@ -135,7 +136,7 @@ def sequence_mask(
 ) -> Tensor:
     """(N, 1) Π_t π_old/π_sampler, 0 (the whole sequence dropped) outside [C_min, C_max]:
     sequence-level MIS (Liu et al. 2025, "When Speed Kills Stability"). TRL `"sequence_mask"`,
-    its default mode (L2667-2703)."""
+    its default mode."""
     _check_bounds(c_min, c_max, truncate=False)
     return _mask(_sampler_ratio(old_logp, sampling_logp, mask, True), c_min, c_max)
 
@@ -144,9 +145,9 @@ def off_policy_sequence_mask(
     adv: Tensor, logp: Tensor, sampling_logp: Tensor, mask: Tensor, *, threshold: float
 ) -> Tensor:
     """(N, 1) bool keep: drop a sequence when A < 0 and its mean over completion tokens of
-    log π_sampler - log π exceeds δ. DeepSeek-V3.2 arXiv 2512.02556 eq. 9; TRL `get_off_policy_mask`
-    (L2945-2969). `adv` (N,) or (N, 1); per-token (N, T) advantages give (N, T), as TRL broadcasts.
-    NaN tokens count as 0; without a separate sampler pass `old_logp` (TRL L3073)."""
+    log π_sampler - log π exceeds δ. DeepSeek-V3.2 arXiv 2512.02556 eq. 9; TRL
+    `get_off_policy_mask`. `adv` (N,) or (N, 1); per-token (N, T) advantages give (N, T), as TRL broadcasts.
+    NaN tokens count as 0; without a separate sampler pass, pass `old_logp` (as TRL does)."""
     if not threshold >= 0:
         raise ValueError(f"threshold={threshold} must be >= 0 (DeepSeek-V3.2's δ, e.g. 0.5)")
     m = mask.bool()
@@ -165,12 +166,12 @@ def _check_quantile(quantile: float) -> None:
 
 def entropy_threshold(entropy: Tensor, mask: Tensor, quantile: float) -> Tensor:
     """() fp32: the (1 - ρ)-quantile of the completion tokens' entropies, linear interpolation as
-    `torch.quantile` (bitwise; TRL L1413), without its 2^24-element limit or a host sync. +inf when
+    `torch.quantile` (bitwise, so TRL's masks are reproduced exactly), without its 2^24-element limit or a host sync. +inf when
     no token is valid, NaN when a valid entropy is NaN. Compute it once over the whole rollout (all
     ranks' tokens) and pass it to `high_entropy_mask` so micro-batching cannot change it."""
     _check_quantile(quantile)
     m = mask.bool().flatten()
-    ent = entropy.detach().float().flatten()  # TRL takes the quantile in fp32 (L1397)
+    ent = entropy.detach().float().flatten()  # fp32 as TRL: bf16 ties would move the threshold
     # padding sorts last (NaN after it), so sorted[:n] are the n valid values in order
     ordered = torch.where(m, ent, math.inf).sort().values
     n = m.sum()
@@ -194,7 +195,7 @@ def high_entropy_mask(
 ) -> Tensor:
     """(N, T) bool: completion tokens whose entropy is ≥ the (1 - ρ)-quantile of the valid tokens
     (ties kept; ρ = 0 keeps the maximum, ρ = 1 every token). The 80/20 rule, arXiv 2506.01939;
-    TRL `get_high_entropy_mask(entropies, mask, 1 - top_entropy_quantile)` (L1380-1416). Given
+    TRL `get_high_entropy_mask(entropies, mask, 1 - top_entropy_quantile)`. Given
     `quantile`, the threshold comes from this call's tokens — as TRL, whose threshold is per
     micro-batch (gathered across processes), so it moves with the micro-batch split; given a
     `threshold` from `entropy_threshold` over the full rollout, it does not."""
@@ -243,7 +244,7 @@ def micro_batch_entropy_bonus(
 
 class AdaptiveEntropyCoef:
     """The entropy-bonus coefficient, Skywork-OR1 adaptive entropy control (arXiv 2505.22312) as in
-    TRL 1.16 (L845-857, L3204-3240): `coef` is applied only while the last optimizer step's
+    TRL 1.16: `coef` is applied only while the last optimizer step's
     window entropy ≤ target; after each step the coefficient moves ±δ within [min, max]
     (+ when entropy ≤ target). With adaptive=False `coef` is the constant (TRL `entropy_coef`)."""
 
@@ -264,12 +265,12 @@ class AdaptiveEntropyCoef:
         self.target, self.delta, self.coef_min, self.coef_max = target, delta, coef_min, coef_max
         self.adaptive = adaptive
         self.value = float(coef)  # the controller's coefficient (TRL self.entropy_coef, logged)
-        self.last_entropy = math.inf  # no bonus until a first window is measured (TRL L853)
+        self.last_entropy = math.inf  # no bonus until a first window is measured (as TRL)
         self._window: Tensor | None = None  # [Σ H, token count] of this optimizer step
 
     @property
     def coef(self) -> float:
-        """The coefficient every micro-batch of the current optimizer step applies (TRL L3206-3209)."""
+        """The coefficient every micro-batch of the current optimizer step applies."""
         if self.adaptive and not self.last_entropy <= self.target:
             return 0.0
         return self.value
@@ -305,7 +306,8 @@ class AdaptiveEntropyCoef:
         return entropy
 
     def state_dict(self) -> dict[str, float]:
-        """Plain floats; the keys of TRL's `entropy_ctrl_state.json` (L3395) plus the open window."""
+        """Plain floats; the keys of TRL's `entropy_ctrl_state.json` plus the open window (so a
+        TRL state file loads and a resumed run continues mid-step)."""
         window = [0.0, 0.0] if self._window is None else self._window.tolist()
         return {
             "entropy_coef": self.value,
@@ -328,7 +330,7 @@ def bias_corrected_kl(
 ) -> Tensor:
     """(N, T) KL_t · π/π_old, the ratio with its gradient (it changes the KL gradient even where it
     is 1): E_old[r · k3] is unbiased for KL(π || π_ref). DeepSeek-V3.2 arXiv 2512.02556 §3.1; TRL
-    `use_bias_correction_kl` (L3104-3105, coef_1 not detached). The ratio is per token, or GSPO's
+    `use_bias_correction_kl` (its ratio not detached either). The ratio is per token, or GSPO's
     sequence mean for ratio_level="sequence" (as TRL's importance_sampling_level); on-policy pass
     old_logp = logp.detach()."""
     return kl * torch.exp(log_ratio(logp, old_logp, mask, ratio_level))

@@ -1,8 +1,9 @@
 """The per-token GRPO objective of one micro-batch, composed from the registries.
 
-policy(logp, old, A; sampler IS weight) · off-policy mask · entropy mask + β · KL(·, ref)
-(in TRL 1.16's order, `_compute_loss` L3107-3170). The trainer calls this once per micro-batch
-and reduces the result with an aggregation; names and scalars come in, never a config object.
+policy(logp, old, A; sampler IS weight) · off-policy mask · entropy mask + β · KL(·, ref), in
+the order of TRL 1.16's `_compute_loss`, so the parity tests can compare it term by term. The
+trainer calls this once per micro-batch and reduces the result with an aggregation; names and
+scalars come in, never a config object.
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def token_objective(
             old_logp, sampling_logp, mask, **dict(is_correction_args or {})
         )
     if off_policy_mask_threshold is not None:
-        # TRL: the sampler's log-probs when it has them (L3070-3083); grpo_ar always records them
+        # the sampler's log-probs measure how far the data is off-policy (TRL uses them when it
+        # has them); grpo_ar always records them
         behaviour = sampling_logp if sampling_logp is not None else old_logp
         keep = keep * off_policy_sequence_mask(
             adv, logp, behaviour, mask, threshold=off_policy_mask_threshold

@@ -123,7 +123,7 @@ class Parallel:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def setup(self, model: nn.Module, adapter: Any, reference: Any) -> Any:
+    def setup(self, model: nn.Module, adapter: Adapter, reference: Any) -> Any:
         """Wrap the model for training; returns the reference to use (maybe sharded too)."""
         self.model, self.adapter = model, adapter
         return reference
@@ -353,7 +353,7 @@ class DDPParallel(DataParallel):
 
     name = "ddp"
 
-    def setup(self, model: nn.Module, adapter: Any, reference: Any) -> Any:
+    def setup(self, model: nn.Module, adapter: Adapter, reference: Any) -> Any:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         super().setup(model, adapter, reference)

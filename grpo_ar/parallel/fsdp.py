@@ -31,6 +31,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from ..adapters.base import Adapter
 from ..errors import ConfigError
 from ..io.checkpoint import load_tensors
 from ..types import Rollout
@@ -53,7 +54,7 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     )
 
 
-def shard(model: nn.Module, adapter: Any, mesh: Any) -> FSDPModule:
+def shard(model: nn.Module, adapter: Adapter, mesh: Any) -> FSDPModule:
     """fully_shard each decoder layer, then a ScoreNet root over the model; lazily initialised
     here so the root is the root even when a layer runs first (sampling)."""
     for layer in decoder_layers(model):
@@ -129,7 +130,7 @@ class ShardedReference:
         self.frozen, self.root = frozen, root
 
     @torch.no_grad()
-    def logprobs(self, adapter: Any, rollout: Rollout) -> Tensor:
+    def logprobs(self, adapter: Adapter, rollout: Rollout) -> Tensor:
         try:
             return self.root(rollout, False)[0]  # type: ignore[operator]  # an nn.Module too
         finally:  # a root keeps its tensors gathered after forward; no backward reshards them
@@ -163,7 +164,7 @@ class FSDP2Parallel(DataParallel):
                 "under strategy=ddp (the frozen base is not sharded here)"
             )
 
-    def setup(self, model: nn.Module, adapter: Any, reference: Any) -> Any:
+    def setup(self, model: nn.Module, adapter: Adapter, reference: Any) -> Any:
         self.model, self.adapter = model, adapter
         device = next(model.parameters()).device
         mesh = init_device_mesh(device.type, (self.size,))

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from ..adapters.base import Adapter
 from ..config.run import Config, save_config
 from ..errors import ConfigError
 from ..train.step import StepStats
@@ -83,7 +84,7 @@ class GRPOModule(pl.LightningModule):
         self,
         config: Config,
         model: torch.nn.Module,
-        adapter: Any,
+        adapter: Adapter,
         train_entries: Sequence[Entry],
         **trainer_kwargs: Any,
     ) -> None:

@@ -7,7 +7,6 @@ renumbered so groups stay contiguous and in order.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -80,7 +79,7 @@ def concat_results(results: list[RewardResult]) -> RewardResult:
         names += [n for n in r.names if n not in names]
     k = len(names)
 
-    def spread(r: RewardResult, x: Tensor, fill: Any) -> Tensor:
+    def spread(r: RewardResult, x: Tensor, fill: float | bool) -> Tensor:
         out = x.new_full((x.shape[0], k), fill)
         for j, name in enumerate(r.names):
             out[:, names.index(name)] = x[:, j]
@@ -100,7 +99,9 @@ def concat_results(results: list[RewardResult]) -> RewardResult:
     )
 
 
-def keep_groups(rollout: Rollout, result: RewardResult, groups: Tensor) -> tuple[Rollout, Any]:
+def keep_groups(
+    rollout: Rollout, result: RewardResult, groups: Tensor
+) -> tuple[Rollout, RewardResult]:
     """The samples of groups `groups` (long, (k,)) of a rollout and its reward result."""
     g = rollout.group_size
     rows = (groups[:, None] * g + torch.arange(g, device=groups.device)).flatten()
