@@ -188,16 +188,16 @@ class Parallel:
         base), or None without a reference."""
         if reference is None:
             return None
-        return (
-            reference.module() if hasattr(reference, "module") else (reference.state_dict() or None)
-        )
+        module = reference.module()
+        return module if module is not None else (reference.state_dict() or None)
 
     def load_reference(self, reference: Any, path: Path) -> None:
         from ..io.checkpoint import load_tensors, load_weights
 
-        if reference is not None and hasattr(reference, "module"):
+        module = None if reference is None else reference.module()
+        if module is not None:
             if path.exists():
-                load_weights(reference.module(), path)
+                load_weights(module, path)
         elif reference is not None:  # adapter reference: no file = still the base
             reference.load_state_dict(load_tensors(path) if path.exists() else {})
 

@@ -145,6 +145,9 @@ class ShardedReference:
     def mix(self, policy: nn.Module, alpha: float) -> None:
         self.frozen.mix(policy, alpha)
 
+    def module(self) -> nn.Module | None:
+        return self.frozen.model
+
 
 class FSDP2Parallel(DataParallel):
     """fully_shard per decoder layer + root; unsharded sampling; full-state checkpoints."""

@@ -116,8 +116,8 @@ class GRPOModule(pl.LightningModule):
         core.device = device
         if core.generator.device != device:
             core.generator = torch.Generator(device=device)
-        frozen = getattr(core.reference, "model", None)  # a FrozenCopy is not a submodule
-        if isinstance(frozen, torch.nn.Module):
+        frozen = None if core.reference is None else core.reference.module()
+        if frozen is not None:  # a FrozenCopy is not a submodule: Lightning would not move it
             frozen.to(device)
         if core.dist.is_main:
             save_config(core.cfg, core.run_dir / "config.yaml")

@@ -77,8 +77,8 @@ class FrozenCopy:
         for name, b in policy.named_buffers():
             own_buffers[name].copy_(b)
 
-    def module(self) -> torch.nn.Module:
-        """What a checkpoint stores for the reference."""
+    def module(self) -> torch.nn.Module | None:
+        """The frozen module, which a checkpoint stores for the reference."""
         return self.model
 
     def state_dict(self) -> dict[str, Tensor]:
@@ -178,6 +178,10 @@ class AdapterReference:
         for name, t in policy_t.items():
             self.frozen[name] = self.frozen[name].to(t).lerp_(t, alpha)
 
+    def module(self) -> torch.nn.Module | None:
+        """None: no module of its own (the policy's model with other adapter tensors)."""
+        return None
+
     def state_dict(self) -> dict[str, Tensor]:
         """The frozen adapter tensors; empty while the reference is the base."""
         return dict(self.frozen or {})
@@ -209,6 +213,9 @@ class Reference(Protocol):
 
     def mix(self, policy: torch.nn.Module, alpha: float) -> None:
         """TR-DPO: π_ref <- α·π + (1 - α)·π_ref."""
+
+    def module(self) -> torch.nn.Module | None:
+        """A module of its own (a frozen copy), to checkpoint and move; None if it has none."""
 
 
 class RefreshPolicy(Protocol):
