@@ -39,6 +39,8 @@ from ..types import PromptBatch, Rollout
 
 if TYPE_CHECKING:
     from ..adapters.base import Adapter
+    from ..config.run import Config
+    from ..finetune.base import Finetune
 
 STRATEGIES = ("auto", "none", "ddp", "fsdp2")
 
@@ -128,7 +130,7 @@ class Parallel:
         self.model, self.adapter = model, adapter
         return reference
 
-    def check(self, cfg: Any) -> None:
+    def check(self, cfg: Config) -> None:
         """Raise on settings this strategy cannot run equal to one process."""
 
     def score(self, rollout: Rollout, with_entropy: bool = True) -> tuple[Tensor, Any]:
@@ -177,10 +179,10 @@ class Parallel:
         return sums
 
     # checkpoints: the single-process formats
-    def policy_weights(self, finetune: Any) -> Any:
+    def policy_weights(self, finetune: Finetune) -> Any:
         return finetune.checkpoint_weights()
 
-    def load_policy(self, finetune: Any, path: Any) -> None:
+    def load_policy(self, finetune: Finetune, path: Path) -> None:
         finetune.load_checkpoint_weights(path)
 
     def reference_weights(self, reference: Any) -> Any:
@@ -275,7 +277,7 @@ class DataParallel(Parallel):
             raise RuntimeError("no torch.distributed process group: launch with torchrun")
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
 
-    def check(self, cfg: Any) -> None:
+    def check(self, cfg: Config) -> None:
         t = cfg.trainer
         first, per = shard_rows(t.batch_size, 0, self.size)
         if not t.micro_batch_tokens and per % t.grad_accum:

@@ -17,7 +17,7 @@ import contextlib
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -36,6 +36,10 @@ from ..errors import ConfigError
 from ..io.checkpoint import load_tensors
 from ..types import Rollout
 from .ddp import DataParallel, ScoreNet
+
+if TYPE_CHECKING:
+    from ..config.run import Config
+    from ..finetune.base import Finetune
 
 _LAYER_LISTS = ("layers", "h", "blocks", "block")
 
@@ -154,7 +158,7 @@ class FSDP2Parallel(DataParallel):
 
     name = "fsdp2"
 
-    def check(self, cfg: Any) -> None:
+    def check(self, cfg: Config) -> None:
         super().check(cfg)
         if cfg.trainer.micro_batch_tokens:
             raise ConfigError(
@@ -214,10 +218,10 @@ class FSDP2Parallel(DataParallel):
         return x.full_tensor() if isinstance(x, DTensor) else x
 
     # checkpoints: gathered into the one-process format
-    def policy_weights(self, finetune: Any) -> dict[str, Tensor]:
+    def policy_weights(self, finetune: Finetune) -> dict[str, Tensor]:
         return full_state(self.model)
 
-    def load_policy(self, finetune: Any, path: Any) -> None:
+    def load_policy(self, finetune: Finetune, path: Path) -> None:
         load_full_state(self.model, path)
 
     def reference_weights(self, reference: Any) -> dict[str, Tensor] | None:
