@@ -24,10 +24,12 @@ demo: $(STAMP)
 	$(BIN)/python examples/text_arithmetic/run.py
 
 test: $(STAMP) chromium
+	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q -rs
 
 # tests/test_report.py opens report.html in Debian's headless chromium: installed here when
 # missing (as root, or with passwordless sudo); otherwise that test is skipped, and -rs says so
+# (.ci/run sets GRPO_AR_REQUIRE_BROWSER=1, so in CI a missing chromium fails instead)
 chromium:
 	@if [ -x /usr/bin/chromium ]; then \
 	  echo "chromium: present ($$(/usr/bin/chromium --version 2>/dev/null))"; \

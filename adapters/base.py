@@ -1,9 +1,12 @@
 """The adapter contract: the public API for a modality.
 
-The trainer calls only `encode`, `sample`, `token_logprobs` and `decode`. A new modality is a
-subclass that implements `encode` and `decode`; sampling and teacher-forced log-probs come from
-the shared KV-cached sampler, under one logits transform, so that `token_logprobs` on a sampled
-rollout equals the rollout's `sampling_logp` (the invariant the trainer relies on).
+Every method the trainer, the evaluation, the data-parallel wrappers and the CLI call is
+declared here, so none of them probes an adapter with `getattr`: `encode`, `sample`,
+`token_logprobs`, `decode`, `output_lengths`, `save_samples`, `save_tokenizer` and the
+`sampling` attribute. A new modality is a subclass that implements `encode` and `decode`;
+sampling and teacher-forced log-probs come from the shared KV-cached sampler, under one logits
+transform, so that `token_logprobs` on a sampled rollout equals the rollout's `sampling_logp`
+(the invariant the trainer relies on). The other hooks have defaults that fit text.
 """
 
 from __future__ import annotations
@@ -11,10 +14,11 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from grpo_ar.generation.params import SamplingParams
 from grpo_ar.generation.sampler import sample
@@ -24,6 +28,9 @@ from grpo_ar.types import Entry, PromptBatch, Rollout
 
 class Adapter(ABC):
     """Entries -> prompt tokens -> sampled groups -> decoded outputs, for one modality."""
+
+    sampling: SamplingParams
+    """The logits transform and stopping rules of sampling (its pad id pads joined rollouts)."""
 
     def __init__(self, sampling: SamplingParams) -> None:
         self.sampling = sampling
@@ -38,7 +45,7 @@ class Adapter(ABC):
 
     def sample(
         self,
-        model: Any,
+        model: nn.Module,
         prompts: PromptBatch,
         group_size: int,
         generator: torch.Generator | None = None,
@@ -48,7 +55,7 @@ class Adapter(ABC):
         return sample(model, prompts, group_size, self.sampling, generator=generator, greedy=greedy)
 
     def token_logprobs(
-        self, model: Any, rollout: Rollout, with_entropy: bool = False
+        self, model: nn.Module, rollout: Rollout, with_entropy: bool = False
     ) -> tuple[Tensor, Tensor | None]:
         """Teacher-forced (n, T) log-probs (and entropies) under the sampling transform."""
         return token_logprobs(model, rollout, self.sampling, with_entropy=with_entropy)
@@ -56,6 +63,18 @@ class Adapter(ABC):
     def output_lengths(self, rollout: Rollout) -> list[int]:
         """Completion length of each sample in tokens (for length-based rewards)."""
         return rollout.lengths.tolist()
+
+    def save_samples(self, outputs: Sequence[Any], directory: Path) -> list[Path] | None:
+        """Write decoded outputs that are not JSON (images, clips) under `directory`, one file
+        per output, and return the paths; samples.jsonl then refers to them. None (the default):
+        nothing written, the outputs go into samples.jsonl as they are (text)."""
+        return None
+
+    def save_tokenizer(self, directory: Path) -> None:
+        """Write what turns the exported policy's token ids into this modality's inputs and
+        outputs besides the weights (a text adapter's tokenizer) into `directory`, for
+        `grpo-ar export`. Default: nothing (code-grid adapters' tokens are VQ codes)."""
+        return None
 
     def summarize(self, output: Any) -> Any:
         """What samples.jsonl shows for one decoded output (JSON): strings and numbers as they

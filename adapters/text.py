@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -12,6 +13,9 @@ from grpo_ar.generation.params import SamplingParams
 from grpo_ar.types import Entry, PromptBatch, Rollout
 
 from .base import Adapter
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 class TextAdapter(Adapter):
@@ -24,7 +28,7 @@ class TextAdapter(Adapter):
 
     def __init__(
         self,
-        tokenizer: Any,
+        tokenizer: PreTrainedTokenizerBase,
         sampling: SamplingParams,
         chat_template: bool | None = None,
         max_prompt_tokens: int | None = None,
@@ -64,9 +68,10 @@ class TextAdapter(Adapter):
         messages = list(prompt) if is_chat else [{"role": "user", "content": str(prompt)}]
         if self.system_prompt and messages[0].get("role") != "system":
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
-        return self.tokenizer.apply_chat_template(
+        text = self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True
         )
+        return str(text)  # tokenize=False: the rendered string
 
     def encode(self, entries: Sequence[Entry]) -> PromptBatch:
         texts = [self.prompt_text(e.prompt) for e in entries]
@@ -95,6 +100,10 @@ class TextAdapter(Adapter):
             [row[:n] for row, n in zip(ids, lengths)], skip_special_tokens=True
         )
 
+    def save_tokenizer(self, directory: Path) -> None:
+        """The tokenizer, so the exported folder loads with `AutoTokenizer.from_pretrained`."""
+        self.tokenizer.save_pretrained(directory)
+
 
 def load_text_model(
     path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", **kw: Any
@@ -103,5 +112,6 @@ def load_text_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, **kw)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw).to(device)
-    return model, tokenizer
+    # as an nn.Module: transformers' decorated `PreTrainedModel.to` does not type-check as a method
+    model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
+    return model.to(device), tokenizer

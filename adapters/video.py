@@ -145,7 +145,11 @@ def save_clip(clip: Any, path: str | Path, fps: float = 8.0, scale: int = 1) -> 
 
     def image(x: Tensor) -> Any:
         im = Image.fromarray(x.numpy())
-        return im.resize((im.width * scale, im.height * scale), Image.NEAREST) if scale > 1 else im
+        return (
+            im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST)
+            if scale > 1
+            else im
+        )
 
     if suffix == ".png":
         image(frame_strip(clip)).save(path)

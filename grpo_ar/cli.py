@@ -203,9 +203,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     ft, adapter = load_trained(cfg, args.checkpoint or run)
     out = Path(args.out_dir)
     ft.export(out)
-    tokenizer = getattr(adapter, "tokenizer", None)
-    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-        tokenizer.save_pretrained(out)
+    adapter.save_tokenizer(out)
     print(f"exported {cfg.finetune.method} policy of {run} to {out}")
     return 0
 

@@ -65,15 +65,15 @@ class PromptBatch:
     def select(self, rows: Tensor) -> PromptBatch:
         """Rows `rows` (long), with left padding shared by all of them trimmed."""
 
-        def trim(ids: Tensor | None, mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
-            if ids is None or mask is None:
-                return ids, mask
+        def trim(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
             ids, mask = ids[rows], mask[rows]
             keep = int(mask.sum(0).nonzero()[0]) if mask.any() else mask.shape[1] - 1
             return ids[:, keep:], mask[:, keep:]
 
         ids, mask = trim(self.input_ids, self.attention_mask)
-        uids, umask = trim(self.uncond_input_ids, self.uncond_attention_mask)
+        uids, umask = self.uncond_input_ids, self.uncond_attention_mask
+        if uids is not None and umask is not None:
+            uids, umask = trim(uids, umask)
         entries = [self.entries[int(i)] for i in rows]
         return replace(
             self,
@@ -89,8 +89,8 @@ class PromptBatch:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return replace(
             self,
-            input_ids=move(self.input_ids),
-            attention_mask=move(self.attention_mask),
+            input_ids=self.input_ids.to(device),
+            attention_mask=self.attention_mask.to(device),
             uncond_input_ids=move(self.uncond_input_ids),
             uncond_attention_mask=move(self.uncond_attention_mask),
         )

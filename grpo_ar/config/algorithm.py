@@ -6,15 +6,15 @@ lists them with their papers and TRL / verl names.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..core import ADVANTAGES, AGGREGATIONS, KL, LOSSES
+from ..core import ADVANTAGES, AGGREGATIONS, KL, LOSSES, Registry
 from ..errors import ConfigError, need
-
-REFERENCE_REFRESH = ("iteration", "never", "soft")
+from ..train.reference import REFERENCE_REFRESH
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ class AlgorithmConfig:
         need(
             self.reference_refresh in REFERENCE_REFRESH,
             f"algorithm.reference_refresh={self.reference_refresh!r}: use "
-            + ", ".join(REFERENCE_REFRESH),
+            + ", ".join(sorted(REFERENCE_REFRESH)),
         )
         need(
             0 < self.reference_mix_alpha <= 1 and self.reference_sync_every >= 1,
@@ -107,7 +107,7 @@ class AlgorithmConfig:
         from ..core.advantages import MULTI_OBJECTIVE
         from ..core.corrections import IS_CORRECTIONS
 
-        checks = [
+        checks: list[tuple[Registry, str, Mapping[str, Any], str]] = [
             (ADVANTAGES, self.advantage, self.advantage_args, "advantage"),
             (LOSSES, self.loss, self.loss_args, "loss"),
             (KL, self.kl, self.kl_args, "kl"),

@@ -4,7 +4,7 @@ grid's rank, the prefix tokens' name and the video-only per-frame switch."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from ..errors import need
 
@@ -18,6 +18,9 @@ class CodeGridConfig:
     section: ClassVar[str] = "grid"
     outputs: ClassVar[tuple[str, ...]] = ("uint8", "float")
     rank: ClassVar[int] = 2
+    if TYPE_CHECKING:  # fields of each subclass, with its own defaults (not fields here)
+        grid: list[int]
+        output: str
 
     decoder: str = "diffusers_vq"
     """VQ tokenizer kind: diffusers_vq, janus_vq, emu3_vq, vidtok (video)."""

@@ -324,7 +324,7 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     for name, value in raw.items():
         sub = hints[name]
         key = f"{where}.{name}" if where else name
-        if dataclasses.is_dataclass(sub):
+        if isinstance(sub, type) and dataclasses.is_dataclass(sub):
             kw[name] = _build(sub, value, key)
         else:
             kw[name] = _coerce(value, sub, key)

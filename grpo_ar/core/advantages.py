@@ -11,7 +11,7 @@ verl names refer to volcengine/verl verl/trainer/ppo/core_algos.py (commit 012be
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from einops import rearrange
@@ -19,7 +19,23 @@ from torch import Tensor
 
 from .registry import Registry
 
-ADVANTAGES = Registry("advantage estimator", inputs=("lengths", "baseline"))
+
+class AdvantageFn(Protocol):
+    """The signature every `ADVANTAGES` entry shares."""
+
+    def __call__(
+        self,
+        rewards: Tensor,  # (N,) rewards of contiguous groups, 0 where invalid (never NaN)
+        valid: Tensor,  # (N,) bool: the reward was computed (invalid samples get advantage 0)
+        group_size: int,  # G; N = P·G
+        /,
+        *args: Any,
+        **options: Any,  # user options, plus the inputs `lengths` (N,) / `baseline` (P,) it takes
+    ) -> Tensor:  # (N,) advantages
+        ...
+
+
+ADVANTAGES: Registry[AdvantageFn] = Registry("advantage estimator", inputs=("lengths", "baseline"))
 
 MULTI_OBJECTIVE = ("sum_then_normalize", "normalize_then_sum")
 """How several rewards become one advantage (TRL 1.16 `multi_objective_aggregation`)."""
@@ -89,7 +105,7 @@ def grpo(
 ) -> Tensor:
     """(r - mean_g) / (std + eps), std of the group ("group": DeepSeekMath arXiv 2402.03300
     §4.1.2), of the whole batch ("batch": Lite PPO arXiv 2508.08221) or no division ("none":
-    Dr. GRPO). TRL 1.16 `scale_rewards`, grpo_trainer.py L2761-2787: unbiased stds, eps 1e-4."""
+    Dr. GRPO). TRL 1.16 `scale_rewards`: unbiased stds, eps 1e-4."""
     _choice("grpo scale", scale, SCALES, " (TRL scale_rewards=True/False is 'group'/'none')")
     if scale == "none":
         return dr_grpo(rewards, valid, group_size)
@@ -204,12 +220,12 @@ def _gdpo(
     rewards: Tensor, components: Tensor, weights: Tensor, group_size: int, eps: float
 ) -> tuple[Tensor, Tensor]:
     """GDPO, arXiv 2601.05242: z-score each reward in its group, weighted sum, divide by the batch
-    std of the sum. TRL 1.16 `normalize_then_sum`, grpo_trainer.py L2790-2800.
+    std of the sum. TRL 1.16 `normalize_then_sum`.
 
     A reward with weight 0 (unused by the entry, or monitoring only) takes no part. A sample is
     valid iff `rewards` (the weighted total) is finite and none of its weighted rewards failed:
     the same samples as `sum_then_normalize` trains on. Each reward's statistics run over the
-    group's valid samples. TRL subtracts the batch mean of the sum (L2799); that mean is 0 by
+    group's valid samples. TRL subtracts the batch mean of the sum; that mean is 0 by
     construction (each group's z-scores sum to 0), so it is skipped and a group with no spread in
     any reward stays exactly 0.
     """
@@ -224,7 +240,13 @@ def _gdpo(
     return _batch_scaled(s, valid, eps), valid
 
 
-def _check_gdpo(name: str, components: Any, weights: Any, n: int, options: dict) -> None:
+def _check_gdpo(
+    name: str,
+    components: Tensor | None,
+    weights: Tensor | None,
+    n: int,
+    options: dict[str, Any],
+) -> None:
     if name != "grpo":
         raise ValueError(
             f"multi_objective='normalize_then_sum' (GDPO) is defined for advantage='grpo' only "
@@ -250,7 +272,9 @@ def _check_gdpo(name: str, components: Any, weights: Any, n: int, options: dict)
         )
 
 
-def _inputs(name: str, n: int, group_size: int, given: dict[str, Tensor | None]) -> dict:
+def _inputs(
+    name: str, n: int, group_size: int, given: dict[str, Tensor | None]
+) -> dict[str, Tensor]:
     """The caller-supplied tensors entry `name` takes, checked for presence and shape."""
     shapes = {"lengths": (n,), "baseline": (n // group_size,)}
     out = {}
@@ -293,6 +317,7 @@ def compute_advantages(
     inputs = _inputs(name, n, group_size, {"lengths": lengths, "baseline": baseline})
     if multi_objective == "normalize_then_sum":
         _check_gdpo(name, components, weights, n, options)
+        assert components is not None and weights is not None  # _check_gdpo refuses None
         eps = options.get("eps", ADVANTAGES.options("grpo")["eps"])
         return _gdpo(rewards, components, weights, group_size, eps)
     valid = torch.isfinite(rewards)

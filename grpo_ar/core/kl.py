@@ -7,12 +7,29 @@ to ±clamp so exp stays finite when a token's probability collapses.
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 import torch
 from torch import Tensor
 
 from .registry import Registry
 
-KL = Registry("KL estimator")
+
+class KLFn(Protocol):
+    """The signature every `KL` entry shares; options (`clamp`) are keyword-only."""
+
+    def __call__(
+        self,
+        logp: Tensor,  # (N, T) log π, with gradient
+        ref_logp: Tensor,  # (N, T) log π_ref
+        /,
+        *args: Any,
+        **options: Any,
+    ) -> Tensor:  # (N, T) per-token KL estimate
+        ...
+
+
+KL: Registry[KLFn] = Registry("KL estimator")
 
 
 def log_ratio(logp: Tensor, ref_logp: Tensor, clamp: float) -> Tensor:

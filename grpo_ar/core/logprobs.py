@@ -86,12 +86,18 @@ def logprobs_and_entropy(
     use_ckpt = torch.is_grad_enabled() and logits.requires_grad and rows < flat_ids.numel()
     out_logp, out_ent = [], []
     for start in range(0, flat_ids.numel(), rows):
-        args = (flat_logits[start : start + rows], flat_ids[start : start + rows])
-        extra = (temperature, with_entropy, transform, start)
+        args = (
+            flat_logits[start : start + rows],
+            flat_ids[start : start + rows],
+            temperature,
+            with_entropy,
+            transform,
+            start,
+        )
         if use_ckpt:
-            lp, ent = checkpoint(_logp_entropy_chunk, *args, *extra, use_reentrant=False)
+            lp, ent = checkpoint(_logp_entropy_chunk, *args, use_reentrant=False)
         else:
-            lp, ent = _logp_entropy_chunk(*args, *extra)
+            lp, ent = _logp_entropy_chunk(*args)
         out_logp.append(lp)
         out_ent.append(ent)
     logp = torch.cat(out_logp).reshape(lead)
@@ -111,7 +117,9 @@ def entropy_from_logits(
 ) -> Tensor:
     """(B, T, V) logits -> (B, T) entropy (at least fp32) of softmax(logits / temperature)."""
     ids = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
-    return logprobs_and_entropy(logits, ids, temperature, True, chunk_elems)[1]
+    entropy = logprobs_and_entropy(logits, ids, temperature, True, chunk_elems)[1]
+    assert entropy is not None  # with_entropy=True
+    return entropy
 
 
 # (rows, V) fp32 temperature-scaled logits and the chunk's first row -> the same logits with

@@ -7,24 +7,20 @@ statistic). `is_weight` is the detached sampler importance-sampling correction (
 paper folds it into its own weight (VESPO). Aggregation over tokens lives in `aggregation.py`.
 
 `ratio_level`: "token" uses r_t = π/π_old per token; "sequence" uses GSPO's length-normalised
-s = exp(mean_t log π/π_old) for the whole sequence (arXiv 2507.18071 eq. 7).
+s = exp(mean_t log π/π_old) for the whole sequence (arXiv 2507.18071 eq. 7). A loss that takes
+no `ratio_level` option declares its level when registered (`LOSSES.info(name)`), so that code
+which needs the ratio outside the loss (the KL bias correction) asks the loss, not a name list.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
 from .registry import Registry
-
-LOSSES = Registry("policy loss", inputs=("is_weight", "generator"))
-
-# exp(±20) is finite in fp32 and far past any clip range: a collapsed token cannot give inf.
-LOG_RATIO_CLAMP = 20.0
-RATIO_LEVELS = ("token", "sequence")
 
 
 class PolicyLoss(NamedTuple):
@@ -33,6 +29,33 @@ class PolicyLoss(NamedTuple):
     loss: Tensor
     clipped_low: Tensor
     clipped_high: Tensor
+
+
+class LossFn(Protocol):
+    """The signature every `LOSSES` entry shares; options are keyword-only with defaults."""
+
+    def __call__(
+        self,
+        logp: Tensor,  # (N, T) log π of the sampled tokens, with gradient
+        old_logp: Tensor,  # (N, T) log π_old (the policy that sampled; = sg(logp) on-policy)
+        adv: Tensor,  # (N,) or (N, T) advantages
+        mask: Tensor,  # (N, T) 1 on completion tokens, 0 on padding
+        /,
+        *args: Any,
+        **options: Any,  # hyper-parameters, plus the inputs is_weight / generator it takes
+    ) -> PolicyLoss: ...
+
+
+LOSSES: Registry[LossFn] = Registry(
+    "policy loss",
+    inputs=("is_weight", "generator"),
+    # the ratio a loss without a `ratio_level` option uses; one with the option uses that
+    info={"ratio_level": "token"},
+)
+
+# exp(±20) is finite in fp32 and far past any clip range: a collapsed token cannot give inf.
+LOG_RATIO_CLAMP = 20.0
+RATIO_LEVELS = ("token", "sequence")
 
 
 def _adv(adv: Tensor) -> Tensor:
@@ -118,7 +141,7 @@ def clip(
     return _weighted(out, is_weight, logp.shape)
 
 
-@LOSSES.register("gspo")
+@LOSSES.register("gspo", ratio_level="sequence")
 def gspo(
     logp: Tensor,
     old_logp: Tensor,
@@ -137,7 +160,7 @@ def gspo(
     )  # fmt: skip
 
 
-@LOSSES.register("gspo_token")
+@LOSSES.register("gspo_token", ratio_level="sequence")
 def gspo_token(
     logp: Tensor,
     old_logp: Tensor,
@@ -235,7 +258,7 @@ def luspo(
     return _weighted(PolicyLoss(loss, *out[1:]), is_weight, logp.shape)
 
 
-@LOSSES.register("vespo")
+@LOSSES.register("vespo", ratio_level="sequence")
 def vespo(
     logp: Tensor,
     old_logp: Tensor,

@@ -1,8 +1,9 @@
 """The per-token GRPO objective of one micro-batch, composed from the registries.
 
-policy(logp, old, A; sampler IS weight) · off-policy mask · entropy mask + β · KL(·, ref)
-(in TRL 1.16's order, `_compute_loss` L3107-3170). The trainer calls this once per micro-batch
-and reduces the result with an aggregation; names and scalars come in, never a config object.
+policy(logp, old, A; sampler IS weight) · off-policy mask · entropy mask + β · KL(·, ref), in
+the order of TRL 1.16's `_compute_loss`, so the parity tests can compare it term by term. The
+trainer calls this once per micro-batch and reduces the result with an aggregation; names and
+scalars come in, never a config object.
 """
 
 from __future__ import annotations
@@ -22,9 +23,6 @@ from .corrections import (
 from .kl import KL
 from .losses import LOSSES, PolicyLoss
 
-# losses whose ratio is the sequence's whatever `ratio_level` says (for the KL bias correction)
-_SEQUENCE_RATIO = {"gspo", "gspo_token", "luspo", "vespo"}
-
 
 class TokenTerms(NamedTuple):
     """(N, T) per-token objective and its parts, for the loss and for logging."""
@@ -38,10 +36,12 @@ class TokenTerms(NamedTuple):
 
 
 def ratio_level(loss: str, loss_args: Mapping[str, Any]) -> str:
-    """The level (token | sequence) of the ratio a loss uses, as the KL bias correction needs."""
-    if loss in _SEQUENCE_RATIO:
-        return "sequence"
-    return str(loss_args.get("ratio_level", LOSSES.options(loss).get("ratio_level", "token")))
+    """The level (token | sequence) of the ratio a loss uses, as the KL bias correction needs:
+    its `ratio_level` option where it takes one, else the level it declared when registered."""
+    options = LOSSES.options(loss)
+    if "ratio_level" in options:
+        return str(loss_args.get("ratio_level", options["ratio_level"]))
+    return str(LOSSES.info(loss)["ratio_level"])
 
 
 def token_objective(
@@ -63,7 +63,6 @@ def token_objective(
     off_policy_mask_threshold: float | None = None,
     entropy: Tensor | None = None,
     top_entropy_quantile: float = 1.0,
-    entropy_threshold: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> TokenTerms:
     """(N, T) log-probs of policy / old / reference / sampler, (N,) or (N, T) advantages, (N, T)
@@ -73,11 +72,8 @@ def token_objective(
     if top_entropy_quantile < 1.0:
         if entropy is None:
             raise ValueError("top_entropy_quantile < 1 needs the token entropies")
-        if entropy_threshold is not None:  # computed once over the whole rollout: split-free
-            high = high_entropy_mask(entropy.detach(), mask, threshold=entropy_threshold)
-        else:  # TRL's semantics: the quantile of this micro-batch's tokens
-            high = high_entropy_mask(entropy.detach(), mask, top_entropy_quantile)
-        keep = keep * high
+        # TRL's semantics: the quantile of this micro-batch's tokens, so it moves with the split
+        keep = keep * high_entropy_mask(entropy.detach(), mask, top_entropy_quantile)
     entropy_keep = keep  # before the off-policy mask: TRL's bonus acts on mask · entropy mask
     is_weight = None
     if is_correction is not None:
@@ -87,7 +83,8 @@ def token_objective(
             old_logp, sampling_logp, mask, **dict(is_correction_args or {})
         )
     if off_policy_mask_threshold is not None:
-        # TRL: the sampler's log-probs when it has them (L3070-3083); grpo_ar always records them
+        # the sampler's log-probs measure how far the data is off-policy (TRL uses them when it
+        # has them); grpo_ar always records them
         behaviour = sampling_logp if sampling_logp is not None else old_logp
         keep = keep * off_policy_sequence_mask(
             adv, logp, behaviour, mask, threshold=off_policy_mask_threshold

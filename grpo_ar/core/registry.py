@@ -1,12 +1,20 @@
-"""Name -> function registries; every core variant is looked up by its paper's name."""
+"""Name -> function registries; every core variant is looked up by its paper's name.
+
+A registry is typed by the `Protocol` of its one signature (e.g. `Registry[LossFn]`), so a type
+checker refuses an entry whose positional tensors do not fit. Facts about an entry that callers
+need besides calling it (a loss's ratio level) are declared when it is registered, next to the
+function, instead of in name lists elsewhere.
+"""
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, TypeVar
+from typing import Any
 
-F = TypeVar("F", bound=Callable[..., Any])
+from typing_extensions import TypeVar  # a default (PEP 696): `Registry(...)` alone is untyped
+
+F = TypeVar("F", default=Callable[..., Any])
 
 
 class UnknownNameError(KeyError, ValueError):
@@ -16,25 +24,39 @@ class UnknownNameError(KeyError, ValueError):
         return str(self.args[0])
 
 
-class Registry(Mapping[str, Callable[..., Any]]):
-    """A read-mostly mapping of names to functions with one shared signature."""
+class Registry(Mapping[str, F]):
+    """A read-mostly mapping of names to functions with one shared signature `F`."""
 
-    def __init__(self, kind: str, inputs: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, kind: str, inputs: tuple[str, ...] = (), info: Mapping[str, Any] | None = None
+    ) -> None:
         self.kind = kind
         # keyword-only tensors the caller supplies (e.g. `lengths`); not user options
         self.inputs = frozenset(inputs)
-        self._fns: dict[str, Callable[..., Any]] = {}
+        # the facts each entry may declare at registration, with the value of one that does not
+        self.info_defaults: dict[str, Any] = dict(info or {})
+        self._fns: dict[str, F] = {}
+        self._info: dict[str, dict[str, Any]] = {}
 
-    def register(self, name: str) -> Callable[[F], F]:
+    def register(self, name: str, **info: Any) -> Callable[[F], F]:
+        """Decorator: add `fn` under `name`, with the facts `info` (keys of `info_defaults`)."""
+        unknown = sorted(set(info) - set(self.info_defaults))
+        if unknown:
+            raise TypeError(
+                f"{self.kind} {name!r}: unknown registration field {', '.join(map(repr, unknown))}; "
+                f"this registry declares: {', '.join(sorted(self.info_defaults)) or '(none)'}"
+            )
+
         def deco(fn: F) -> F:
             if name in self._fns:
                 raise ValueError(f"{self.kind} {name!r} is already registered")
             self._fns[name] = fn
+            self._info[name] = {**self.info_defaults, **info}
             return fn
 
         return deco
 
-    def __getitem__(self, name: str) -> Callable[..., Any]:
+    def __getitem__(self, name: str) -> F:
         try:
             return self._fns[name]
         except KeyError:
@@ -48,9 +70,16 @@ class Registry(Mapping[str, Callable[..., Any]]):
     def __len__(self) -> int:
         return len(self._fns)
 
+    def info(self, name: str) -> dict[str, Any]:
+        """The facts entry `name` declared when registered (defaults filled in)."""
+        self[name]  # the unknown-name error, with the valid names
+        return dict(self._info[name])
+
     def options(self, name: str) -> dict[str, Any]:
         """Keyword-only hyper-parameters of entry `name` with their defaults (inputs excluded)."""
-        sig = inspect.signature(self[name])
+        fn = self[name]
+        assert callable(fn), f"{self.kind} {name!r} is not callable"
+        sig = inspect.signature(fn)
         return {
             p.name: p.default
             for p in sig.parameters.values()
@@ -59,7 +88,9 @@ class Registry(Mapping[str, Callable[..., Any]]):
 
     def takes(self, name: str) -> frozenset[str]:
         """The caller-supplied inputs (of `self.inputs`) that entry `name` accepts."""
-        params = inspect.signature(self[name]).parameters
+        fn = self[name]
+        assert callable(fn), f"{self.kind} {name!r} is not callable"
+        params = inspect.signature(fn).parameters
         return frozenset(k for k in self.inputs if k in params)
 
     def check_options(self, name: str, given: Mapping[str, Any], where: str) -> None:

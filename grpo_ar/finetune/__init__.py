@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -39,7 +41,8 @@ def build_finetune(
     `seed`: adapter initialisation from this seed (the global RNG is left as it was)."""
     if cfg.method == "full":
         return Finetune(model, need_reference)
-    cls: type[AdapterFinetune] = PeftFinetune if cfg.method == "peft" else LycorisFinetune
+    cls: Callable[[nn.Module, FinetuneConfig, bool], AdapterFinetune]
+    cls = PeftFinetune if cfg.method == "peft" else LycorisFinetune
     with torch.random.fork_rng(enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)

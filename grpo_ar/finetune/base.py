@@ -24,6 +24,7 @@ Choices, each tested in tests/test_finetune*.py:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import re
@@ -147,10 +148,10 @@ def require_extra(module: str, extra: str) -> Any:
         ) from None
 
 
-def resolve_targets(model: nn.Module, cfg: FinetuneConfig) -> list[str]:
+def resolve_targets(model: Any, cfg: FinetuneConfig) -> list[str]:
     """Full paths of the nn.Linear modules to adapt (embeddings never)."""
     skip = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
-    inside = set()
+    inside: set[int] = set()
     for _name, m in model.named_modules():
         if type(m).__name__ in cfg.target_classes:
             inside.update(id(sub) for sub in m.modules())
@@ -180,6 +181,9 @@ class AdaptedLM(nn.Module):
     """One module holding a transformers causal LM and its adapter, so `parameters()` sees the
     adapter; calls and unknown attributes (config, generation_config, get_output_embeddings,
     generate, ...) go to the language model."""
+
+    lm: Any  # the transformers model or its peft wrapper (its methods, not only Module's)
+    hf: Any  # in __dict__: the plain transformers model
 
     def __init__(self, lm: nn.Module, hf: nn.Module, network: nn.Module | None = None) -> None:
         super().__init__()
@@ -212,7 +216,7 @@ def _adapted_class(cls: type) -> type:
 
 
 def wrap_adapted(lm: nn.Module, hf: nn.Module, network: nn.Module | None = None) -> AdaptedLM:
-    return _adapted_class(type(hf))(lm, hf, network)
+    return _adapted_class(type(hf))(lm, hf, network)  # type: ignore[arg-type]  # classes hash
 
 
 class Finetune:
@@ -239,11 +243,13 @@ class Finetune:
 
     def export(self, out_dir: str | Path) -> None:
         """A plain transformers folder (AutoModelForCausalLM.from_pretrained)."""
-        self.model.save_pretrained(out_dir)
+        self.model.save_pretrained(out_dir)  # type: ignore[operator]  # a transformers model
 
 
 class AdapterFinetune(Finetune):
     """An adapter on a frozen base; the reference (an AdapterReference) is the same model."""
+
+    model: AdaptedLM
 
     def __init__(self, model: AdaptedLM, cfg: FinetuneConfig, need_reference: bool) -> None:
         self.model, self.cfg, self.method = model, cfg, cfg.method
@@ -252,6 +258,10 @@ class AdapterFinetune(Finetune):
         if not self._names or not frozen:
             raise RuntimeError(f"{cfg.method}: the adapter has no trainable or no frozen tensors")
         self.reference = AdapterReference(self) if need_reference else None
+
+    def adapter_off(self) -> contextlib.AbstractContextManager[None]:
+        """Context in which `model` computes the base model exactly (per backend)."""
+        raise NotImplementedError
 
     def trainable(self) -> dict[str, nn.Parameter]:
         """The adapter's tensors by name in `model`."""

@@ -34,7 +34,12 @@ def _lycoris_preset(preset: dict[str, Any]) -> Iterator[Any]:
     log = logging.getLogger("LyCORIS")
     level = log.level
     log.setLevel(max(level, logging.WARNING))  # its INFO lines on every build are noise
-    keys = ("ENABLE_CONV", "TARGET_REPLACE_MODULE", "TARGET_REPLACE_NAME", "MODULE_ALGO_MAP")
+    keys: tuple[str, ...] = (
+        "ENABLE_CONV",
+        "TARGET_REPLACE_MODULE",
+        "TARGET_REPLACE_NAME",
+        "MODULE_ALGO_MAP",
+    )
     keys += ("NAME_ALGO_MAP", "LORA_PREFIX", "USE_FNMATCH", "TARGET_EXCLUDE_NAME")
     saved = {k: LycorisNetwork.__dict__[k] for k in keys if k in LycorisNetwork.__dict__}
     try:

@@ -37,6 +37,7 @@ def _layer_classes() -> tuple[type, type]:
             end = self.length + key_states.shape[-2]
             if self.k_store is None or end > self.k_store.shape[-2]:
                 self._grow(key_states, value_states, max(end, self.capacity))
+            assert self.k_store is not None and self.v_store is not None  # grown above
             self.k_store[:, :, self.length : end] = key_states
             self.v_store[:, :, self.length : end] = value_states
             self.length = end
@@ -54,7 +55,7 @@ def _layer_classes() -> tuple[type, type]:
             self.k_store, self.v_store = new(k, self.k_store), new(v, self.v_store)
 
         def batch_select_indices(self, indices: Tensor) -> None:
-            if self.k_store is not None:
+            if self.k_store is not None and self.v_store is not None:
                 self.k_store, self.v_store = self.k_store[indices], self.v_store[indices]
                 self.keys = self.k_store[:, :, : self.length]
                 self.values = self.v_store[:, :, : self.length]
@@ -163,7 +164,7 @@ def _llama_like(model: Any) -> bool:
     body, head = getattr(model, "model", None), getattr(model, "lm_head", None)
     layers = getattr(body, "layers", None)
     rope = getattr(body, "rotary_emb", None)
-    if type(head) is not nn.Linear or layers is None or rope is None:
+    if body is None or type(head) is not nn.Linear or layers is None or rope is None:
         return False
     if getattr(rope, "rope_type", "default") not in ("default", "linear", "llama3"):
         return False

@@ -16,12 +16,12 @@ from ..types import PromptBatch
 
 
 @lru_cache(maxsize=64)
-def takes_logits_to_keep(cls: type) -> bool:
+def takes_logits_to_keep(cls: type[torch.nn.Module]) -> bool:
     return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
 @lru_cache(maxsize=64)
-def cache_kwarg(cls: type) -> str | None:
+def cache_kwarg(cls: type[torch.nn.Module]) -> str | None:
     """The name under which `cls.forward` takes a KV cache: `cache` (transformers >= 5.24),
     `past_key_values` (earlier releases), or None when it takes none."""
     params = inspect.signature(cls.forward).parameters
@@ -33,8 +33,8 @@ def forward(model: Any, ids: Tensor, mask: Tensor, pos: Tensor, cache: Any, keep
         input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=cache is not None
     )
     if cache is not None:
-        kw[cache_kwarg(type(model)) or "past_key_values"] = cache
-    if keep and takes_logits_to_keep(type(model)):
+        kw[cache_kwarg(type(model)) or "past_key_values"] = cache  # type: ignore[arg-type]
+    if keep and takes_logits_to_keep(type(model)):  # type: ignore[arg-type]
         kw["logits_to_keep"] = keep
     return model(**kw)
 

@@ -43,9 +43,9 @@ def head_split(model: Any) -> tuple[nn.Module, nn.Linear] | None:
     body = getattr(model, "model", None)
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else getattr(model, "lm_head", None)
-    split = (body, head) if isinstance(body, nn.Module) and type(head) is nn.Linear else None
-    if split is not None and not _same_logits(model, body, head):
-        split = None
+    split = None
+    if isinstance(body, nn.Module) and type(head) is nn.Linear and _same_logits(model, body, head):
+        split = (body, head)
     with contextlib.suppress(TypeError):  # objects that cannot be weakly referenced
         _SPLIT[model] = split
     return split
@@ -72,7 +72,8 @@ def can_share_prefix(model: Any) -> bool:
     checkpointing = getattr(model, "is_activation_checkpointing", None)
     if checkpointing is None:  # transformers < 5 names it this way
         checkpointing = getattr(model, "is_gradient_checkpointing", False)
-    return cache_kwarg(type(model)) is not None and not (model.training and checkpointing)
+    cache = cache_kwarg(type(model))  # type: ignore[arg-type]  # a class is hashable
+    return cache is not None and not (model.training and checkpointing)
 
 
 def _out(out: Any, hidden: bool) -> Tensor:
@@ -206,9 +207,10 @@ def _mask_fn(
     if allowed is None and per_pos is None and not filters and forbid_upto == 0:
         return None
     width = comp.shape[1]
-    kinds = None
+    kinds, kind_allowed = None, None
     if per_pos is not None:
         kinds = torch.tensor(per_pos[1][:width], dtype=torch.long, device=comp.device)
+        kind_allowed = per_pos[0]
 
     def fn(z: Tensor, start: int) -> Tensor:
         forbid: bool | Tensor = False
@@ -217,7 +219,7 @@ def _mask_fn(
             pos = torch.arange(start, start + z.shape[0], device=z.device)
             pos = pos % width if row_pos is None else row_pos[pos]
             forbid = pos < forbid_upto if forbid_upto else False
-            at = allowed if kinds is None else per_pos[0][kinds[pos]]
+            at = allowed if kinds is None or kind_allowed is None else kind_allowed[kinds[pos]]
         return mask_logits(z, params, at, filters, forbid)
 
     return fn

@@ -136,7 +136,7 @@ def load_tied_state_dict(module: torch.nn.Module, sd: Mapping[str, Tensor]) -> N
     """`module.load_state_dict(sd)`, strict, where names missing from `sd` may be filled from a
     name tied to the same storage in `module` (files written by `save_model` keep one name)."""
     own = module.state_dict()
-    by_storage = {}
+    by_storage: dict[tuple[int, torch.Size], list[str]] = {}
     for name, t in own.items():
         by_storage.setdefault((t.untyped_storage().data_ptr(), t.shape), []).append(name)
     full = dict(sd)

@@ -104,7 +104,8 @@ def append_samples(
     shown: list[Any] = [summarize(o) for o in outputs] if summarize else list(outputs)
     if save is not None and not all(isinstance(o, str) for o in outputs):
         paths = save(outputs, run_dir / "samples" / f"step_{step:06d}")
-        shown = [str(Path(p).relative_to(run_dir)) for p in paths]
+        if paths is not None:  # None: the adapter writes no files (Adapter.save_samples)
+            shown = [str(Path(p).relative_to(run_dir)) for p in paths]
     rows = []
     for i in range(k):
         used = [j for j in range(len(result.names)) if bool(result.used[i, j])]

@@ -29,7 +29,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -37,6 +37,11 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, RunError
 from ..types import PromptBatch, Rollout
+
+if TYPE_CHECKING:
+    from ..adapters.base import Adapter
+    from ..config.run import Config
+    from ..finetune.base import Finetune
 
 STRATEGIES = ("auto", "none", "ddp", "fsdp2")
 
@@ -97,7 +102,9 @@ class ScoreNet(nn.Module):
     DDP's and FSDP2's forward hooks wrap the scorer's fast paths (shared prompt prefix, fused
     LM head), which call the model's body and head directly."""
 
-    def __init__(self, model: nn.Module, adapter: Any) -> None:
+    adapter: Adapter  # in __dict__, not a submodule
+
+    def __init__(self, model: nn.Module, adapter: Adapter) -> None:
         super().__init__()
         self.model = model
         self.__dict__["adapter"] = adapter  # not a module
@@ -121,12 +128,12 @@ class Parallel:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def setup(self, model: nn.Module, adapter: Any, reference: Any) -> Any:
+    def setup(self, model: nn.Module, adapter: Adapter, reference: Any) -> Any:
         """Wrap the model for training; returns the reference to use (maybe sharded too)."""
         self.model, self.adapter = model, adapter
         return reference
 
-    def check(self, cfg: Any) -> None:
+    def check(self, cfg: Config) -> None:
         """Raise on settings this strategy cannot run equal to one process."""
 
     def score(self, rollout: Rollout, with_entropy: bool = True) -> tuple[Tensor, Any]:
@@ -175,10 +182,10 @@ class Parallel:
         return sums
 
     # checkpoints: the single-process formats
-    def policy_weights(self, finetune: Any) -> Any:
+    def policy_weights(self, finetune: Finetune) -> Any:
         return finetune.checkpoint_weights()
 
-    def load_policy(self, finetune: Any, path: Any) -> None:
+    def load_policy(self, finetune: Finetune, path: Path) -> None:
         finetune.load_checkpoint_weights(path)
 
     def reference_weights(self, reference: Any) -> Any:
@@ -186,16 +193,16 @@ class Parallel:
         base), or None without a reference."""
         if reference is None:
             return None
-        return (
-            reference.module() if hasattr(reference, "module") else (reference.state_dict() or None)
-        )
+        module = reference.module()
+        return module if module is not None else (reference.state_dict() or None)
 
     def load_reference(self, reference: Any, path: Path) -> None:
         from ..io.checkpoint import load_tensors, load_weights
 
-        if reference is not None and hasattr(reference, "module"):
+        module = None if reference is None else reference.module()
+        if module is not None:
             if path.exists():
-                load_weights(reference.module(), path)
+                load_weights(module, path)
         elif reference is not None:  # adapter reference: no file = still the base
             reference.load_state_dict(load_tensors(path) if path.exists() else {})
 
@@ -203,7 +210,7 @@ class Parallel:
         return optimizer.state_dict()
 
     def load_optimizer(self, optimizer: torch.optim.Optimizer, state: Mapping[str, Any]) -> None:
-        optimizer.load_state_dict(state)
+        optimizer.load_state_dict(dict(state))
 
 
 # -- several processes --------------------------------------------------------------------------
@@ -273,7 +280,7 @@ class DataParallel(Parallel):
             raise RuntimeError("no torch.distributed process group: launch with torchrun")
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
 
-    def check(self, cfg: Any) -> None:
+    def check(self, cfg: Config) -> None:
         t = cfg.trainer
         first, per = shard_rows(t.batch_size, 0, self.size)
         if not t.micro_batch_tokens and per % t.grad_accum:
@@ -352,7 +359,7 @@ class DDPParallel(DataParallel):
 
     name = "ddp"
 
-    def setup(self, model: nn.Module, adapter: Any, reference: Any) -> Any:
+    def setup(self, model: nn.Module, adapter: Adapter, reference: Any) -> Any:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         super().setup(model, adapter, reference)

@@ -17,7 +17,7 @@ import contextlib
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -31,12 +31,20 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from ..adapters.base import Adapter
 from ..errors import ConfigError
 from ..io.checkpoint import load_tensors
 from ..types import Rollout
 from .ddp import DataParallel, ScoreNet
 
+if TYPE_CHECKING:
+    from ..config.run import Config
+    from ..finetune.base import Finetune
+
 _LAYER_LISTS = ("layers", "h", "blocks", "block")
+
+
+_T = TypeVar("_T", Tensor, None)  # pad keeps None as None and a tensor a tensor
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -50,7 +58,7 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     )
 
 
-def shard(model: nn.Module, adapter: Any, mesh: Any) -> FSDPModule:
+def shard(model: nn.Module, adapter: Adapter, mesh: Any) -> FSDPModule:
     """fully_shard each decoder layer, then a ScoreNet root over the model; lazily initialised
     here so the root is the root even when a layer runs first (sampling)."""
     for layer in decoder_layers(model):
@@ -60,7 +68,7 @@ def shard(model: nn.Module, adapter: Any, mesh: Any) -> FSDPModule:
     return root
 
 
-def _dedupe_tied(model: nn.Module, sd: dict[str, Tensor]) -> dict[str, Tensor]:
+def _dedupe_tied(model: nn.Module, sd: Mapping[str, Any]) -> dict[str, Tensor]:
     """One name per tied parameter (the loaders fill the others in)."""
     seen: dict[int, str] = {}
     drop = set()
@@ -93,7 +101,8 @@ def full_state(model: nn.Module) -> dict[str, Tensor]:
 def load_full_state(model: nn.Module, path: str | Path) -> None:
     """A full state dict file (every rank reads it) into the sharded model."""
     sd = _fill_tied(model, load_tensors(path))
-    set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, strict=True))
+    opts = StateDictOptions(full_state_dict=True, strict=True)
+    set_model_state_dict(model, cast("dict[str, Any]", sd), options=opts)
 
 
 def widen(r: Rollout, width: int) -> Rollout:
@@ -102,7 +111,7 @@ def widen(r: Rollout, width: int) -> Rollout:
     if t == width:
         return r
 
-    def pad(x: Tensor | None) -> Tensor | None:
+    def pad(x: _T) -> _T:
         if x is None or x.ndim < 2 or x.shape[1] != t:
             return x
         return torch.nn.functional.pad(x, (0, 0) * (x.ndim - 2) + (0, width - t))
@@ -112,7 +121,7 @@ def widen(r: Rollout, width: int) -> Rollout:
         completion_ids=pad(r.completion_ids),
         completion_mask=pad(r.completion_mask),
         sampling_logp=pad(r.sampling_logp),
-        span_ids=pad(r.span_ids),
+        span_ids=None if r.span_ids is None else pad(r.span_ids),
         data={k: pad(v) for k, v in r.data.items()},
     )
 
@@ -125,9 +134,9 @@ class ShardedReference:
         self.frozen, self.root = frozen, root
 
     @torch.no_grad()
-    def logprobs(self, adapter: Any, rollout: Rollout) -> Tensor:
+    def logprobs(self, adapter: Adapter, rollout: Rollout) -> Tensor:
         try:
-            return self.root(rollout, False)[0]
+            return self.root(rollout, False)[0]  # type: ignore[operator]  # an nn.Module too
         finally:  # a root keeps its tensors gathered after forward; no backward reshards them
             self.root.reshard()
 
@@ -140,13 +149,16 @@ class ShardedReference:
     def mix(self, policy: nn.Module, alpha: float) -> None:
         self.frozen.mix(policy, alpha)
 
+    def module(self) -> nn.Module | None:
+        return self.frozen.model
+
 
 class FSDP2Parallel(DataParallel):
     """fully_shard per decoder layer + root; unsharded sampling; full-state checkpoints."""
 
     name = "fsdp2"
 
-    def check(self, cfg: Any) -> None:
+    def check(self, cfg: Config) -> None:
         super().check(cfg)
         if cfg.trainer.micro_batch_tokens:
             raise ConfigError(
@@ -159,19 +171,19 @@ class FSDP2Parallel(DataParallel):
                 "under strategy=ddp (the frozen base is not sharded here)"
             )
 
-    def setup(self, model: nn.Module, adapter: Any, reference: Any) -> Any:
+    def setup(self, model: nn.Module, adapter: Adapter, reference: Any) -> Any:
         self.model, self.adapter = model, adapter
         device = next(model.parameters()).device
         mesh = init_device_mesh(device.type, (self.size,))
         self.root = shard(model, adapter, mesh)
-        self.units = [m for m in self.root.modules() if isinstance(m, FSDPModule)]
+        self.units = [m for m in self.root.modules() if isinstance(m, FSDPModule)]  # type: ignore[attr-defined]
         if reference is None:
             return None
         ref_root = shard(reference.model, adapter, mesh)
         return ShardedReference(reference, ref_root)
 
     def score(self, rollout: Rollout, with_entropy: bool = True) -> tuple[Tensor, Any]:
-        return self.root(rollout, with_entropy)
+        return self.root(rollout, with_entropy)  # type: ignore[operator]  # an nn.Module too
 
     def align(self, micro: list[Rollout]) -> list[Rollout]:
         """One completion width on every rank: the scorer's number of forwards depends on it
@@ -206,10 +218,10 @@ class FSDP2Parallel(DataParallel):
         return x.full_tensor() if isinstance(x, DTensor) else x
 
     # checkpoints: gathered into the one-process format
-    def policy_weights(self, finetune: Any) -> dict[str, Tensor]:
+    def policy_weights(self, finetune: Finetune) -> dict[str, Tensor]:
         return full_state(self.model)
 
-    def load_policy(self, finetune: Any, path: Any) -> None:
+    def load_policy(self, finetune: Finetune, path: Path) -> None:
         load_full_state(self.model, path)
 
     def reference_weights(self, reference: Any) -> dict[str, Tensor] | None:

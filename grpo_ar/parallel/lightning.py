@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from ..adapters.base import Adapter
 from ..config.run import Config, config_to_dict, save_config
 from ..errors import ConfigError
 from ..io.trackers import start_trackers
@@ -84,7 +85,7 @@ class GRPOModule(pl.LightningModule):
         self,
         config: Config,
         model: torch.nn.Module,
-        adapter: Any,
+        adapter: Adapter,
         train_entries: Sequence[Entry],
         **trainer_kwargs: Any,
     ) -> None:
@@ -116,8 +117,8 @@ class GRPOModule(pl.LightningModule):
         core.device = device
         if core.generator.device != device:
             core.generator = torch.Generator(device=device)
-        frozen = getattr(core.reference, "model", None)  # a FrozenCopy is not a submodule
-        if isinstance(frozen, torch.nn.Module):
+        frozen = None if core.reference is None else core.reference.module()
+        if frozen is not None:  # a FrozenCopy is not a submodule: Lightning would not move it
             frozen.to(device)
         if core.dist.is_main:
             save_config(core.cfg, core.run_dir / "config.yaml")
@@ -151,7 +152,8 @@ class GRPOModule(pl.LightningModule):
             assert list(mb.prompts.entries) == list(entries), "sub-batch order diverged"
         if sub == 0:
             core.optimizer.zero_grad(set_to_none=True)
-            self._finite, self._total = True, 0.0
+            self._finite = True
+            self._total: torch.Tensor | float = 0.0
         self.model.train()
         block = getattr(self.trainer.strategy, "block_backward_sync", None)  # parallel ones
         sync = contextlib.nullcontext() if last or block is None else block()

@@ -24,7 +24,7 @@ from ..types import Entry
 
 logger = logging.getLogger("grpo_ar.rewards")
 
-RewardFn = Callable[[list[Any], list[dict], "RewardContext"], Sequence[float | None]]
+RewardFn = Callable[[list[Any], list[dict], "RewardContext"], "Sequence[float | None] | Tensor"]
 
 
 @dataclass(frozen=True)
@@ -39,10 +39,9 @@ class RewardContext:
 
     def subset(self, idx: Sequence[int]) -> RewardContext:
         """The context of outputs `idx` (what one reward sees when only they use it)."""
-        pick = lambda xs: None if xs is None else [xs[i] for i in idx]  # noqa: E731
-        return RewardContext(
-            pick(self.entries), pick(self.group_ids), self.group_size, self.step, pick(self.lengths)
-        )
+        lengths = None if self.lengths is None else [self.lengths[i] for i in idx]
+        entries, group_ids = [self.entries[i] for i in idx], [self.group_ids[i] for i in idx]
+        return RewardContext(entries, group_ids, self.group_size, self.step, lengths)
 
 
 class RewardSpecError(DataError):
@@ -90,7 +89,7 @@ class RewardDef:
                 raise RewardSpecError(f"{head}: {e}") from None
 
 
-class RewardRegistry(Registry):
+class RewardRegistry(Registry[RewardDef]):
     """Name -> RewardDef. Functions are used as they are; classes are instantiated once per run."""
 
     def __init__(self) -> None:
@@ -344,12 +343,12 @@ class RewardComputer:
                     total[i] += w * v
             self.failure_totals[name] += failures[name]
         f64 = lambda x: torch.tensor(x, dtype=torch.float64).reshape(n, len(names))  # noqa: E731
-        vsum, weights, counts = f64(vsum), f64(weights), f64(counts)
-        total = torch.tensor(total, dtype=torch.float64)
-        total[counts.sum(1) == 0] = math.nan  # an entry without rewards says nothing
-        comp = vsum / counts  # mean over repeats; 0/0 = NaN where unused
+        vsum_t, weights_t, counts_t = f64(vsum), f64(weights), f64(counts)
+        total_t = torch.tensor(total, dtype=torch.float64)
+        total_t[counts_t.sum(1) == 0] = math.nan  # an entry without rewards says nothing
+        comp = vsum_t / counts_t  # mean over repeats; 0/0 = NaN where unused
         return RewardResult(
-            total.float(), comp.float(), weights.float(), counts > 0, names, failures
+            total_t.float(), comp.float(), weights_t.float(), counts_t > 0, names, failures
         )
 
     def on_iteration_end(self, step: int) -> None:

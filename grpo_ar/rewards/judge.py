@@ -61,7 +61,7 @@ class LLMJudge:
         else:
             self.model, self.tokenizer = model
         if device is not None:
-            self.model.to(device)
+            self.model.to(device)  # type: ignore[arg-type]  # transformers' decorated `to`
         self.model.eval()
         self.device = next(self.model.parameters()).device
         self.score = re.compile(score_pattern)
@@ -77,7 +77,9 @@ class LLMJudge:
         self.max_new_tokens, self.scale, self.batch_size = max_new_tokens, scale, batch_size
         # "{a.b}" / "{a[0]}" read argument a
         self.fields = {
-            re.match(r"[^.\[]*", f)[0] for _, f, _, _ in string.Formatter().parse(template) if f
+            re.split(r"[.\[]", f, maxsplit=1)[0]
+            for _, f, _, _ in string.Formatter().parse(template)
+            if f
         }
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
@@ -98,8 +100,8 @@ class LLMJudge:
         text = self.template.format(**{"prompt": prompt_text(prompt), "output": output, **args})
         if self.chat:
             msgs = [{"role": "user", "content": text}]
-            text = self.tokenizer.apply_chat_template(
-                msgs, tokenize=False, add_generation_prompt=True
+            text = str(
+                self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
             )
         return text
 

@@ -345,7 +345,9 @@ class PerFrame:
         if check is not None:
             check(args)
 
-    def __call__(self, outputs: list[Any], args: list[dict], ctx: RewardContext) -> Tensor:
+    def __call__(
+        self, outputs: list[Any], args: list[dict], ctx: RewardContext
+    ) -> Sequence[float | None] | Tensor:
         return self.fn(outputs, [{**self.default_args, **a} for a in args], ctx)
 
     def on_iteration_end(self, step: int) -> None:
@@ -364,7 +366,7 @@ class ClipVideoScore(ClipScore):
     prompt. Setup as `clip_score` (clip_path, ...); batch_size counts frames."""
 
     name = "clip_video_score"
-    to_tensor = staticmethod(clip_to_tensor)
+    to_tensor = staticmethod(clip_to_tensor)  # type: ignore[assignment]  # param named clip
 
     @torch.no_grad()
     def embed_clips(self, x: Tensor) -> Tensor:

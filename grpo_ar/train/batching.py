@@ -7,7 +7,6 @@ renumbered so groups stay contiguous and in order.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -41,8 +40,8 @@ def concat_prompts(batches: list[PromptBatch], pad_id: int = 0) -> PromptBatch:
 
     return replace(
         batches[0],
-        input_ids=both("input_ids"),
-        attention_mask=both("attention_mask"),
+        input_ids=_pad_cat([b.input_ids for b in batches], pad_id, left=True),
+        attention_mask=_pad_cat([b.attention_mask for b in batches], 0, left=True),
         uncond_input_ids=both("uncond_input_ids"),
         uncond_attention_mask=both("uncond_attention_mask"),
         entries=[e for b in batches for e in b.entries],
@@ -57,7 +56,7 @@ def concat_rollouts(rollouts: list[Rollout], pad_id: int = 0) -> Rollout:
     offsets = torch.tensor([0] + [len(r.prompts) for r in rollouts[:-1]]).cumsum(0)
     n = sum(len(r) for r in rollouts)
     device = rollouts[0].completion_ids.device
-    spans = [r.span_ids for r in rollouts]
+    spans = [r.span_ids for r in rollouts if r.span_ids is not None]
     return replace(
         rollouts[0],
         prompts=concat_prompts([r.prompts for r in rollouts], pad_id),
@@ -67,7 +66,7 @@ def concat_rollouts(rollouts: list[Rollout], pad_id: int = 0) -> Rollout:
         truncated=torch.cat([r.truncated for r in rollouts]),
         prompt_index=torch.cat([r.prompt_index + o for r, o in zip(rollouts, offsets.tolist())]),
         group_ids=torch.arange(n, device=device) // g,
-        span_ids=None if any(s is None for s in spans) else _pad_cat(spans, 0),
+        span_ids=_pad_cat(spans, 0) if len(spans) == len(rollouts) else None,
         data={k: _pad_cat([r.data[k] for r in rollouts], 0) for k in rollouts[0].data},
         extras={},
     )
@@ -80,7 +79,7 @@ def concat_results(results: list[RewardResult]) -> RewardResult:
         names += [n for n in r.names if n not in names]
     k = len(names)
 
-    def spread(r: RewardResult, x: Tensor, fill: Any) -> Tensor:
+    def spread(r: RewardResult, x: Tensor, fill: float | bool) -> Tensor:
         out = x.new_full((x.shape[0], k), fill)
         for j, name in enumerate(r.names):
             out[:, names.index(name)] = x[:, j]
@@ -100,7 +99,9 @@ def concat_results(results: list[RewardResult]) -> RewardResult:
     )
 
 
-def keep_groups(rollout: Rollout, result: RewardResult, groups: Tensor) -> tuple[Rollout, Any]:
+def keep_groups(
+    rollout: Rollout, result: RewardResult, groups: Tensor
+) -> tuple[Rollout, RewardResult]:
     """The samples of groups `groups` (long, (k,)) of a rollout and its reward result."""
     g = rollout.group_size
     rows = (groups[:, None] * g + torch.arange(g, device=groups.device)).flatten()

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
+from ..rewards.base import RewardResult
 from ..types import Rollout
 from .batching import concat_results, concat_rollouts, keep_groups
 from .step import zero_std_groups
@@ -14,12 +14,12 @@ from .step import zero_std_groups
 
 def fill_batch(
     rollout: Rollout,
-    result: Any,
+    result: RewardResult,
     group_size: int,
     max_rounds: int,
-    draw: Callable[[], tuple[Rollout, Any]],
+    draw: Callable[[], tuple[Rollout, RewardResult]],
     pad: int,
-) -> tuple[Rollout, Any, dict[str, float]]:
+) -> tuple[Rollout, RewardResult, dict[str, float]]:
     """Keep groups whose rewards differ; `draw()` more (a fresh prompt batch, sampled and
     scored) until the batch is full or `max_rounds` rounds are spent; then fill up with the
     dropped groups, newest first (zero advantage, so the batch shape and the loss normalisers

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
+from torch import Tensor
 
+from ..adapters.base import Adapter
 from ..rewards import RewardComputer, RewardContext
-from ..types import Entry
+from ..types import Entry, Rollout
 
 
-def reward_context(adapter: Any, rollout: Any, group_size: int, step: int) -> RewardContext:
+def reward_context(adapter: Adapter, rollout: Rollout, group_size: int, step: int) -> RewardContext:
     """What rewards may know about a decoded rollout beyond its outputs."""
     return RewardContext(
         rollout.entries,
@@ -25,7 +26,7 @@ def reward_context(adapter: Any, rollout: Any, group_size: int, step: int) -> Re
 @torch.no_grad()
 def evaluate_rewards(
     model: torch.nn.Module,
-    adapter: Any,
+    adapter: Adapter,
     rewards: RewardComputer,
     entries: Sequence[Entry],
     *,
@@ -40,7 +41,8 @@ def evaluate_rewards(
     score does not depend on what ran before it."""
     device = next(model.parameters()).device
     model.eval()
-    totals, comps = [], {}
+    totals: list[Tensor] = []
+    comps: dict[str, list[Tensor]] = {}
     for i in range(0, len(entries), batch_size):
         chunk = list(entries[i : i + batch_size])
         prompts = adapter.encode(chunk).to(device)

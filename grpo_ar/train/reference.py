@@ -5,6 +5,10 @@ Every kind answers `logprobs(adapter, rollout)` (no grad), `refresh(policy)` (th
 (TR-DPO soft sync, arXiv 2404.09656: π_ref <- α·π + (1 - α)·π_ref in weight space; alpha = 1
 is `refresh`) and `state_dict()` / `load_state_dict()` (what a checkpoint needs to restore it).
 
+`REFERENCE_REFRESH` holds when a run moves its reference (algorithm.reference_refresh): each
+entry builds a `RefreshPolicy` whose hooks the trainer calls at start-up, after every optimizer
+step and at the end of every iteration.
+
 - `FrozenCopy` (full fine-tuning) keeps a frozen copy of the whole policy.
 - `AdapterReference` (peft, LyCORIS) holds one model. Until the first refresh the reference is
   the base model with the adapter switched off (peft `disable_adapter()`, LyCORIS multiplier 0,
@@ -22,13 +26,17 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator, Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor
 
+from ..core.registry import Registry
 from ..io.checkpoint import load_tied_state_dict
 from ..types import Rollout
+
+if TYPE_CHECKING:
+    from ..adapters.base import Adapter
 
 
 def _check_alpha(alpha: float) -> None:
@@ -44,7 +52,7 @@ class FrozenCopy:
         self.model.requires_grad_(False)
 
     @torch.no_grad()
-    def logprobs(self, adapter: Any, rollout: Rollout) -> Tensor:
+    def logprobs(self, adapter: Adapter, rollout: Rollout) -> Tensor:
         """(n, T) reference log-probs of the rollout's tokens, same transform as the policy."""
         return adapter.token_logprobs(self.model, rollout)[0]
 
@@ -69,8 +77,8 @@ class FrozenCopy:
         for name, b in policy.named_buffers():
             own_buffers[name].copy_(b)
 
-    def module(self) -> torch.nn.Module:
-        """What a checkpoint stores for the reference."""
+    def module(self) -> torch.nn.Module | None:
+        """The frozen module, which a checkpoint stores for the reference."""
         return self.model
 
     def state_dict(self) -> dict[str, Tensor]:
@@ -83,7 +91,9 @@ class FrozenCopy:
 class AdapterHost(Protocol):
     """What an adapter fine-tune (grpo_ar.finetune) offers its reference."""
 
-    model: torch.nn.Module
+    @property
+    def model(self) -> torch.nn.Module:
+        """The one model: the policy, and the reference under `adapter_off` / swapped tensors."""
 
     def trainable(self) -> dict[str, torch.nn.Parameter]:
         """The adapter's tensors by name in `model`."""
@@ -124,7 +134,7 @@ class AdapterReference:
                 p.data = live[name]
 
     @torch.no_grad()
-    def logprobs(self, adapter: Any, rollout: Rollout) -> Tensor:
+    def logprobs(self, adapter: Adapter, rollout: Rollout) -> Tensor:
         """(n, T) reference log-probs of the rollout's tokens, same transform as the policy."""
         with self.active():
             return adapter.token_logprobs(self.host.model, rollout)[0]
@@ -168,6 +178,10 @@ class AdapterReference:
         for name, t in policy_t.items():
             self.frozen[name] = self.frozen[name].to(t).lerp_(t, alpha)
 
+    def module(self) -> torch.nn.Module | None:
+        """None: no module of its own (the policy's model with other adapter tensors)."""
+        return None
+
     def state_dict(self) -> dict[str, Tensor]:
         """The frozen adapter tensors; empty while the reference is the base."""
         return dict(self.frozen or {})
@@ -183,3 +197,88 @@ class AdapterReference:
                 f"reference adapter tensors do not fit: missing {missing[:3]}, unexpected {extra[:3]}"
             )
         self.frozen = {n: sd[n].to(params[n]).clone() for n in params}
+
+
+class Reference(Protocol):
+    """What the trainer asks of a reference policy (FrozenCopy, AdapterReference, FSDP2's)."""
+
+    def logprobs(self, adapter: Adapter, rollout: Rollout) -> Tensor:
+        """(n, T) reference log-probs of the rollout's tokens, no grad."""
+
+    def refresh(self, policy: torch.nn.Module) -> None:
+        """Reference <- policy."""
+
+    def check_mix(self, alpha: float) -> None:
+        """Raise now if `mix(policy, alpha)` would."""
+
+    def mix(self, policy: torch.nn.Module, alpha: float) -> None:
+        """TR-DPO: π_ref <- α·π + (1 - α)·π_ref."""
+
+    def module(self) -> torch.nn.Module | None:
+        """A module of its own (a frozen copy), to checkpoint and move; None if it has none."""
+
+
+class RefreshPolicy(Protocol):
+    """When the reference moves; every hook is called, a policy acts in the ones it needs."""
+
+    def check(self, reference: Reference) -> None:
+        """At start-up: refuse what this policy could not do exactly, before any step."""
+
+    def after_update(self, reference: Reference, policy: torch.nn.Module, updates: int) -> None:
+        """After optimizer step number `updates` (1-based; skipped steps not counted)."""
+
+    def after_iteration(self, reference: Reference, policy: torch.nn.Module) -> None:
+        """At the end of each iteration (`trainer.steps_per_iteration` steps)."""
+
+
+class RefreshFactory(Protocol):
+    """The signature every `REFERENCE_REFRESH` entry shares: the TR-DPO options in, a policy
+    out (the options a policy does not use are ignored)."""
+
+    def __call__(self, *, mix_alpha: float, sync_every: int) -> RefreshPolicy: ...
+
+
+REFERENCE_REFRESH: Registry[RefreshFactory] = Registry("reference refresh")
+
+
+@REFERENCE_REFRESH.register("never")
+class NeverRefresh:
+    """The reference stays the initial policy for the whole run (every hook does nothing)."""
+
+    def __init__(self, *, mix_alpha: float, sync_every: int) -> None:
+        pass
+
+    def check(self, reference: Reference) -> None:
+        pass
+
+    def after_update(self, reference: Reference, policy: torch.nn.Module, updates: int) -> None:
+        pass
+
+    def after_iteration(self, reference: Reference, policy: torch.nn.Module) -> None:
+        pass
+
+
+@REFERENCE_REFRESH.register("iteration")
+class IterationRefresh(NeverRefresh):
+    """Reference <- policy after each iteration: the seed's "replace ref model with current
+    proxy model", the GRPO paper's iterative RL (arXiv 2402.03300 Algorithm 1)."""
+
+    def after_iteration(self, reference: Reference, policy: torch.nn.Module) -> None:
+        reference.refresh(policy)
+
+
+@REFERENCE_REFRESH.register("soft")
+class SoftRefresh(NeverRefresh):
+    """TR-DPO soft sync (arXiv 2404.09656): π_ref <- α·π + (1 - α)·π_ref every `sync_every`
+    optimizer steps."""
+
+    def __init__(self, *, mix_alpha: float, sync_every: int) -> None:
+        self.alpha, self.every = mix_alpha, sync_every
+
+    def check(self, reference: Reference) -> None:
+        # an adapter whose weight is not affine in its tensors cannot mix exactly: say so now
+        reference.check_mix(self.alpha)
+
+    def after_update(self, reference: Reference, policy: torch.nn.Module, updates: int) -> None:
+        if updates % self.every == 0:
+            reference.mix(policy, self.alpha)

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -16,10 +16,12 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
+from ..config.algorithm import AlgorithmConfig
 from ..config.run import TrainerConfig
 from ..core.corrections import AdaptiveEntropyCoef
-from ..core.objective import token_objective
+from ..core.objective import TokenTerms, token_objective
 from ..errors import ConfigError, RunError
+from ..types import Rollout
 
 
 def import_object(path: str) -> Any:
@@ -88,7 +90,7 @@ def disable_dropout(model: torch.nn.Module) -> None:
                 setattr(m, name, 0.0)
 
 
-def entropy_controller(a: Any) -> AdaptiveEntropyCoef:
+def entropy_controller(a: AlgorithmConfig) -> AdaptiveEntropyCoef:
     """The entropy-bonus coefficient of the [algorithm] config `a` (adaptive with a target)."""
     return AdaptiveEntropyCoef(
         a.entropy_coef,
@@ -101,8 +103,13 @@ def entropy_controller(a: Any) -> AdaptiveEntropyCoef:
 
 
 def token_terms(
-    a: Any, mb: Any, logp: Tensor, ent: Tensor | None, mask: Tensor, generator: Any
-) -> Any:
+    a: AlgorithmConfig,
+    mb: Rollout,
+    logp: Tensor,
+    ent: Tensor | None,
+    mask: Tensor,
+    generator: torch.Generator | None,
+) -> TokenTerms:
     """`core.objective.token_objective` of a micro-batch under the [algorithm] config `a`."""
     return token_objective(
         logp,
@@ -158,7 +165,7 @@ class StepStats:
         acc[0] = acc[0] + x.masked_fill(~m, 0).sum().float().cpu()
         acc[1] = acc[1] + m.sum().float().cpu()
 
-    def add_terms(self, terms: Any, ent: Tensor, mask: Tensor) -> None:
+    def add_terms(self, terms: TokenTerms, ent: Tensor, mask: Tensor) -> None:
         """Token means of a micro-batch's objective terms (grpo_ar.core.objective.TokenTerms)."""
         self.add_tokens("entropy", ent.detach(), mask)
         if terms.kl is not None:
@@ -186,7 +193,9 @@ class StepStats:
         finally:
             self.times[name] += time.perf_counter() - start
 
-    def summary(self, reduce: Any = None) -> dict[str, float]:
+    def summary(
+        self, reduce: Callable[[dict[str, list[Tensor]]], dict[str, list[Tensor]]] | None = None
+    ) -> dict[str, float]:
         """The step's metrics; `reduce` sums the token statistics over ranks (name -> [Σ, n])."""
         sums = dict(self.token_sums) if reduce is None else reduce(dict(self.token_sums))
         out = dict(self.values)

@@ -18,9 +18,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..adapters.base import Adapter
 from ..config.run import Config, config_to_dict, save_config, with_sampling
 from ..core import ADVANTAGES, AGGREGATIONS, compute_advantages
-from ..core.corrections import entropy_bonus
+from ..core.aggregation import BatchTotals
+from ..core.corrections import micro_batch_entropy_bonus
 from ..finetune import build_finetune
 from ..finetune.base import Finetune
 from ..generation.params import SamplingParams
@@ -30,9 +32,11 @@ from ..io.trackers import Trackers, start_trackers
 from ..parallel import build_parallel
 from ..parallel.ddp import Parallel, derive_seed
 from ..rewards import RewardComputer, RewardContext, build_rewards, reward_metrics
-from ..types import Entry, Rollout
+from ..rewards.base import RewardResult
+from ..types import Entry, PromptBatch, Rollout
 from .dynamic_sampling import fill_batch
 from .evaluation import evaluate_rewards, reward_context
+from .reference import REFERENCE_REFRESH, Reference
 from .run_state import resume_trainer, save_trainer, trainer_state
 from .step import (
     StepStats,
@@ -60,11 +64,11 @@ class Trainer:
         self,
         config: Config,
         model: torch.nn.Module,
-        adapter: Any,
+        adapter: Adapter,
         train_entries: Sequence[Entry],
         eval_entries: Sequence[Entry] | None = None,
         rewards: RewardComputer | None = None,
-        reference: Any | None = None,
+        reference: Reference | None = None,
         finetune: Finetune | None = None,
         parallel: Parallel | None = None,
     ) -> None:
@@ -92,11 +96,13 @@ class Trainer:
         self.rewards = rewards
         self.prompts = PromptSampler(self.train_entries, t.batch_size, t.seed)
         self.generator = torch.Generator(device=self.device).manual_seed(t.seed)
-        self.reference = None
+        self.refresh = REFERENCE_REFRESH[a.reference_refresh](
+            mix_alpha=a.reference_mix_alpha, sync_every=a.reference_sync_every
+        )
+        self.reference: Reference | None = None
         if a.beta > 0:
             self.reference = reference if reference is not None else finetune.reference
-            if a.reference_refresh == "soft":  # refuse an inexact TR-DPO mix before any step
-                self.reference.check_mix(a.reference_mix_alpha)
+            self.refresh.check(self.reference)  # e.g. an inexact TR-DPO mix, before any step
         self.entropy = entropy_controller(a)
         self.reference = self.dist.setup(self.model, adapter, self.reference)
         self.optimizer = build_optimizer(self.model, t)
@@ -134,7 +140,7 @@ class Trainer:
 
     def _sample_and_score(
         self, entries: Sequence[Entry], stats: StepStats, round_: int = 0
-    ) -> tuple[Rollout, Any]:
+    ) -> tuple[Rollout, RewardResult]:
         """The global rollout and rewards of `entries` (each rank samples its share)."""
         with stats.timer("sample"):
             prompts = self.adapter.encode(entries).to(self.device)
@@ -144,7 +150,9 @@ class Trainer:
         g = self.cfg.algorithm.group_size
         return self.dist.scored(prompts, lambda p: self._rollout(p, g, stats), self._pad())
 
-    def _rollout(self, prompts: Any, g: int, stats: StepStats, greedy: bool = False) -> tuple:
+    def _rollout(
+        self, prompts: PromptBatch, g: int, stats: StepStats, greedy: bool = False
+    ) -> tuple[Rollout, RewardResult]:
         with stats.timer("sample"), self.dist.sampling() as net:
             rollout = self.adapter.sample(net, prompts, g, generator=self.generator, greedy=greedy)
         with stats.timer("reward"):
@@ -155,9 +163,11 @@ class Trainer:
         return rollout, result
 
     def _pad(self) -> int:
-        return getattr(self.adapter, "sampling", self.cfg.sampling).pad_token_id or 0
+        return self.adapter.sampling.pad_token_id or 0
 
-    def _dynamic_sampling(self, rollout: Rollout, result: Any, stats: StepStats) -> tuple:
+    def _dynamic_sampling(
+        self, rollout: Rollout, result: RewardResult, stats: StepStats
+    ) -> tuple[Rollout, RewardResult]:
         """DAPO's dynamic sampling (grpo_ar/train/dynamic_sampling.py)."""
         a, rounds = self.cfg.algorithm, itertools.count(1)
         draw = lambda: self._sample_and_score(self.prompts.next_batch(), stats, next(rounds))  # noqa: E731
@@ -171,7 +181,7 @@ class Trainer:
         return reward_context(self.adapter, rollout, group_size, self.step)
 
     def _advantage_inputs(
-        self, prompts: Any, rollout: Rollout, result: Any, stats: StepStats
+        self, prompts: PromptBatch, rollout: Rollout, result: RewardResult, stats: StepStats
     ) -> dict[str, Tensor]:
         """What the estimator takes beyond rewards: per-reward components (GDPO), completion
         lengths (OPO), the reward of one greedy rollout per prompt (ReMax)."""
@@ -193,6 +203,7 @@ class Trainer:
     def update(self, rollout: Rollout, stats: StepStats) -> None:
         """μ optimizer passes over this rank's share of the rollout."""
         micro, totals = self.prepare(rollout, stats)
+        total: Tensor | float
         with stats.timer("update"):
             self.model.train()
             for it in range(self.cfg.algorithm.grpo_iters):
@@ -210,7 +221,7 @@ class Trainer:
                     total = total + loss.detach()
                 self.end_pass(finite, total, stats)
 
-    def prepare(self, rollout: Rollout, stats: StepStats) -> tuple[list[Rollout], tuple]:
+    def prepare(self, rollout: Rollout, stats: StepStats) -> tuple[list[Rollout], BatchTotals]:
         """This rank's micro-batches of a global rollout (reference log-probs, loss masks) and
         the loss normalisers of the whole batch: (tokens, sequences, max_new_tokens)."""
         t = self.cfg.trainer  # clip_cov's draws: per rank, from the run seed
@@ -224,7 +235,7 @@ class Trainer:
         for mb in micro:
             mb.data["loss_mask"] = self._loss_mask(mb)
         n_tokens = self._loss_mask(rollout).sum()
-        return micro, (n_tokens, len(rollout), self.cfg.sampling.max_new_tokens)
+        return micro, BatchTotals(n_tokens, len(rollout), self.cfg.sampling.max_new_tokens)
 
     def micro_loss(
         self,
@@ -232,7 +243,7 @@ class Trainer:
         logp: Tensor,
         ent: Tensor,
         it: int,
-        totals: tuple,
+        totals: BatchTotals,
         n_micro: int,
         stats: StepStats,
     ) -> Tensor:
@@ -246,10 +257,14 @@ class Trainer:
         loss = AGGREGATIONS[a.aggregation](terms.loss, mask, *totals)
         if self.bonus_on:  # loss - coef·H over the tokens the policy term acts on
             eff = terms.entropy_keep
-            # the mean entropy over the tokens it acts on: global when every token counts;
-            # with an entropy mask TRL's per-micro-batch mean / accumulation
-            n_eff = totals[0] if a.top_entropy_quantile == 1 else eff.sum() * n_micro
-            loss = loss - self.entropy.coef * entropy_bonus(ent, eff, n_eff)
+            bonus = micro_batch_entropy_bonus(
+                ent,
+                eff,
+                total_tokens=totals.tokens,
+                n_micro=n_micro,
+                top_entropy_quantile=a.top_entropy_quantile,
+            )
+            loss = loss - self.entropy.coef * bonus
             self.entropy.observe((ent.detach() * eff).sum(), eff.sum())
         if torch.isfinite(loss):
             stats.add_terms(terms, ent, mask)
@@ -288,13 +303,8 @@ class Trainer:
             self.scheduler.step()
             self.updates += 1
             stats.add_scalar("grad_norm", norm)
-            a = self.cfg.algorithm
-            if (
-                self.reference is not None
-                and a.reference_refresh == "soft"
-                and self.updates % a.reference_sync_every == 0
-            ):  # TR-DPO (arXiv 2404.09656): π_ref <- α·π + (1 - α)·π_ref
-                self.reference.mix(self.model, a.reference_mix_alpha)
+            if self.reference is not None:
+                self.refresh.after_update(self.reference, self.model, self.updates)
 
     def train_step(self) -> dict[str, float]:
         """One GRPO step: sample and score a batch of groups, μ optimizer passes; its metrics."""
@@ -315,7 +325,7 @@ class Trainer:
         metrics.update(
             {
                 "step": self.step,
-                "lr": self.scheduler.get_last_lr()[0],
+                "lr": float(self.scheduler.get_last_lr()[0]),
                 "completion/length_mean": n_tok / len(rollout),
                 "completion/length_max": float(rollout.lengths.max()),
                 "completion/truncated": float(rollout.truncated.float().mean()),
@@ -324,17 +334,15 @@ class Trainer:
             }
         )
         if self.dist.is_main:
-            save = getattr(self.adapter, "save_samples", None)
-            summarize = getattr(self.adapter, "summarize", None)
-            k = self.cfg.log.samples_per_step
-            rows = append_samples(self.run_dir, rollout, self.step, k, save, summarize)
+            k, save = self.cfg.log.samples_per_step, self.adapter.save_samples
+            rows = append_samples(self.run_dir, rollout, self.step, k, save, self.adapter.summarize)
             self.trackers.log_samples(rows, self.step)
         return metrics
 
     def end_iteration(self) -> None:
-        """Reference <- policy (the seed's design), then reward hooks."""
-        if self.reference is not None and self.cfg.algorithm.reference_refresh == "iteration":
-            self.reference.refresh(self.model)
+        """The reference refresh policy's iteration hook, then reward hooks."""
+        if self.reference is not None:
+            self.refresh.after_iteration(self.reference, self.model)
         self.rewards.on_iteration_end(self.step)
 
     # -- the run -----------------------------------------------------------------------------

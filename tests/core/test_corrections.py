@@ -13,6 +13,7 @@ from grpo_ar.core.corrections import (
     entropy_bonus,
     entropy_threshold,
     high_entropy_mask,
+    micro_batch_entropy_bonus,
     off_policy_sequence_mask,
 )
 from grpo_ar.core.kl import KL
@@ -310,6 +311,47 @@ def test_entropy_bonus_micro_batches_sum_to_the_full_batch_and_ignore_padding():
     trl = sum(ent[s][mask[s].bool()].mean() / 2 for s in (slice(0, 4), slice(4, 8)))
     assert abs(float(trl - full)) > 1e-3
     assert torch.equal(entropy_bonus(fill_padding(ent, mask), mask, total), full)
+
+
+def test_micro_batch_entropy_bonus_hand_computed():
+    """ρ = 1: Σ H / the step's token count. ρ < 1: this micro-batch's mean / n_micro."""
+    ent = torch.tensor([[1.0, 2.0, 9.0], [3.0, 9.0, 9.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    # every token counts: (1 + 2 + 3) / 12 tokens in the whole step, whatever n_micro says
+    all_tokens = micro_batch_entropy_bonus(ent, mask, total_tokens=12, n_micro=4)
+    close(all_tokens, torch.tensor(0.5))
+    # an entropy mask: the micro-batch's mean 2.0 over 2 micro-batches (TRL's mean / steps)
+    selected = micro_batch_entropy_bonus(
+        ent, mask, total_tokens=12, n_micro=2, top_entropy_quantile=0.2
+    )
+    close(selected, torch.tensor(1.0))
+    one = micro_batch_entropy_bonus(ent, mask, total_tokens=12, n_micro=1, top_entropy_quantile=0.2)
+    close(one, torch.tensor(2.0))
+    with pytest.raises(ValueError, match="n_micro=0"):
+        micro_batch_entropy_bonus(ent, mask, total_tokens=12, n_micro=0)
+
+
+def test_micro_batch_entropy_bonus_parts_sum_as_the_step_defines():
+    """Parts over micro-batches sum to the full-batch mean (ρ = 1) or to the mean of the
+    micro-batch means (ρ < 1, unequal token counts: a different number)."""
+    _, _, _, _, ent, mask = batch(8, n=8)
+    mask[:4, 3:] = 0
+    ent[:4] *= 0.5
+    halves = (slice(0, 4), slice(4, 8))
+    total = int(mask.sum())
+    full = sum(
+        micro_batch_entropy_bonus(ent[s], mask[s], total_tokens=total, n_micro=2) for s in halves
+    )
+    close(full, ent[mask.bool()].mean())
+    per_micro = sum(
+        micro_batch_entropy_bonus(
+            ent[s], mask[s], total_tokens=total, n_micro=2, top_entropy_quantile=0.5
+        )
+        for s in halves
+    )
+    naive = (ent[:4][mask[:4].bool()].mean() + ent[4:][mask[4:].bool()].mean()) / 2
+    close(per_micro, naive)
+    assert abs(float(per_micro - full)) > 1e-3
 
 
 # ---------------------------------------------------------------- adaptive entropy coefficient
