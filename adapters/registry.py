@@ -4,7 +4,8 @@ A modality registers a builder under the name `model.adapter` selects:
 
     @register_adapter("tones", ToneConfig)
     def build_tones(config, section, device, dtype):
-        model = AutoModelForCausalLM.from_pretrained(config.model.path, dtype=dtype).to(device)
+        model = AutoModelForCausalLM.from_pretrained(config.model.path, dtype=dtype)
+    model = model.to(device)  # type: ignore[arg-type]  # transformers' decorated `to`
         return model, ToneAdapter(config.sampling, samples=section.samples)
 
 The config's `[tones]` table is then parsed into `ToneConfig` (a frozen dataclass; unknown keys
@@ -61,7 +62,7 @@ class AdapterSpec:
     """Frozen dataclass of the [name] table (None: the adapter takes no section)."""
 
 
-class AdapterRegistry(Registry):
+class AdapterRegistry(Registry[AdapterSpec]):  # type: ignore[type-var]
     """Name -> AdapterSpec; a name not registered yet is looked up among installed entry points
     (group `grpo_ar.adapters`) before it is refused."""
 
@@ -85,7 +86,7 @@ class AdapterRegistry(Registry):
             if old is not None and not (same_cls and same_definition(old.build, build)):
                 raise ValueError(
                     f"adapter {name!r} is already registered (by {old.build.__module__}."
-                    f"{old.build.__qualname__}); choose another name"
+                    f"{getattr(old.build, '__qualname__', old.build)}); choose another name"
                 )
             self._fns[name] = AdapterSpec(name, build, config_cls)
             return build
@@ -95,7 +96,7 @@ class AdapterRegistry(Registry):
     def __getitem__(self, name: str) -> AdapterSpec:
         if name not in self._fns:
             load_entry_point(name)
-        return super().__getitem__(name)  # type: ignore[return-value]
+        return super().__getitem__(name)
 
     def __contains__(self, name: object) -> bool:
         if isinstance(name, str) and name not in self._fns:
@@ -193,7 +194,8 @@ def build_code_grid(
     kind = sec.section
     if not sec.decoder_path:
         raise ConfigError(f"{kind}.decoder_path is empty: give the folder of the VQ tokenizer")
-    model = AutoModelForCausalLM.from_pretrained(config.model.path, dtype=dtype).to(device)
+    model = AutoModelForCausalLM.from_pretrained(config.model.path, dtype=dtype)
+    model = model.to(device)  # type: ignore[arg-type]  # transformers' decorated `to`
     kw: dict[str, Any] = {"subfolder": sec.decoder_subfolder} if sec.decoder_subfolder else {}
     if isinstance(sec, VideoConfig):
         kw["per_frame"] = sec.frame_wise
@@ -204,10 +206,10 @@ def build_code_grid(
         )
     else:
         tok = AutoTokenizer.from_pretrained(config.model.path)
-        cond = TextCondition(tok, sec.prompt_template, sec.uncond, sec.negative_prompt)
+        cond = TextCondition(tok, sec.prompt_template, sec.uncond, sec.negative_prompt)  # type: ignore[arg-type]  # validated by the section
     video = isinstance(sec, VideoConfig)
-    cls = VideoAdapter if video else ImageAdapter
-    prefix = sec.video_prefix_ids if video else sec.image_prefix_ids
+    cls: Any = VideoAdapter if video else ImageAdapter
+    prefix = sec.video_prefix_ids if isinstance(sec, VideoConfig) else sec.image_prefix_ids
     adapter = cls(
         decoder, config.sampling, sec.grid, sec.code_offset, cond, prefix,
         cfg_train=sec.cfg_train, detach_uncond=sec.detach_uncond, output=sec.output,

@@ -231,10 +231,11 @@ def run_records(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any
     """(metrics.jsonl rows, samples.jsonl rows) of a finished run."""
     import json
 
-    return tuple(
+    metrics, samples = (
         [json.loads(x) for x in (run_dir / name).read_text().splitlines()]
         for name in ("metrics.jsonl", "samples.jsonl")
     )
+    return metrics, samples
 
 
 def cli_train(root: Path, adapter: str, overrides: list[str]) -> tuple[list, list]:

@@ -247,7 +247,7 @@ class WandB(Tracker):
         self.run_.log(metrics, step=step)
 
     def log_samples(self, rows: Sequence[dict[str, Any]], step: int) -> None:
-        columns = table_columns(rows)
+        columns: list[Any] = table_columns(rows)
         table = self.wandb.Table(columns=columns, allow_mixed_types=True)
         for row in rows:
             path = self.media(row)

@@ -72,8 +72,8 @@ def init_distributed(device: str = "auto", timeout_s: float | None = None) -> to
     if use_cuda:
         torch.cuda.set_device(where)
     if not dist.is_initialized():
-        kw = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
-        dist.init_process_group("nccl" if use_cuda else "gloo", **kw)
+        timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout)
     return where
 
 

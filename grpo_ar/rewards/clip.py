@@ -41,6 +41,7 @@ class ClipPreprocess:
     @classmethod
     def from_processor(cls, proc: Any) -> ClipPreprocess:
         s, c = proc.size, proc.crop_size
+        size: int | tuple[int, int] | None
         if not proc.do_resize:
             size = None
         elif s.shortest_edge and not s.longest_edge:
@@ -72,7 +73,7 @@ class ClipPreprocess:
         else:
             nh, nw = self.size, int(self.size * w / h)
         q = lambda t: t.clamp(0, 1).mul(255).round().div(255)  # noqa: E731
-        kw = dict(mode=self.mode, antialias=True, align_corners=False)
+        kw: dict[str, Any] = dict(mode=self.mode, antialias=True, align_corners=False)
         # Pillow 13 (libImaging/Resample.c) runs the height pass first when the height
         # shrinks by more than twice as many pixels as the width; else the width pass first
         if h - nh > max(0, 2 * (w - nw)):
@@ -115,7 +116,7 @@ def load_clip(path: str, device: str, dtype: str | None = None) -> tuple[Any, Cl
     from transformers import AutoImageProcessor, CLIPModel
 
     kw = {} if dtype is None else {"dtype": getattr(torch, dtype)}
-    model = CLIPModel.from_pretrained(path, **kw).to(device).eval().requires_grad_(False)
+    model = CLIPModel.from_pretrained(path, **kw).to(device).eval().requires_grad_(False)  # type: ignore[arg-type]
     return model, ClipPreprocess.from_processor(AutoImageProcessor.from_pretrained(path))
 
 

@@ -71,7 +71,8 @@ def check_free_space(run_dir: str | Path, need: int) -> None:
 
 
 def vocab_size(model: torch.nn.Module) -> int | None:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_head: Any = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
     if head is not None and getattr(head, "weight", None) is not None:
         return int(head.weight.shape[0])
     return getattr(getattr(model, "config", None), "vocab_size", None)
