@@ -248,7 +248,8 @@ def test_images_and_clips_become_each_trackers_media(tmp_path):
     ]
     with pytest.MonkeyPatch.context() as mp:
         offline_stores(mp, tmp_path)
-        info = RunInfo(gif, "trk_media", "media")
+        project = f"trk_media_{tmp_path.name}"  # one store may hold earlier runs
+        info = RunInfo(gif, project, "media")
         trackers = Trackers.start(
             ["tensorboard", "wandb", "trackio", "mlflow"], info, args={"wandb": {"mode": "offline"}}
         )
@@ -263,9 +264,9 @@ def test_images_and_clips_become_each_trackers_media(tmp_path):
     (table,) = (gif / "wandb").glob("offline-run-*/files/media/table/*.table.json")
     cells = [row[2] for row in json.loads(table.read_text())["data"]]
     assert cells == ["Video", "Video", "Image", "Image"]  # wandb.Video / wandb.Image cells
-    stored = sorted(p.suffix for p in (MEDIA_DIR / "trk_media" / "media").rglob("*.*"))
+    stored = sorted(p.suffix for p in (MEDIA_DIR / project / "media").rglob("*.*"))
     assert stored == [".gif", ".gif", ".png", ".png"]
     client = MlflowClient((gif / "mlruns").resolve().as_uri())
-    (r,) = client.search_runs([client.get_experiment_by_name("trk_media").experiment_id])
+    (r,) = client.search_runs([client.get_experiment_by_name(project).experiment_id])
     arts = client.list_artifacts(r.info.run_id, "completions/step_000001")
     assert sorted(Path(a.path).suffix for a in arts) == [".gif", ".gif", ".png", ".png"]

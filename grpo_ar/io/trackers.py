@@ -15,6 +15,7 @@ import contextlib
 import logging
 import math
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,13 +267,15 @@ class WandB(Tracker):
 
 @register_tracker("trackio")
 class Trackio(Tracker):
-    """trackio.init (local store: TRACKIO_DIR, default ~/.cache/huggingface/trackio);
-    completions as a trackio.Table with trackio.Image/Video."""
+    """trackio.init (local store: $TRACKIO_DIR when set, else RUN/trackio, so a run writes
+    nothing outside its directory); completions as a trackio.Table with trackio.Image/Video."""
 
     extra = "trackio"
 
     def __init__(self, run: RunInfo, **kwargs: Any) -> None:
         super().__init__(run)
+        if "trackio" not in sys.modules:  # trackio reads TRACKIO_DIR once, when imported
+            os.environ.setdefault("TRACKIO_DIR", str(run.run_dir / "trackio"))
         import trackio
 
         self.trackio = trackio

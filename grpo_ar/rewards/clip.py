@@ -24,6 +24,17 @@ from .pixels import image_to_tensor, map_images
 _RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL codes
 
 
+@functools.lru_cache(maxsize=1)
+def pillow_major() -> int:
+    """The installed Pillow's major version (read from its metadata: PIL is not imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return int(version("pillow").split(".")[0])
+    except (PackageNotFoundError, ValueError):
+        return 13
+
+
 @dataclass(frozen=True)
 class ClipPreprocess:
     """Batched torch version of transformers' CLIP image processor on (B, 3, H, W) in [0, 1].
@@ -75,8 +86,9 @@ class ClipPreprocess:
         q = lambda t: t.clamp(0, 1).mul(255).round().div(255)  # noqa: E731
         kw: dict[str, Any] = dict(mode=self.mode, antialias=True, align_corners=False)
         # Pillow 13 (libImaging/Resample.c) runs the height pass first when the height
-        # shrinks by more than twice as many pixels as the width; else the width pass first
-        if h - nh > max(0, 2 * (w - nw)):
+        # shrinks by more than twice as many pixels as the width; else, and always in earlier
+        # releases, the width pass first (the order changes the 8-bit rounding)
+        if pillow_major() >= 13 and h - nh > max(0, 2 * (w - nw)):
             x = q(F.interpolate(x, size=(nh, w), **kw))
         if nw != w:
             x = q(F.interpolate(x, size=(x.shape[-2], nw), **kw))
