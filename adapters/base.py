@@ -18,6 +18,7 @@ from torch import Tensor
 from grpo_ar.generation.params import SamplingParams
 from grpo_ar.generation.sampler import sample
 from grpo_ar.generation.scoring import token_logprobs
+from grpo_ar.generation.tree import tree_sample
 from grpo_ar.types import Entry, PromptBatch, Rollout
 
 
@@ -43,7 +44,11 @@ class Adapter(ABC):
         generator: torch.Generator | None = None,
         greedy: bool = False,
     ) -> Rollout:
-        """G completions per prompt, groups contiguous, with the sampler's log-probs recorded."""
+        """G completions per prompt, groups contiguous, with the sampler's log-probs recorded
+        (as trees of shared segments under `[sampling.tree]`; greedy runs, and a group size the
+        tree's leaves cannot fill, e.g. an evaluation's few samples, are sampled flat)."""
+        if self.sampling.tree.fills(group_size) and not greedy:
+            return tree_sample(model, prompts, group_size, self.sampling, generator=generator)
         return sample(model, prompts, group_size, self.sampling, generator=generator, greedy=greedy)
 
     def token_logprobs(

@@ -209,6 +209,13 @@ class Config:
     video: VideoConfig = field(default_factory=VideoConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
+    def __post_init__(self) -> None:
+        if self.sampling.tree.enabled:  # the trees must make exactly group_size leaves
+            try:
+                self.sampling.tree.roots(self.algorithm.group_size)
+            except ValueError as e:
+                raise ConfigError(f"{e} (algorithm.group_size)") from None
+
 
 def _build(cls: type, raw: Any, where: str) -> Any:
     if not isinstance(raw, dict):

@@ -13,6 +13,53 @@ NEG_INF = float("-inf")
 
 
 @dataclass(frozen=True)
+class TreeParams:
+    """Tree sampling (`[sampling.tree]`, generation/tree.py): each prompt's G completions are the
+    leaves of trees whose nodes are token segments; a segment's children continue from its KV
+    cache rows, so siblings share their prefix (TGTS / TreePO arXiv 2508.17445)."""
+
+    branching: int = 1
+    """Children per fork (1 = off: G independent samples)."""
+    depth: int = 0
+    """Forks from root to leaf; G / branching**depth roots per prompt (must divide)."""
+    segment_tokens: int = 0
+    """Fork after this many tokens of a segment (0 = only at separators)."""
+    separator_ids: tuple[int, ...] = ()
+    """Fork right after sampling one of these tokens (e.g. a newline), if before segment_tokens."""
+
+    def __post_init__(self) -> None:
+        if self.branching < 1 or self.depth < 0 or self.segment_tokens < 0:
+            raise ValueError(
+                f"sampling.tree: branching={self.branching} must be >= 1, depth={self.depth} "
+                f"and segment_tokens={self.segment_tokens} >= 0"
+            )
+        if self.enabled and not (self.segment_tokens or self.separator_ids):
+            raise ValueError(
+                "sampling.tree: branching > 1 and depth > 0 need a fork rule: set "
+                "segment_tokens (fork every N tokens) or separator_ids (fork after those tokens)"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self.branching > 1 and self.depth > 0
+
+    def fills(self, group_size: int) -> bool:
+        """Whether tree sampling is on and makes exactly `group_size` leaves per prompt."""
+        return self.enabled and group_size % self.branching**self.depth == 0
+
+    def roots(self, group_size: int) -> int:
+        """Root segments per prompt; raises when the leaves cannot number exactly group_size."""
+        leaves = self.branching**self.depth
+        if group_size % leaves:
+            raise ValueError(
+                f"sampling.tree: branching={self.branching}, depth={self.depth} give "
+                f"{leaves} leaves per root, which does not divide group_size={group_size}; "
+                "choose them so that branching**depth divides the group size"
+            )
+        return group_size // leaves
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """How completions are sampled (and how their log-probs are recomputed for training)."""
 
@@ -44,6 +91,8 @@ class SamplingParams:
     """Apply top-k/top-p/min-p when recomputing log-probs, so training sees the sampled
     distribution exactly; False trains on the temperature-only distribution (TRL's choice) and
     leaves the gap to importance-sampling correction."""
+    tree: TreeParams = TreeParams()
+    """Tree sampling of each group (off by default); see TreeParams."""
 
     def __post_init__(self) -> None:
         checks = [

@@ -1,0 +1,121 @@
+"""Tree sampling ([sampling.tree], generation/tree.py): the shape of the trees, forked KV rows
+that reproduce teacher-forced log-probs, the recorded parents, early ends, the compute saved."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from grpo_ar.config import load_config
+from grpo_ar.errors import ConfigError
+from grpo_ar.generation.params import SamplingParams, TreeParams
+from grpo_ar.generation.sampler import sample
+from grpo_ar.generation.scoring import token_logprobs
+from grpo_ar.generation.tree import tree_sample
+from grpo_ar.types import Entry, PromptBatch
+from tiny import tiny_llama
+
+V = 40
+
+
+def prompts(p=2):
+    ids = torch.tensor([[0, 1, 5, 6, 7], [1, 9, 8, 7, 6], [0, 0, 1, 4, 4]])[:p]
+    return PromptBatch(ids, (ids != 0).long(), [Entry(f"p{i}", ()) for i in range(p)])
+
+
+def params(**tree):
+    base = dict(max_new_tokens=8, eos_token_ids=(), temperature=1.5)
+    return SamplingParams(**base, tree=TreeParams(**tree))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama(V, seed=3)
+
+
+def test_binary_tree_of_depth_three_shares_prefixes_and_saves_compute(model):
+    p = params(branching=2, depth=3, segment_tokens=2)
+    gen = torch.Generator().manual_seed(0)
+    r = tree_sample(model, prompts(), 8, p, generator=gen)
+    ids = r.completion_ids.view(2, 8, 8)  # (P, G, T)
+    # siblings share exactly the segments above their fork: leaves 2k, 2k+1 share tokens 0..5,
+    # leaves 0..3 share 0..3, all share 0..1
+    for shared, block in ((6, 2), (4, 4), (2, 8)):
+        grouped = ids.view(2, 8 // block, block, 8)[..., :shared]
+        assert torch.equal(grouped, grouped[:, :, :1].expand_as(grouped))
+    assert not torch.equal(ids[:, 0, 6:], ids[:, 1, 6:])  # a 2-token leaf segment differs
+    # decoded row-steps: 2 + 2·2 + 4·2 + 8·2 = 30 per prompt vs 8·8 = 64 flat
+    assert r.extras["tree_stats"]["decoded_tokens"] == 2 * 30
+    assert r.extras["tree_stats"]["segments"] == 2 * 15
+    # records: every token's segment; the parent chain of a leaf's last segment
+    seg, parent = r.data["tree_segments"], r.extras["tree_parent"]
+    assert seg.shape == (16, 8) and bool((seg >= 0).all())
+    for row in range(16):
+        for t in range(2, 8, 2):
+            assert int(parent[seg[row, t]]) == int(seg[row, t - 1])
+    assert r.group_ids.tolist() == [0] * 8 + [1] * 8
+
+
+def test_sampler_log_probs_equal_teacher_forced_scoring(model):
+    # the forked cache rows must be the parent's exactly: scoring recomputes every prefix
+    p = replace(params(branching=2, depth=2, segment_tokens=3), top_k=12, max_new_tokens=9)
+    r = tree_sample(model, prompts(3), 8, p, generator=torch.Generator().manual_seed(1))
+    logp, _ = token_logprobs(model, r, p)
+    torch.testing.assert_close(logp, r.sampling_logp, atol=2e-5, rtol=0)
+
+
+def test_early_eos_leaves_are_repeated_for_their_missing_forks(model):
+    p = SamplingParams(
+        max_new_tokens=6, eos_token_ids=(3,), temperature=3.0,
+        tree=TreeParams(branching=2, depth=2, segment_tokens=1),
+    )  # fmt: skip
+    for seed in range(20):
+        r = tree_sample(model, prompts(), 4, p, generator=torch.Generator().manual_seed(seed))
+        assert r.completion_ids.shape[0] == 8
+        first = r.completion_ids[:, 0].view(2, 4)
+        ended_first = first == 3
+        if bool(ended_first[:, 0].any()):  # EOS before any fork: all 4 leaves are that row
+            row = int(ended_first[:, 0].nonzero()[0])
+            assert bool((first[row] == 3).all()) and bool((r.lengths.view(2, 4)[row] == 1).all())
+            return
+    pytest.fail("no early EOS in 20 seeds; raise the temperature")
+
+
+def test_separator_rule_forks_after_the_separator(model):
+    sep = 7
+    p = SamplingParams(
+        max_new_tokens=8, eos_token_ids=(), temperature=5.0,
+        tree=TreeParams(branching=2, depth=1, separator_ids=(sep,)),
+    )  # fmt: skip
+    r = tree_sample(model, prompts(), 2, p, generator=torch.Generator().manual_seed(0))
+    for a, b in r.completion_ids.view(2, 2, 8):
+        hits = (a == sep).nonzero()
+        if hits.numel() and int(hits[0]) < 7:
+            cut = int(hits[0]) + 1  # equal up to and including the first separator
+            assert torch.equal(a[:cut], b[:cut])
+        else:
+            assert torch.equal(a, b)  # no separator: never forked, the leaf is repeated
+
+
+def test_flat_tree_is_the_plain_sampler(model):
+    # depth 0 (off): tree_sample's loop with every row a root equals sampler.sample
+    p = params(branching=1, depth=0)
+    a = tree_sample(model, prompts(), 4, p, generator=torch.Generator().manual_seed(5))
+    b = sample(model, prompts(), 4, p, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    torch.testing.assert_close(a.sampling_logp, b.sampling_logp, atol=1e-6, rtol=0)
+
+
+def test_config_section_and_its_checks(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        "[algorithm]\ngroup_size = 8\n[sampling.tree]\nbranching = 2\ndepth = 3\n"
+        "segment_tokens = 4\n"
+    )
+    c = load_config(cfg, [])
+    assert c.sampling.tree == TreeParams(branching=2, depth=3, segment_tokens=4)
+    with pytest.raises(ConfigError, match="does not divide group_size=6"):
+        load_config(cfg, ["algorithm.group_size=6"])
+    with pytest.raises((ConfigError, ValueError), match="need a fork rule"):
+        load_config(cfg, ["sampling.tree.segment_tokens=0"])
+    assert not TreeParams(branching=2, depth=3, segment_tokens=1).fills(4)
