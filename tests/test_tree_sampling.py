@@ -119,3 +119,29 @@ def test_config_section_and_its_checks(tmp_path):
     with pytest.raises((ConfigError, ValueError), match="need a fork rule"):
         load_config(cfg, ["sampling.tree.segment_tokens=0"])
     assert not TreeParams(branching=2, depth=3, segment_tokens=1).fills(4)
+
+
+def test_tree_scoring_runs_each_shared_token_once_and_equals_the_padded_path():
+    from grpo_ar.generation.tree_scoring import tree_layout
+
+    net = tiny_llama(V, seed=4).train()  # dropout is 0: train mode, with gradients
+    p = SamplingParams(
+        max_new_tokens=8, eos_token_ids=(2,), temperature=1.3, top_k=20,
+        tree=TreeParams(branching=2, depth=3, segment_tokens=2),
+    )  # fmt: skip
+    r = tree_sample(net, prompts(3), 8, p, generator=torch.Generator().manual_seed(2))
+    rows, where = tree_layout(r.prompt_index, r.data["tree_segments"], r.completion_mask)
+    leaf_inputs = int((r.lengths - 1).clamp(min=0).sum())
+    assert sum(map(len, rows)) < 0.6 * leaf_inputs  # shared tokens run once
+    grads = []
+    for pack in (True, False):  # tree layout vs every leaf on its own (padded rows)
+        net.zero_grad()
+        logp, ent = token_logprobs(net, r, p, with_entropy=True, pack=pack)
+        (logp * torch.linspace(-1, 1, logp.numel()).view_as(logp)).sum().backward()
+        grads.append((logp.detach(), ent.detach(), [q.grad.clone() for q in net.parameters()]))
+    (lp_a, en_a, g_a), (lp_b, en_b, g_b) = grads
+    torch.testing.assert_close(lp_a, lp_b, atol=2e-5, rtol=0)
+    torch.testing.assert_close(en_a, en_b, atol=2e-5, rtol=0)
+    torch.testing.assert_close(lp_a, r.sampling_logp, atol=2e-5, rtol=0)
+    for a, b in zip(g_a, g_b):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
