@@ -12,6 +12,7 @@ from grpo_ar.generation.params import SamplingParams, TreeParams
 from grpo_ar.generation.sampler import sample
 from grpo_ar.generation.scoring import token_logprobs
 from grpo_ar.generation.tree import tree_sample
+from grpo_ar.rewards import REWARDS, per_sample, register_reward
 from grpo_ar.types import Entry, PromptBatch
 from tiny import tiny_llama
 
@@ -144,4 +145,43 @@ def test_tree_scoring_runs_each_shared_token_once_and_equals_the_padded_path():
     torch.testing.assert_close(en_a, en_b, atol=2e-5, rtol=0)
     torch.testing.assert_close(lp_a, r.sampling_logp, atol=2e-5, rtol=0)
     for a, b in zip(g_a, g_b):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_trainer_with_tree_sampling_and_treepo(tmp_path):
+    from grpo_ar.adapters.text import TextAdapter
+    from grpo_ar.core import compute_advantages
+    from grpo_ar.io.data import load_rows
+    from grpo_ar.train.step import StepStats
+    from grpo_ar.train.trainer import Trainer
+    from tiny import char_tokenizer
+
+    tok = char_tokenizer()
+    if "toy_len_tree" not in REWARDS:
+        register_reward("toy_len_tree")(per_sample(lambda output: float(len(output))))
+    rows = [{"prompt": f"{i}+{i}=", "rewards": "toy_len_tree"} for i in range(4)]
+    weights = []
+    for accum in (1, 2):  # micro-batches score parts of trees: the update must not change
+        sets = [
+            "sampling.max_new_tokens=8", "trainer.steps=1", "trainer.batch_size=2",
+            "algorithm.group_size=8", "algorithm.advantage=treepo", "sampling.temperature=2.0",
+            "sampling.tree.branching=2", "sampling.tree.depth=3", "sampling.tree.segment_tokens=2",
+            f"trainer.grad_accum={accum}", "trainer.optimizer=torch.optim.SGD", "trainer.lr=1.0",
+            "trainer.max_grad_norm=0", f"log.run_dir={tmp_path / str(accum)}", "log.progress=false",
+        ]  # fmt: skip
+        cfg = load_config(None, sets)
+        net = tiny_llama(vocab_size=len(tok), seed=0)
+        entries = load_rows(rows)
+        tr = Trainer(cfg, net, TextAdapter(tok, cfg.sampling), entries)
+        if accum == 1:
+            r = tr.generate(entries[:2], StepStats())
+            sub = r.data["tree_subgroups"]
+            assert sub.shape == (16, 3) and "tree_parent" in r.extras
+            total = r.extras["reward"].total
+            want, _ = compute_advantages("treepo", total, 8, subgroups=sub)
+            torch.testing.assert_close(r.data["adv"].cpu(), want, atol=1e-6, rtol=0)
+        history = tr.train()
+        assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+        weights.append([q.detach().clone() for q in net.parameters()])
+    for a, b in zip(*weights):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
