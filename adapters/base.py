@@ -18,6 +18,7 @@ from torch import Tensor
 from grpo_ar.generation.params import SamplingParams
 from grpo_ar.generation.sampler import sample
 from grpo_ar.generation.scoring import token_logprobs
+from grpo_ar.generation.spans import span_logprobs, span_sample
 from grpo_ar.generation.tree import tree_sample
 from grpo_ar.types import Entry, PromptBatch, Rollout
 
@@ -47,6 +48,8 @@ class Adapter(ABC):
         """G completions per prompt, groups contiguous, with the sampler's log-probs recorded
         (as trees of shared segments under `[sampling.tree]`; greedy runs, and a group size the
         tree's leaves cannot fill, e.g. an evaluation's few samples, are sampled flat)."""
+        if self.sampling.spans:  # typed spans: each span under its own transform
+            return span_sample(model, prompts, group_size, self.sampling, generator, greedy)
         if self.sampling.tree.fills(group_size) and not greedy:
             return tree_sample(model, prompts, group_size, self.sampling, generator=generator)
         return sample(model, prompts, group_size, self.sampling, generator=generator, greedy=greedy)
@@ -55,6 +58,8 @@ class Adapter(ABC):
         self, model: Any, rollout: Rollout, with_entropy: bool = False
     ) -> tuple[Tensor, Tensor | None]:
         """Teacher-forced (n, T) log-probs (and entropies) under the sampling transform."""
+        if self.sampling.spans:
+            return span_logprobs(model, rollout, self.sampling, with_entropy)
         return token_logprobs(model, rollout, self.sampling, with_entropy=with_entropy)
 
     def output_lengths(self, rollout: Rollout) -> list[int]:

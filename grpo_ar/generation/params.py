@@ -4,7 +4,7 @@ draws from and teacher-forced scoring recomputes, so training log-probs equal th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -60,6 +60,57 @@ class TreeParams:
 
 
 @dataclass(frozen=True)
+class Span:
+    """One span type of a completion."""
+
+    name: str
+    length: int = 0
+    """Fixed number of tokens (0 = until `close_token`)."""
+    close_token: int | None = None
+    """Token that ends the span (it belongs to the span); always allowed inside it."""
+    allowed_ranges: tuple[tuple[int, int], ...] = ()
+    """Half-open token-id ranges that may be sampled in this span (empty = all)."""
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    loss_weight: float = 1.0
+    """Weight of this span's tokens in the policy loss."""
+    kl_weight: float = 1.0
+    """Weight of this span's tokens in the KL term."""
+
+    def __post_init__(self) -> None:
+        if (self.length > 0) == (self.close_token is not None):
+            raise ValueError(f"span {self.name!r}: give exactly one of length > 0 or close_token")
+
+    def params(self, base: SamplingParams) -> SamplingParams:
+        """The sampling transform of this span (its filters on the run's other settings)."""
+        ranges = self.allowed_ranges
+        if ranges and self.close_token is not None:
+            ranges = (*ranges, (self.close_token, self.close_token + 1))
+        return replace(
+            base, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+            allowed_ranges=ranges, position_ranges=(), min_new_tokens=0, tree=TreeParams(), spans=(),
+        )  # fmt: skip
+
+
+def as_span(x: Span | dict) -> Span:
+    """A `[[sampling.spans]]` table -> Span (range lists become tuples)."""
+    if isinstance(x, Span):
+        return x
+    if not isinstance(x, dict):
+        raise ValueError(
+            f"sampling.spans holds tables (name, length | close_token, ...), got {x!r}"
+        )
+    kw = dict(x)
+    kw["allowed_ranges"] = tuple(tuple(r) for r in kw.get("allowed_ranges", ()))
+    try:
+        return Span(**kw)
+    except TypeError as e:
+        fields = ", ".join(Span.__dataclass_fields__)
+        raise ValueError(f"sampling.spans: {e}; a span takes {fields}") from None
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """How completions are sampled (and how their log-probs are recomputed for training)."""
 
@@ -93,8 +144,12 @@ class SamplingParams:
     leaves the gap to importance-sampling correction."""
     tree: TreeParams = TreeParams()
     """Tree sampling of each group (off by default); see TreeParams."""
+    spans: tuple[Span, ...] = ()
+    """Typed spans of a completion, in order (generation/spans.py); empty = one plain span."""
 
     def __post_init__(self) -> None:
+        if any(not isinstance(x, Span) for x in self.spans):  # [[sampling.spans]] tables
+            object.__setattr__(self, "spans", tuple(map(as_span, self.spans)))
         checks = [
             (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
             (
