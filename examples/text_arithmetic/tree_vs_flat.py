@@ -4,6 +4,7 @@ groups, three seeds each: held-out accuracy and the rollout compute it took.
 Variants (all 80 GRPO steps of config.toml, 16 prompts a step):
   flat     G = 8 independent samples, `grpo` advantages (the demo as it ships);
   tree8    G = 8 as one binary tree of depth 3 forking after every token, `treepo`;
+  tree8_grpo  the same trees, plain `grpo` over the leaves;
   tree24   G = 24 as three such trees (about the flat variant's rollout tokens: answers are
            2-3 tokens + EOS, so most rows end near the last fork), `treepo`.
 Rollout tokens = tokens the model computed while sampling during training: the prompts plus
@@ -36,6 +37,7 @@ TREE = ["sampling.tree.branching=2", "sampling.tree.depth=3", "sampling.tree.seg
 VARIANTS = {
     "flat": [],
     "tree8": [*TREE, "algorithm.advantage=treepo"],
+    "tree8_grpo": TREE,
     "tree24": [*TREE, "algorithm.advantage=treepo", "algorithm.group_size=24"],
 }  # fmt: skip
 
@@ -81,7 +83,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=80)
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=["flat", "tree8", "tree24"])
     ap.add_argument("--base", default="runs/arith_base")
     ap.add_argument("--eval-n", type=int, default=200)
     ap.add_argument("--json", default=None)
