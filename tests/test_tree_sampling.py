@@ -185,3 +185,20 @@ def test_trainer_with_tree_sampling_and_treepo(tmp_path):
         weights.append([q.detach().clone() for q in net.parameters()])
     for a, b in zip(*weights):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_entropy_rule_forks_before_the_uncertain_token(model):
+    p = params(branching=2, depth=3, fork_entropy=1e-6)  # every token is uncertain enough
+    r = tree_sample(model, prompts(), 8, p, generator=torch.Generator().manual_seed(0))
+    ids = r.completion_ids.view(2, 8, 8)
+    # forks before tokens 0, 1, 2: halves share nothing, quarters token 0, pairs tokens 0..1
+    for shared, block in ((1, 4), (2, 2)):
+        grouped = ids.view(2, 8 // block, block, 8)[..., :shared]
+        assert torch.equal(grouped, grouped[:, :, :1].expand_as(grouped))
+    assert r.extras["tree_stats"]["decoded_tokens"] == 2 * (1 + 2 + 4 + 8 * 5)
+    logp, _ = token_logprobs(model, r, p)
+    torch.testing.assert_close(logp, r.sampling_logp, atol=2e-5, rtol=0)
+    never = params(branching=2, depth=3, fork_entropy=1e3)  # no token is that uncertain
+    r = tree_sample(model, prompts(), 8, never, generator=torch.Generator().manual_seed(0))
+    ids = r.completion_ids.view(2, 8, 8)
+    assert torch.equal(ids, ids[:, :1].expand_as(ids))  # one unforked row stands for 8 leaves

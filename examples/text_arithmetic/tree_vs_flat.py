@@ -5,6 +5,7 @@ Variants (all 80 GRPO steps of config.toml, 16 prompts a step):
   flat     G = 8 independent samples, `grpo` advantages (the demo as it ships);
   tree8    G = 8 as one binary tree of depth 3 forking after every token, `treepo`;
   tree8_grpo  the same trees, plain `grpo` over the leaves;
+  tree8_entropy  G = 8, forking (up to 3 times) before any token whose entropy is > 0.3 nats;
   tree24   G = 24 as three such trees (about the flat variant's rollout tokens: answers are
            2-3 tokens + EOS, so most rows end near the last fork), `treepo`.
 Rollout tokens = tokens the model computed while sampling during training: the prompts plus
@@ -38,6 +39,8 @@ VARIANTS = {
     "flat": [],
     "tree8": [*TREE, "algorithm.advantage=treepo"],
     "tree8_grpo": TREE,
+    "tree8_entropy": ["sampling.tree.branching=2", "sampling.tree.depth=3",
+                      "sampling.tree.fork_entropy=0.3", "algorithm.advantage=treepo"],
     "tree24": [*TREE, "algorithm.advantage=treepo", "algorithm.group_size=24"],
 }  # fmt: skip
 

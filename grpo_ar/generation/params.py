@@ -26,17 +26,21 @@ class TreeParams:
     """Fork after this many tokens of a segment (0 = only at separators)."""
     separator_ids: tuple[int, ...] = ()
     """Fork right after sampling one of these tokens (e.g. a newline), if before segment_tokens."""
+    fork_entropy: float = 0.0
+    """Fork before drawing a token whose sampling distribution has entropy (nats) above this,
+    so the children differ at the uncertain token (TreePO's heuristic branching; 0 = off)."""
 
     def __post_init__(self) -> None:
-        if self.branching < 1 or self.depth < 0 or self.segment_tokens < 0:
+        if self.branching < 1 or self.depth < 0 or self.segment_tokens < 0 or self.fork_entropy < 0:
             raise ValueError(
                 f"sampling.tree: branching={self.branching} must be >= 1, depth={self.depth} "
-                f"and segment_tokens={self.segment_tokens} >= 0"
+                f", segment_tokens={self.segment_tokens} and fork_entropy={self.fork_entropy} >= 0"
             )
-        if self.enabled and not (self.segment_tokens or self.separator_ids):
+        if self.enabled and not (self.segment_tokens or self.separator_ids or self.fork_entropy):
             raise ValueError(
                 "sampling.tree: branching > 1 and depth > 0 need a fork rule: set "
-                "segment_tokens (fork every N tokens) or separator_ids (fork after those tokens)"
+                "segment_tokens (fork every N tokens), separator_ids (fork after those tokens) "
+                "or fork_entropy (fork before an uncertain token)"
             )
 
     @property

@@ -2,6 +2,8 @@
 leaves of trees whose nodes are token segments. A segment ends after `segment_tokens` tokens or
 at a separator token; it then forks into `branching` children, which continue from copies of
 its KV cache rows (`Decoder.select` with repeated rows: no recompute of the shared prefix),
+(with `fork_entropy`, a row also forks right before drawing a token whose distribution's
+entropy exceeds it, so its children differ at that uncertain token)
 until `depth` forks have happened. A row that ends (EOS or budget) before its last fork stands
 for all the leaves it would have had: it is repeated branching**(forks left) times.
 
@@ -83,6 +85,13 @@ def tree_sample(
         decoded += st["prompt"].shape[0]
         at = allowed if per_pos is None else per_pos[0][per_pos[1][t]]
         z = transform_logits(logits, params, at, True, t < params.min_new_tokens)
+        if tree.fork_entropy > 0:  # fork before drawing an uncertain token (TreePO §3.2)
+            now = (entropy(z) > tree.fork_entropy) & (st["depth"] < depth_max)
+            if bool(now.any()):
+                idx = _next_rows(torch.zeros_like(now), now, b)
+                st = _children({k: v[idx] for k, v in st.items()}, now[idx], segs)
+                z = z[idx]
+                dec.select(idx)
         tok, lp = Draw(z.shape[0], generator, False)(z, None)
         st["tokens"][:, t], st["logp"][:, t], st["segs"][:, t] = tok, lp, st["seg"]
         st["seg_len"] += 1
@@ -98,15 +107,26 @@ def tree_sample(
         idx = _next_rows(ended, fork, b)
         st = {k: v[idx] for k, v in st.items()}
         if bool(fork.any()):
-            children = fork[idx]
-            parents = st["seg"][children].tolist()
-            depth = (st["depth"][children] + 1).tolist()
-            st["seg"][children] = torch.tensor(segs.new(parents, depth), device=device)
-            st["depth"][children] += 1
-            st["seg_len"][children] = 0
+            st = _children(st, fork[idx], segs)
         dec.select(idx)
         logits = dec.step(tok[idx])
     return _leaves(prompts, group_size, params, done, segs, b, depth_max, roots, eos, decoded)
+
+
+def _children(st: dict[str, Tensor], children: Tensor, segs: Segments) -> dict[str, Tensor]:
+    """Rows `children` (copies of a forking row) each start a new segment under the row's one."""
+    parents = st["seg"][children].tolist()
+    depth = (st["depth"][children] + 1).tolist()
+    st["seg"][children] = torch.tensor(segs.new(parents, depth), device=children.device)
+    st["depth"][children] += 1
+    st["seg_len"][children] = 0
+    return st
+
+
+def entropy(z: Tensor) -> Tensor:
+    """(R, V) logits (-inf allowed) -> (R,) entropy in nats of their softmax."""
+    logp = torch.log_softmax(z.float(), -1)
+    return -torch.where(logp > float("-inf"), logp.exp() * logp, torch.zeros_like(logp)).sum(-1)
 
 
 def _next_rows(ended: Tensor, fork: Tensor, b: int) -> Tensor:
