@@ -202,3 +202,23 @@ def test_entropy_rule_forks_before_the_uncertain_token(model):
     r = tree_sample(model, prompts(), 8, never, generator=torch.Generator().manual_seed(0))
     ids = r.completion_ids.view(2, 8, 8)
     assert torch.equal(ids, ids[:, :1].expand_as(ids))  # one unforked row stands for 8 leaves
+
+
+def test_tree_scoring_with_a_prompt_whose_leaves_are_one_token(model):
+    from dataclasses import replace as dc_replace
+
+    p = SamplingParams(
+        max_new_tokens=6,
+        eos_token_ids=(2,),
+        tree=TreeParams(branching=2, depth=2, segment_tokens=1),
+    )
+    r = tree_sample(model, prompts(2), 4, p, generator=torch.Generator().manual_seed(0))
+    mask = r.completion_mask.clone()
+    mask[4:] = 0
+    mask[4:, 0] = 1  # prompt 1: every leaf ends with its first token
+    ids = r.completion_ids.masked_fill(mask == 0, 0)
+    ids[4:, 0] = 2
+    r = dc_replace(r, completion_ids=ids, completion_mask=mask)
+    a, _ = token_logprobs(model, r, p, pack=True)
+    b, _ = token_logprobs(model, r, p, pack=False)
+    torch.testing.assert_close(a, b, atol=2e-5, rtol=0)

@@ -67,9 +67,11 @@ def tree_rest(
     pos = torch.zeros(nb, cap, dtype=torch.long, device=dev)
     sees = torch.zeros(nb, cap, cap, dtype=torch.bool, device=dev)
     for b, toks in enumerate(rows):
+        if not toks:  # every leaf of this prompt is one token long: nothing to run
+            continue
         leaves = (idx == owner[b]).nonzero().squeeze(-1)  # (n_b,)
-        s = torch.tensor([st[0] for st in toks], device=dev)
-        t = torch.tensor([st[1] for st in toks], device=dev)
+        s = torch.tensor([st[0] for st in toks], dtype=torch.long, device=dev)
+        t = torch.tensor([st[1] for st in toks], dtype=torch.long, device=dev)
         through = segs[leaves][:, t] == s[None]  # (n_b, U): leaf runs through token u
         tok[b, : len(toks)] = comp[leaves[through.float().argmax(0)], t]
         pos[b, : len(toks)] = plen[owner[b]] + t
