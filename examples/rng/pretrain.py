@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from task import build_model, build_tokenizer, sft_rows  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # as `rng.task`: see run.py
+from rng.task import build_model, build_tokenizer, sft_rows  # noqa: E402
 
 MODEL = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 256}
 

@@ -19,10 +19,12 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# imported as `rng.*` (examples/ on the path): plain `pretrain` / `task` would collide with
+# other examples' modules of those names in one process (e.g. the test suite)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain import pretrain  # noqa: E402
-from task import make_prompts, sample_digits, statistics  # noqa: E402
+from rng.pretrain import pretrain  # noqa: E402
+from rng.task import make_prompts, sample_digits, statistics  # noqa: E402
 
 from grpo_ar.adapters.text import TextAdapter  # noqa: E402
 from grpo_ar.config import load_config  # noqa: E402
