@@ -23,6 +23,8 @@ from torch import Tensor, nn
 from grpo_ar.generation.params import SamplingParams
 from grpo_ar.generation.sampler import sample
 from grpo_ar.generation.scoring import token_logprobs
+from grpo_ar.generation.spans import span_logprobs, span_sample
+from grpo_ar.generation.tree import tree_sample
 from grpo_ar.types import Entry, PromptBatch, Rollout
 
 
@@ -51,13 +53,21 @@ class Adapter(ABC):
         generator: torch.Generator | None = None,
         greedy: bool = False,
     ) -> Rollout:
-        """G completions per prompt, groups contiguous, with the sampler's log-probs recorded."""
+        """G completions per prompt, groups contiguous, with the sampler's log-probs recorded
+        (as trees of shared segments under `[sampling.tree]`; greedy runs, and a group size the
+        tree's leaves cannot fill, e.g. an evaluation's few samples, are sampled flat)."""
+        if self.sampling.spans:  # typed spans: each span under its own transform
+            return span_sample(model, prompts, group_size, self.sampling, generator, greedy)
+        if self.sampling.tree.fills(group_size) and not greedy:
+            return tree_sample(model, prompts, group_size, self.sampling, generator=generator)
         return sample(model, prompts, group_size, self.sampling, generator=generator, greedy=greedy)
 
     def token_logprobs(
         self, model: nn.Module, rollout: Rollout, with_entropy: bool = False
     ) -> tuple[Tensor, Tensor | None]:
         """Teacher-forced (n, T) log-probs (and entropies) under the sampling transform."""
+        if self.sampling.spans:
+            return span_logprobs(model, rollout, self.sampling, with_entropy)
         return token_logprobs(model, rollout, self.sampling, with_entropy=with_entropy)
 
     def output_lengths(self, rollout: Rollout) -> list[int]:

@@ -26,6 +26,7 @@ _PUBLIC = {
     "load_entries": "grpo_ar.io.data",
     "register_reward": "grpo_ar.rewards",
     "per_sample": "grpo_ar.rewards",
+    "group_reward": "grpo_ar.rewards",
     "RewardContext": "grpo_ar.rewards",
     # what an adapter builds and returns
     "PromptBatch": "grpo_ar.types",

@@ -308,6 +308,13 @@ def _build_config(raw: Any) -> Config:
     section = _build(spec.config_cls, raw.pop(own, {}), own) if own else None
     return dataclasses.replace(_build(Config, raw, ""), model=model, adapter_config=section)
 
+    def __post_init__(self) -> None:
+        if self.sampling.tree.enabled:  # the trees must make exactly group_size leaves
+            try:
+                self.sampling.tree.roots(self.algorithm.group_size)
+            except ValueError as e:
+                raise ConfigError(f"{e} (algorithm.group_size)") from None
+
 
 def _build(cls: type, raw: Any, where: str) -> Any:
     if not isinstance(raw, dict):

@@ -6,6 +6,7 @@ from .kl import KL
 from .logprobs import entropy_from_logits, logprobs_and_entropy, selective_log_softmax
 from .losses import LOSSES, PolicyLoss
 from .registry import Registry, UnknownNameError
+from .tree_advantages import treepo  # noqa: F401  (registers "treepo")
 
 __all__ = [
     "ADVANTAGES",

@@ -30,12 +30,14 @@ class AdvantageFn(Protocol):
         group_size: int,  # G; N = P·G
         /,
         *args: Any,
-        **options: Any,  # user options, plus the inputs `lengths` (N,) / `baseline` (P,) it takes
+        **options: Any,  # user options, plus the inputs `lengths` / `baseline` / `subgroups` it takes
     ) -> Tensor:  # (N,) advantages
         ...
 
 
-ADVANTAGES: Registry[AdvantageFn] = Registry("advantage estimator", inputs=("lengths", "baseline"))
+ADVANTAGES: Registry[AdvantageFn] = Registry(
+    "advantage estimator", inputs=("lengths", "baseline", "subgroups")
+)
 
 MULTI_OBJECTIVE = ("sum_then_normalize", "normalize_then_sum")
 """How several rewards become one advantage (TRL 1.16 `multi_objective_aggregation`)."""
@@ -48,7 +50,11 @@ _INPUT_HELP = {
     "baseline": "the reward of one greedy rollout per prompt, shape (P,) = ({p},); the sampler "
     "must provide greedy baselines (ReMax)",
     "lengths": "the token count of each completion, shape (N,) = ({n},)",
+    "subgroups": "the tree sub-groups of each completion, shape (N, K) with N = {n} (tree "
+    "sampling records them; optional)",
 }
+OPTIONAL_INPUTS = ("subgroups",)
+"""Inputs an entry copes without (`treepo` without a tree is `grpo`)."""
 
 
 def _choice(what: str, value: Any, choices: tuple[str, ...], hint: str = "") -> None:
@@ -279,11 +285,13 @@ def _inputs(
     shapes = {"lengths": (n,), "baseline": (n // group_size,)}
     out = {}
     for key in sorted(ADVANTAGES.takes(name)):
-        x = given[key]
+        x = given.get(key)
         need = _INPUT_HELP[key].format(p=n // group_size, n=n)
+        if x is None and key in OPTIONAL_INPUTS:
+            continue
         if x is None:
             raise ValueError(f"advantage estimator {name!r} needs `{key}`: {need}")
-        if tuple(x.shape) != shapes[key]:
+        if tuple(x.shape)[: 1 if key == "subgroups" else None] != shapes.get(key, (n,)):
             raise ValueError(f"`{key}` has shape {tuple(x.shape)}; {name!r} needs {need}")
         out[key] = x
     return out
@@ -299,6 +307,7 @@ def compute_advantages(
     components: Tensor | None = None,
     weights: Tensor | None = None,
     multi_objective: str = "sum_then_normalize",
+    subgroups: Tensor | None = None,
     **options: Any,
 ) -> tuple[Tensor, Tensor]:
     """(N,) rewards, NaN = failed -> ((N,) advantages, (N,) bool validity).
@@ -314,7 +323,8 @@ def compute_advantages(
             f"rewards of shape {tuple(rewards.shape)} do not split into groups of {group_size}"
         )
     _choice("multi_objective", multi_objective, MULTI_OBJECTIVE)
-    inputs = _inputs(name, n, group_size, {"lengths": lengths, "baseline": baseline})
+    given = {"lengths": lengths, "baseline": baseline, "subgroups": subgroups}
+    inputs = _inputs(name, n, group_size, given)
     if multi_objective == "normalize_then_sum":
         _check_gdpo(name, components, weights, n, options)
         assert components is not None and weights is not None  # _check_gdpo refuses None

@@ -64,9 +64,12 @@ def token_objective(
     entropy: Tensor | None = None,
     top_entropy_quantile: float = 1.0,
     generator: torch.Generator | None = None,
+    loss_weight: Tensor | None = None,
+    kl_weight: Tensor | None = None,
 ) -> TokenTerms:
     """(N, T) log-probs of policy / old / reference / sampler, (N,) or (N, T) advantages, (N, T)
-    mask -> the per-token objective. Options switched off cost nothing."""
+    mask -> the per-token objective. Options switched off cost nothing. `loss_weight` /
+    `kl_weight` (N, T) scale each token's policy term / KL term (typed spans)."""
     loss_args = dict(loss_args or {})
     keep = mask.to(logp.dtype)
     if top_entropy_quantile < 1.0:
@@ -95,11 +98,13 @@ def token_objective(
         logp, old_logp, adv, mask, **loss_args, **{k: v for k, v in inputs.items() if k in takes}
     )
     out = policy.loss * keep
+    if loss_weight is not None:
+        out = out * loss_weight
     kl_tok = None
     if ref_logp is not None and beta > 0:
         kl_tok = KL[kl](logp, ref_logp, **dict(kl_args or {}))
         if kl_bias_correction:  # DeepSeek-V3.2 §2: E_old[r·k3] is unbiased for KL(π || ref)
             level = ratio_level(loss, loss_args)
             kl_tok = bias_corrected_kl(kl_tok, logp, old_logp, mask, ratio_level=level)
-        out = out + beta * kl_tok
+        out = out + beta * (kl_tok if kl_weight is None else kl_tok * kl_weight)
     return TokenTerms(out, policy, kl_tok, keep, entropy_keep, is_weight)

@@ -17,6 +17,108 @@ NEG_INF = float("-inf")
 
 
 @dataclass(frozen=True)
+class TreeParams:
+    """Tree sampling (`[sampling.tree]`, generation/tree.py): each prompt's G completions are the
+    leaves of trees whose nodes are token segments; a segment's children continue from its KV
+    cache rows, so siblings share their prefix (TGTS / TreePO arXiv 2508.17445)."""
+
+    branching: int = 1
+    """Children per fork (1 = off: G independent samples)."""
+    depth: int = 0
+    """Forks from root to leaf; G / branching**depth roots per prompt (must divide)."""
+    segment_tokens: int = 0
+    """Fork after this many tokens of a segment (0 = only at separators)."""
+    separator_ids: tuple[int, ...] = ()
+    """Fork right after sampling one of these tokens (e.g. a newline), if before segment_tokens."""
+    fork_entropy: float = 0.0
+    """Fork before drawing a token whose sampling distribution has entropy (nats) above this,
+    so the children differ at the uncertain token (TreePO's heuristic branching; 0 = off)."""
+
+    def __post_init__(self) -> None:
+        if self.branching < 1 or self.depth < 0 or self.segment_tokens < 0 or self.fork_entropy < 0:
+            raise ValueError(
+                f"sampling.tree: branching={self.branching} must be >= 1, depth={self.depth} "
+                f", segment_tokens={self.segment_tokens} and fork_entropy={self.fork_entropy} >= 0"
+            )
+        if self.enabled and not (self.segment_tokens or self.separator_ids or self.fork_entropy):
+            raise ValueError(
+                "sampling.tree: branching > 1 and depth > 0 need a fork rule: set "
+                "segment_tokens (fork every N tokens), separator_ids (fork after those tokens) "
+                "or fork_entropy (fork before an uncertain token)"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self.branching > 1 and self.depth > 0
+
+    def fills(self, group_size: int) -> bool:
+        """Whether tree sampling is on and makes exactly `group_size` leaves per prompt."""
+        return self.enabled and group_size % self.branching**self.depth == 0
+
+    def roots(self, group_size: int) -> int:
+        """Root segments per prompt; raises when the leaves cannot number exactly group_size."""
+        leaves = self.branching**self.depth
+        if group_size % leaves:
+            raise ValueError(
+                f"sampling.tree: branching={self.branching}, depth={self.depth} give "
+                f"{leaves} leaves per root, which does not divide group_size={group_size}; "
+                "choose them so that branching**depth divides the group size"
+            )
+        return group_size // leaves
+
+
+@dataclass(frozen=True)
+class Span:
+    """One span type of a completion."""
+
+    name: str
+    length: int = 0
+    """Fixed number of tokens (0 = until `close_token`)."""
+    close_token: int | None = None
+    """Token that ends the span (it belongs to the span); always allowed inside it."""
+    allowed_ranges: tuple[tuple[int, int], ...] = ()
+    """Half-open token-id ranges that may be sampled in this span (empty = all)."""
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    loss_weight: float = 1.0
+    """Weight of this span's tokens in the policy loss."""
+    kl_weight: float = 1.0
+    """Weight of this span's tokens in the KL term."""
+
+    def __post_init__(self) -> None:
+        if (self.length > 0) == (self.close_token is not None):
+            raise ValueError(f"span {self.name!r}: give exactly one of length > 0 or close_token")
+
+    def params(self, base: SamplingParams) -> SamplingParams:
+        """The sampling transform of this span (its filters on the run's other settings)."""
+        ranges = self.allowed_ranges
+        if ranges and self.close_token is not None:
+            ranges = (*ranges, (self.close_token, self.close_token + 1))
+        return replace(
+            base, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+            allowed_ranges=ranges, position_ranges=(), min_new_tokens=0, tree=TreeParams(), spans=(),
+        )  # fmt: skip
+
+
+def as_span(x: Span | dict) -> Span:
+    """A `[[sampling.spans]]` table -> Span (range lists become tuples)."""
+    if isinstance(x, Span):
+        return x
+    if not isinstance(x, dict):
+        raise ValueError(
+            f"sampling.spans holds tables (name, length | close_token, ...), got {x!r}"
+        )
+    kw = dict(x)
+    kw["allowed_ranges"] = tuple(tuple(r) for r in kw.get("allowed_ranges", ()))
+    try:
+        return Span(**kw)
+    except TypeError as e:
+        fields = ", ".join(Span.__dataclass_fields__)
+        raise ValueError(f"sampling.spans: {e}; a span takes {fields}") from None
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """How completions are sampled (and how their log-probs are recomputed for training).
 
@@ -54,6 +156,10 @@ class SamplingParams:
     """Apply top-k/top-p/min-p when recomputing log-probs, so training sees the sampled
     distribution exactly; False trains on the temperature-only distribution (TRL's choice) and
     leaves the gap to importance-sampling correction."""
+    tree: TreeParams = TreeParams()
+    """Tree sampling of each group (off by default); see TreeParams."""
+    spans: tuple[Span, ...] = ()
+    """Typed spans of a completion, in order (generation/spans.py); empty = one plain span."""
 
     def __post_init__(self) -> None:
         for r in self.allowed_ranges:
@@ -64,6 +170,8 @@ class SamplingParams:
                 )
             if not all(isinstance(v, int) and not isinstance(v, bool) for v in r):
                 raise ValueError(f"allowed_ranges: {r!r} must hold two integer token ids")
+        if any(not isinstance(x, Span) for x in self.spans):  # [[sampling.spans]] tables
+            object.__setattr__(self, "spans", tuple(map(as_span, self.spans)))
         checks = [
             (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
             (

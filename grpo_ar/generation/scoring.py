@@ -29,6 +29,7 @@ from ..types import Rollout
 from .model_call import cache_kwarg, forward, positions, stack_cfg
 from .packing import gather_rest, packed_rest, packing_ok
 from .params import SamplingParams, allowed_mask, cfg_combine, mask_logits, position_masks
+from .tree_scoring import tree_rest
 
 _SPLIT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -90,12 +91,14 @@ def completion_outputs(
     share: bool,
     hidden: bool,
     pack: bool = False,
+    tree: Tensor | None = None,
 ) -> Tensor:
     """(P, L) prompts, (n,) prompt row per sample, (n, T) completions -> (n, T, X) outputs at
     the positions predicting each completion token: hidden states (X = H) of a body when
     `hidden`, else logits (X = V) of the whole model. With `share` and `pack` the completions
     run packed after the prompt cache (`generation.packing`; outputs past a completion's end are
-    then 0 instead of the padded pass's values there)."""
+    then 0 instead of the padded pass's values there). `tree` (n, T): the segment of each token
+    of a tree rollout; packed, each shared token then runs once (`generation.tree_scoring`)."""
     t = comp.shape[1]
     keep = 0 if hidden else 1
     if not share:  # one pass over full sequences, the prompt repeated per sample
@@ -114,7 +117,11 @@ def completion_outputs(
         def run(tok: Tensor, mask4: Tensor, pos: Tensor, kv: Any) -> Tensor:
             return _out(forward(net, tok, mask4, pos, kv, keep=0), hidden)
 
-        packed = packed_rest(net, cache, mask, idx, comp, comp_mask, run)
+        packed = (
+            packed_rest(net, cache, mask, idx, comp, comp_mask, run)
+            if tree is None
+            else tree_rest(net, cache, mask, idx, comp, comp_mask, tree, run)
+        )
         if packed is not None:
             return gather_rest(first[idx], *packed)
     cache.batch_select_indices(idx)  # differentiable gather of the prompts' keys and values
@@ -159,7 +166,8 @@ def token_logprobs(
     hidden = split is not None
     if pack is None:
         pack = share and packing_ok(net, lambda m: _packing_matches(m, hidden))
-    out = completion_outputs(net, ids, mask, idx2, comp2, cmask2, share, hidden, pack)
+    tree = None if params.uses_cfg else rollout.data.get("tree_segments")  # tree sampling's
+    out = completion_outputs(net, ids, mask, idx2, comp2, cmask2, share, hidden, pack, tree)
     if params.uses_cfg:  # linear head: CFG on hidden states equals CFG on logits
         out = cfg_combine(out[: len(comp)], out[len(comp) :], params.cfg_scale, detach_uncond)
     m = comp_mask.bool()

@@ -1,12 +1,13 @@
 """Rewards: the registry, the batch computer, rule-based text rewards, the LLM judge, image
 rewards (CLIP aesthetic / CLIP score / an offline aesthetic proxy) and video rewards (temporal
-consistency, motion, per-frame image rewards, CLIP video score).
+consistency, motion, per-frame image rewards, CLIP video score) and group-level rewards (group
+entropy, distinct-n, pairwise distance; `group_reward` for your own).
 
 Importing this package registers every reward here; none of them imports transformers,
 diffusers or image libraries until a judge or CLIP model is loaded.
 """
 
-from . import image, judge, text, video
+from . import group, image, judge, text, video
 from .base import (
     REWARDS,
     RewardComputer,
@@ -24,6 +25,7 @@ from .base import (
     reward_metrics,
     validate_specs,
 )
+from .group import group_reward
 from .judge import LLMJudge
 from .pixels import images_to_tensor
 from .text import (
@@ -50,6 +52,8 @@ __all__ = [
     "extract_answer",
     "extract_number",
     "find_numbers",
+    "group",
+    "group_reward",
     "image",
     "images_to_tensor",
     "judge",

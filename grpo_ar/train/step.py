@@ -130,6 +130,8 @@ def token_terms(
         entropy=ent,
         top_entropy_quantile=a.top_entropy_quantile,
         generator=generator,
+        loss_weight=mb.data.get("span_loss_weight"),  # typed spans (generation/spans.py)
+        kl_weight=mb.data.get("span_kl_weight"),
     )
 
 

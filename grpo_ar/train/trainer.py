@@ -193,6 +193,8 @@ class Trainer:
             out["weights"] = result.weights.to(self.device)
         if "lengths" in takes:
             out["lengths"] = rollout.lengths.to(self.device)
+        if "subgroups" in takes and "tree_subgroups" in rollout.data:  # tree sampling's
+            out["subgroups"] = rollout.data["tree_subgroups"].to(self.device)
         if "baseline" in takes:  # ReMax: the greedy completion's reward is the baseline
             greedy = lambda p: self._rollout(p, 1, stats, greedy=True)  # noqa: E731
             _, base = self.dist.scored(prompts, greedy, self._pad())

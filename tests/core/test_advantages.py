@@ -20,6 +20,7 @@ def inputs(name, rewards, g):
     given = {
         "lengths": torch.arange(rewards.numel()) % 5 + 1,
         "baseline": rewards.reshape(-1, g)[:, 0].clone(),
+        "subgroups": None,  # optional (treepo); a tree's are tested in test_tree_advantages
     }
     return {k: given[k] for k in ADVANTAGES.takes(name)}
 
