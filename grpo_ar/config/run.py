@@ -282,6 +282,13 @@ class Config:
         name = self.model.adapter
         return getattr(self, name) if name in _FIELDS else self.adapter_config
 
+    def __post_init__(self) -> None:
+        if self.sampling.tree.enabled:  # the trees must make exactly group_size leaves
+            try:
+                self.sampling.tree.roots(self.algorithm.group_size)
+            except ValueError as e:
+                raise ConfigError(f"{e} (algorithm.group_size)") from None
+
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(Config) if f.name != "adapter_config")
 
@@ -307,13 +314,6 @@ def _build_config(raw: Any) -> Config:
         raise ConfigError(f"unknown key {key}{other}; valid keys: {valid}")
     section = _build(spec.config_cls, raw.pop(own, {}), own) if own else None
     return dataclasses.replace(_build(Config, raw, ""), model=model, adapter_config=section)
-
-    def __post_init__(self) -> None:
-        if self.sampling.tree.enabled:  # the trees must make exactly group_size leaves
-            try:
-                self.sampling.tree.roots(self.algorithm.group_size)
-            except ValueError as e:
-                raise ConfigError(f"{e} (algorithm.group_size)") from None
 
 
 def _build(cls: type, raw: Any, where: str) -> Any:
