@@ -26,6 +26,7 @@ from ..finetune.base import FinetuneConfig
 from ..generation.params import SamplingParams
 from .algorithm import AlgorithmConfig
 from .modality import ImageConfig, VideoConfig
+from .rollout import RolloutConfig
 
 
 class _Loader(yaml.SafeLoader):
@@ -208,6 +209,7 @@ class Config:
     image: ImageConfig = field(default_factory=ImageConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
 
 
 def _build(cls: type, raw: Any, where: str) -> Any:

@@ -23,6 +23,7 @@ from ..core import ADVANTAGES, AGGREGATIONS, compute_advantages
 from ..core.corrections import entropy_bonus
 from ..finetune import build_finetune
 from ..finetune.base import Finetune
+from ..generation.backends import build_backend, record_sampler_gap, with_rollout_defaults
 from ..io.data import PromptSampler
 from ..io.run_files import append_metrics, append_samples, progress
 from ..parallel import build_parallel
@@ -65,6 +66,7 @@ class Trainer:
         finetune: Finetune | None = None,
         parallel: Parallel | None = None,
     ) -> None:
+        config = with_rollout_defaults(config)  # e.g. IS correction for a bf16 engine
         t, a = config.trainer, config.algorithm
         if t.threads:
             torch.set_num_threads(t.threads)
@@ -101,11 +103,17 @@ class Trainer:
         self.bonus_on = a.entropy_coef > 0 or a.entropy_target is not None
         self.run_dir = Path(config.log.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        # the rollout engine (grpo_ar/generation/backends.py), refused here if it cannot sample
+        # what config.sampling asks for
+        self.backend = build_backend(config.rollout, adapter, self.model, finetune, config)
 
     # -- one GRPO step ---------------------------------------------------------------------
     def generate(self, entries: Sequence[Entry], stats: StepStats) -> Rollout:
         """Sample groups, decode, score; returns the rollout with advantages in `data`."""
         a = self.cfg.algorithm
+        if self.backend.name != "builtin":  # the engine samples from the current policy
+            with stats.timer("weight_sync"):
+                self.backend.sync(self.model, self.updates)
         rollout, result = self._sample_and_score(entries, stats)
         if a.dynamic_sampling:
             rollout, result = self._dynamic_sampling(rollout, result, stats)
@@ -139,7 +147,8 @@ class Trainer:
 
     def _rollout(self, prompts: Any, g: int, stats: StepStats, greedy: bool = False) -> tuple:
         with stats.timer("sample"), self.dist.sampling() as net:
-            rollout = self.adapter.sample(net, prompts, g, generator=self.generator, greedy=greedy)
+            gen = self.generator
+            rollout = self.backend.generate(net, prompts, g, generator=gen, greedy=greedy)
         with stats.timer("reward"):
             outputs = self.adapter.decode(rollout)
             result = self.rewards(outputs, self._reward_context(rollout, g))
@@ -233,6 +242,8 @@ class Trainer:
         a = self.cfg.algorithm
         if it == 0:
             mb.data["old_logp"] = logp.detach()
+            if self.backend.name != "builtin":
+                record_sampler_gap(stats, logp, mb.sampling_logp, mb.data["loss_mask"])
         mask = mb.data["loss_mask"]
         terms = token_terms(a, mb, logp, ent, mask, self.generator)
         loss = AGGREGATIONS[a.aggregation](terms.loss, mask, *totals)
