@@ -23,7 +23,12 @@ from ..core import ADVANTAGES, AGGREGATIONS, compute_advantages
 from ..core.corrections import entropy_bonus
 from ..finetune import build_finetune
 from ..finetune.base import Finetune
-from ..generation.backends import build_backend, record_sampler_gap, with_rollout_defaults
+from ..generation.backends import (
+    RolloutBackend,
+    build_backend,
+    record_sampler_gap,
+    with_rollout_defaults,
+)
 from ..io.data import PromptSampler
 from ..io.run_files import append_metrics, append_samples, progress
 from ..parallel import build_parallel
@@ -52,7 +57,8 @@ class Trainer:
     What is trained follows `config.finetune` (the whole model, a peft adapter or a LyCORIS
     network; grpo_ar/finetune/base.py) unless a built `finetune` is passed; `reference` overrides the
     KL reference it brings (a frozen copy, or the same model with the adapter off). Data
-    parallelism follows `config.trainer.strategy` unless a `parallel` is passed."""
+    parallelism follows `config.trainer.strategy` unless a `parallel` is passed; rollouts come
+    from `config.rollout`'s backend unless a built `backend` is passed."""
 
     def __init__(
         self,
@@ -65,6 +71,7 @@ class Trainer:
         reference: Any | None = None,
         finetune: Finetune | None = None,
         parallel: Parallel | None = None,
+        backend: RolloutBackend | None = None,
     ) -> None:
         config = with_rollout_defaults(config)  # e.g. IS correction for a bf16 engine
         t, a = config.trainer, config.algorithm
@@ -105,7 +112,11 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # the rollout engine (grpo_ar/generation/backends.py), refused here if it cannot sample
         # what config.sampling asks for
-        self.backend = build_backend(config.rollout, adapter, self.model, finetune, config)
+        if backend is None:
+            backend = build_backend(config.rollout, adapter, self.model, finetune, config)
+        else:
+            backend.check(getattr(adapter, "sampling", config.sampling))
+        self.backend = backend
 
     # -- one GRPO step ---------------------------------------------------------------------
     def generate(self, entries: Sequence[Entry], stats: StepStats) -> Rollout:
