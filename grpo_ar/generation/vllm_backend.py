@@ -23,7 +23,7 @@ from ..errors import ConfigError
 from ..types import PromptBatch, Rollout
 from .params import SamplingParams
 from .sampler import finish_rollout
-from .vllm_engine import Engine, EngineSpec, request_params
+from .vllm_engine import SIGNATURE_KEYS, Engine, EngineSpec, request_params
 
 
 def check_sampling(params: SamplingParams) -> None:
@@ -48,9 +48,7 @@ def check_sampling(params: SamplingParams) -> None:
 
 def model_signature(model: Any) -> dict[str, Any]:
     """What identifies a model's shape (compared with the server's to refuse another model)."""
-    c = model.config
-    keys = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
-    return {k: getattr(c, k, None) for k in keys}
+    return {k: getattr(model.config, k, None) for k in SIGNATURE_KEYS}
 
 
 def base_module(model: Any) -> Any:

@@ -21,6 +21,15 @@ import torch
 
 from .params import SamplingParams
 
+# config fields that identify a model's shape: a server on another model is refused
+SIGNATURE_KEYS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+)
+
 
 @dataclass(frozen=True)
 class EngineSpec:
