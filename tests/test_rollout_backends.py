@@ -101,7 +101,8 @@ def test_rollout_config_is_validated_before_anything_loads():
         ("rollout.timeout_s=0", "rollout.timeout_s"),
         ("rollout.dtype=int8", "rollout.dtype='int8'"),
         ("rollout.max_num_seqs=0", "max_num_seqs"),
-        ("rollout.async_steps=1", "rollout.async_steps = 0"),
+        ("rollout.async_steps=2", "use 0 .on-policy. or 1"),
+        ("rollout.async_steps=1", 'needs rollout.backend = "vllm"'),
         ("rollout.enginez=1", "unknown key rollout.enginez"),
     ]:
         with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace("*", r"\*")):
@@ -154,6 +155,8 @@ def test_bf16_engine_turns_the_is_correction_on_by_default():
         ],
     )
     assert with_rollout_defaults(chosen) is chosen  # the user's choice stands
+    stale = load_config(None, ["rollout.backend=vllm", "rollout.async_steps=1"])
+    assert with_rollout_defaults(stale).algorithm.is_correction == "token_truncate"
     for same in (["rollout.backend=vllm"], ["rollout.dtype=bfloat16"]):  # fp32 engine; builtin
         cfg = load_config(None, same)
         assert with_rollout_defaults(cfg).algorithm.is_correction is None

@@ -42,7 +42,8 @@ class RolloutConfig:
     max_model_len: int = 0
     """Prompt + completion tokens per sequence (0: the model's limit)."""
     async_steps: int = 0
-    """0: every rollout comes from the current policy (as today); 1 is not implemented yet."""
+    """0: every rollout comes from the current policy (as today); 1: step k+1's rollout is
+    sampled while step k trains (one step stale, IS-corrected; vllm backend, one process)."""
 
     def engine_dtype(self, model_dtype: str) -> str:
         """The engine's dtype name: `dtype`, or the trainer's `model_dtype` with auto."""
@@ -68,7 +69,11 @@ class RolloutConfig:
         need(self.max_num_seqs >= 1, f"rollout.max_num_seqs={self.max_num_seqs}: need >= 1")
         need(self.max_model_len >= 0, f"rollout.max_model_len={self.max_model_len}: need >= 0")
         need(
-            self.async_steps == 0,
-            f"rollout.async_steps={self.async_steps}: only 0 (on-policy rollouts) is "
-            "implemented; set rollout.async_steps = 0",
+            self.async_steps in (0, 1),
+            f"rollout.async_steps={self.async_steps}: use 0 (on-policy) or 1 (one step ahead)",
+        )
+        need(
+            self.async_steps == 0 or self.backend == "vllm",
+            'rollout.async_steps = 1 needs rollout.backend = "vllm": the built-in sampler '
+            "samples with the module being trained",
         )

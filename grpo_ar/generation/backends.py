@@ -98,6 +98,10 @@ def build_backend(rcfg: Any, adapter: Any, model: Any, finetune: Any, cfg: Any) 
     """The configured backend, its capability check passed against the adapter's sampling."""
     factory: Callable[..., RolloutBackend] = BACKENDS[rcfg.backend]
     backend = factory(rcfg, adapter, model, finetune, cfg)
+    if rcfg.async_steps:
+        from .async_backend import OneStepAhead
+
+        backend = OneStepAhead(backend)
     backend.check(getattr(adapter, "sampling", cfg.sampling))
     return backend
 
@@ -105,13 +109,14 @@ def build_backend(rcfg: Any, adapter: Any, model: Any, finetune: Any, cfg: Any) 
 def with_rollout_defaults(cfg: Any) -> Any:
     """`cfg` with what the backend implies: an engine whose dtype differs from the trainer's
     samples from another distribution (bf16 vs fp32: mean |Δlogp| 0.036, max 0.37 on SmolLM2),
-    so the sampler IS correction is on (TRL's default, token_truncate with c_max 3) unless
+    and so does a one-step-async rollout (sampled by the previous policy): the sampler IS
+    correction is on (TRL's default, token_truncate with c_max 3) unless
     `algorithm.is_correction` says otherwise."""
     r, a = cfg.rollout, cfg.algorithm
     if r.backend == "builtin" or a.is_correction is not None:
         return cfg
-    if r.engine_dtype(cfg.model.dtype) == cfg.model.dtype:
-        return cfg
+    if r.engine_dtype(cfg.model.dtype) == cfg.model.dtype and r.async_steps == 0:
+        return cfg  # same dtype, same policy: nothing to correct
     algo = replace(a, is_correction="token_truncate", is_correction_args={"c_max": 3.0})
     return replace(cfg, algorithm=algo)
 

@@ -26,6 +26,12 @@ from .sampler import finish_rollout
 from .vllm_engine import SIGNATURE_KEYS, Engine, EngineSpec, request_params
 
 
+def draw_seed(generator: torch.Generator | None) -> int:
+    """The engine's request seed, one draw from the trainer's generator (seeded per step)."""
+    device = None if generator is None else generator.device
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device))
+
+
 def check_sampling(params: SamplingParams) -> None:
     """Refuse, before anything loads, what vLLM cannot sample as grpo_ar defines it."""
     if params.uses_cfg:
@@ -109,8 +115,13 @@ class VllmBackend:
         generator: torch.Generator | None = None,
         greedy: bool = False,
     ) -> Rollout:
+        return self.generate_seeded(prompts, group_size, draw_seed(generator), greedy)
+
+    def generate_seeded(
+        self, prompts: PromptBatch, group_size: int, seed: int, greedy: bool = False
+    ) -> Rollout:
+        """`generate` with the engine seed given (what a prefetch for a later step uses)."""
         p = self.params
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
         rows = [
             ids[m.bool()].tolist()
             for ids, m in zip(prompts.input_ids.cpu(), prompts.attention_mask.cpu())

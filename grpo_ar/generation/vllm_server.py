@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import pickle
+import subprocess
 import tempfile
 import threading
 import time
@@ -156,6 +157,30 @@ class ServerClient:
 
     def close(self) -> None:
         self.conn.close()
+
+
+def spawn_server(
+    python: str,
+    model_dir: str,
+    port: int,
+    log_path: str,
+    args: tuple[str, ...] = (),
+    wait_s: float = 600,
+) -> tuple[subprocess.Popen, float]:
+    """Start `grpo-ar vllm-serve` with interpreter `python` (e.g. .venv-vllm/bin/python), its
+    output in `log_path`; returns (process, seconds until it listened)."""
+    cmd = [python, "-m", "grpo_ar.cli", "vllm-serve", model_dir, "--port", str(port), *args]
+    with open(log_path, "w") as out:  # a file, not a pipe: a full pipe would block the server
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    start = time.perf_counter()
+    while "ready on" not in Path(log_path).read_text():
+        if proc.poll() is not None:
+            raise RuntimeError(f"vllm-serve exited before it was ready; its log: {log_path}")
+        if time.perf_counter() - start > wait_s:
+            proc.kill()
+            raise RuntimeError(f"vllm-serve not ready after {wait_s:g} s; its log: {log_path}")
+        time.sleep(0.5)
+    return proc, time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> int:

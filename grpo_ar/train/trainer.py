@@ -21,6 +21,7 @@ from torch import Tensor
 from ..config.run import Config, save_config
 from ..core import ADVANTAGES, AGGREGATIONS, compute_advantages
 from ..core.corrections import entropy_bonus
+from ..errors import ConfigError
 from ..finetune import build_finetune
 from ..finetune.base import Finetune
 from ..generation.backends import (
@@ -117,6 +118,10 @@ class Trainer:
         else:
             backend.check(getattr(adapter, "sampling", config.sampling))
         self.backend = backend
+        if config.rollout.async_steps and self.dist.active:
+            raise ConfigError(
+                "rollout.async_steps = 1 runs in one process; set it to 0 under torchrun"
+            )
 
     # -- one GRPO step ---------------------------------------------------------------------
     def generate(self, entries: Sequence[Entry], stats: StepStats) -> Rollout:
@@ -314,6 +319,10 @@ class Trainer:
         stats = StepStats()
         start = time.perf_counter()
         rollout = self.generate(self.prompts.next_batch(), stats)
+        if self.cfg.rollout.async_steps:  # the next step's rollout samples while this one trains
+            seed = derive_seed(self.cfg.trainer.seed, self.step + 1, 0)
+            g = self.cfg.algorithm.group_size
+            self.backend.prefetch_next(self.adapter, self.prompts, self.device, seed, g)
         self.update(rollout, stats)
         return self.finish_step(rollout, stats, start)
 
