@@ -80,3 +80,39 @@ def test_bf16_engine_turns_is_correction_on_and_logs_the_gap(tiny_dir, tmp_path)
         assert 0 < lo < 1 < hi and lo <= mid <= hi
         assert 0 < h["is_weight"] <= 3.0  # the truncated IS weight was applied
     assert torch.isfinite(torch.tensor(hist[-1]["loss"]))
+
+
+def test_one_step_async_learns_with_stale_rollouts(engine, tmp_path):
+    """async_steps = 1: each rollout after the first was sampled from the weights one step
+    older (its policy_version), the IS correction is on, and the run still learns."""
+    from grpo_ar.generation.async_backend import OneStepAhead
+
+    over = [
+        "trainer.steps=30",
+        "algorithm.grpo_iters=2",
+        "trainer.iterations=3",
+        "rollout.backend=vllm",
+        "rollout.async_steps=1",
+    ]
+    tr = _trainer(tmp_path, over, backend=lambda a: OneStepAhead(VllmBackend(engine, a.sampling)))
+    assert tr.cfg.algorithm.is_correction == "token_truncate"
+    versions = []
+    step = tr.train_step
+
+    def recording_step():
+        before = tr.updates
+        out = step()
+        versions.append((before, tr.last_rollout.extras["policy_version"]))
+        return out
+
+    tr.train_step = recording_step
+    hist = tr.train()
+    assert versions[0] == (0, 0)  # nothing to prefetch before the first step
+    assert all(v == before - 2 for before, v in versions[1:])  # one step (2 updates) behind
+    assert tr.backend.ahead_s > 0
+    first = sum(h["reward/mean"] for h in hist[:5]) / 5
+    last = sum(h["reward/mean"] for h in hist[-5:]) / 5
+    assert last > first + 0.3, (first, last)
+    # stale rollouts: the trainer's first-pass log-probs differ from the sampler's
+    assert max(h["sampling/logp_diff/max"] for h in hist[1:]) > 1e-3
+    assert all(0 < h["is_weight"] <= 3.0 for h in hist)
