@@ -1,9 +1,12 @@
 """One in-process vLLM engine per test session (start-up ~30-60 s on 2 CPU cores), on a tiny
-random Llama saved to disk. vLLM's CPU attention needs head_dim >= 32: hidden 64, 2 heads."""
+random Llama saved to disk; never a second one in this process (vLLM's parallel state is
+process-global): other engines run as `grpo-ar vllm-serve` servers. vLLM's CPU attention needs
+head_dim >= 32: hidden 64, 2 heads."""
 
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 import torch
@@ -51,3 +54,9 @@ def engine(tiny_dir):
     eng = Engine(EngineSpec(tiny_dir, dtype="float32", max_model_len=256, kv_cache_gb=1))
     yield eng
     eng.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -87,3 +87,28 @@ def test_same_seed_same_rollout(engine):
     c = backend.generate(model, prompts, 4, generator=torch.Generator().manual_seed(6))
     assert torch.equal(a.completion_ids, b.completion_ids)
     assert not torch.equal(a.completion_ids, c.completion_ids)
+
+
+def test_peft_adapter_is_pushed_merged(engine):
+    """A peft LoRA run pushes base + adapter merged: the engine samples the adapted policy."""
+    from grpo_ar.finetune import build_finetune
+    from grpo_ar.finetune.base import FinetuneConfig
+
+    tok = char_tokenizer()
+    params = SamplingParams(max_new_tokens=10, temperature=1.0)
+    ft = build_finetune(tiny_vllm_llama(len(tok)), FinetuneConfig(method="peft"), False, seed=0)
+    with torch.no_grad():  # LoRA's B starts at zero: move it so the adapter changes outputs
+        for name, p in ft.trainable().items():
+            p.copy_(torch.randn_like(p) * (0.5 if "lora_B" in name else 1.0))
+    adapter = TextAdapter(tok, params)
+    backend = VllmBackend(engine, adapter.sampling, finetune=ft)
+    backend.sync(ft.model, 300)
+    prompts = adapter.encode(load_rows([{"prompt": p, "rewards": "x"} for p in PROMPTS]))
+    rollout = backend.generate(ft.model, prompts, 4, generator=torch.Generator().manual_seed(2))
+    mask = rollout.completion_mask.bool()
+    with torch.no_grad():
+        logp, _ = token_logprobs(ft.model, rollout, adapter.sampling)
+        with ft.adapter_off():
+            base, _ = token_logprobs(ft.model, rollout, adapter.sampling)
+    assert float((logp - rollout.sampling_logp).abs()[mask].max()) <= 1e-4
+    assert float((base - rollout.sampling_logp).abs()[mask].mean()) > 0.1  # not the base

@@ -3,14 +3,13 @@ memory take effect, and a wrong model, a missing or a dead server fail with one 
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
-from conftest import tiny_vllm_llama
+from conftest import free_port, tiny_vllm_llama
 
 from grpo_ar.adapters.text import TextAdapter
 from grpo_ar.config import ConfigError
@@ -22,15 +21,9 @@ from grpo_ar.io.data import load_rows
 from tiny import char_tokenizer
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_dir, tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "grpo_ar.cli", "vllm-serve", tiny_dir, "--port", str(port)]
     cmd += ["--kv-cache-gb", "1", "--max-model-len", "256"]
     log = tmp_path_factory.mktemp("server") / "log.txt"
@@ -85,7 +78,7 @@ def test_server_refuses_another_model_and_dtype(server):
 
 def test_missing_then_dead_server_fail_clearly(server):
     with pytest.raises(ConfigError, match="no vllm server at 127.0.0.1:.*vllm-serve"):
-        ServerClient("127.0.0.1", _free_port(), timeout_s=5)
+        ServerClient("127.0.0.1", free_port(), timeout_s=5)
     proc, port = server
     client = ServerClient("127.0.0.1", port, timeout_s=60)
     proc.kill()

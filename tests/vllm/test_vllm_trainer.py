@@ -1,15 +1,19 @@
 """GRPO runs whose rollouts come from the real vLLM engine: weights pushed after every
-optimizer step (the run learns), and a bf16 engine under an fp32 trainer turns the IS
-correction on and logs the sampler/trainer gap."""
+optimizer step (the run learns, also one step async), and a bf16 engine (a server) under an
+fp32 trainer turns the IS correction on and logs the sampler/trainer gap."""
 
 from __future__ import annotations
 
+import sys
+
+import pytest
 import torch
-from conftest import tiny_vllm_llama
+from conftest import free_port, tiny_vllm_llama
 
 from grpo_ar.adapters.text import TextAdapter
 from grpo_ar.config import load_config
 from grpo_ar.generation.vllm_backend import VllmBackend
+from grpo_ar.generation.vllm_server import spawn_server
 from grpo_ar.io.data import load_rows
 from grpo_ar.rewards import REWARDS, per_sample, register_reward
 from grpo_ar.train.trainer import Trainer
@@ -59,19 +63,33 @@ def test_grpo_with_vllm_rollouts_learns(engine, tmp_path):
     assert tr.cfg.algorithm.is_correction is None
 
 
-def test_bf16_engine_turns_is_correction_on_and_logs_the_gap(tiny_dir, tmp_path):
+@pytest.fixture(scope="module")
+def bf16_server(tiny_dir, tmp_path_factory):
+    """A bf16 engine in a server process: a second engine in this process would share (and on
+    teardown break) vLLM's process-global parallel state with the session's engine."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("bf16_server") / "log.txt"
+    args = ("--dtype", "bfloat16", "--kv-cache-gb", "1", "--max-model-len", "256")
+    proc, _ = spawn_server(sys.executable, tiny_dir, port, str(log), args)
+    yield port
+    proc.kill()
+    proc.wait()
+
+
+def test_bf16_server_turns_is_correction_on_and_logs_the_gap(bf16_server, tmp_path):
+    """A GRPO run in server mode with a bf16 engine under the fp32 trainer."""
     over = [
         "trainer.steps=2",
         "rollout.backend=vllm",
+        "rollout.vllm_mode=server",
+        f"rollout.port={bf16_server}",
         "rollout.dtype=bfloat16",
-        f"rollout.model_dir={tiny_dir}",
-        "rollout.kv_cache_gb=1",
-        "rollout.max_model_len=256",
     ]
     tr = _trainer(tmp_path, over)
-    assert tr.backend.name == "vllm" and tr.backend.engine.spec.dtype == "bfloat16"
+    assert tr.backend.name == "vllm" and tr.backend.engine.health["dtype"] == "bfloat16"
     assert tr.cfg.algorithm.is_correction == "token_truncate"
     hist = tr.train()
+    assert tr.backend.engine.call("health")["version"] == tr.updates - 1
     for h in hist:
         # bf16 log-probs of a peaked tiny model differ from fp32 visibly, but not wildly
         assert 1e-3 < h["sampling/logp_diff/mean"] < 1.0
