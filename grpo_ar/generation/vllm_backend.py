@@ -91,7 +91,10 @@ def engine_model_dir(rcfg: Any, cfg: Any, model: Any, finetune: Any) -> str:
         return cfg.model.path
     out = Path(cfg.log.run_dir) / "vllm_model"
     if not (out / "config.json").exists():
-        base_module(model).save_pretrained(out)
+        if finetune is not None and hasattr(finetune, "trainable"):
+            finetune.export(out)  # an adapter run: a plain folder with the adapter merged
+        else:
+            model.save_pretrained(out)
     return str(out)
 
 
