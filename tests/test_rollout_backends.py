@@ -177,3 +177,27 @@ def test_sampler_gap_metrics_hand_computed():
     assert out["sampling/is_ratio/mean"] == pytest.approx(sum(ratios) / 4, abs=1e-6)
     assert out["sampling/is_ratio/min"] == pytest.approx(math.exp(-2.0), abs=1e-6)
     assert out["sampling/is_ratio/max"] == pytest.approx(math.exp(0.5), abs=1e-6)
+
+
+@pytest.mark.parametrize("method", ["full", "peft"])
+def test_engine_start_folder_is_a_plain_merged_model(tmp_path, method):
+    """Without model.path the engine starts from the trainer's model written once under the
+    run dir: a plain transformers folder (an adapter merged in), whose outputs are the policy's."""
+    from safetensors.torch import load_file
+
+    from grpo_ar.finetune import build_finetune
+    from grpo_ar.finetune.base import FinetuneConfig
+    from grpo_ar.generation.vllm_backend import engine_model_dir, policy_weights
+
+    tok = char_tokenizer()
+    ft = build_finetune(tiny_llama(len(tok)), FinetuneConfig(method=method), False, seed=0)
+    with torch.no_grad():
+        for p in (ft.trainable() if method == "peft" else {}).values():
+            p.add_(torch.randn_like(p))
+    cfg = load_config(None, [f"log.run_dir={tmp_path}", "rollout.backend=vllm"])
+    out = engine_model_dir(cfg.rollout, cfg, ft.model, ft)
+    saved = load_file(f"{out}/model.safetensors")
+    assert not [k for k in saved if "lora" in k or "base_layer" in k]
+    pushed = dict(policy_weights(ft.model, ft))
+    for k, v in saved.items():
+        assert torch.allclose(pushed[k], v, atol=1e-6, rtol=0), k
