@@ -5,7 +5,9 @@ to and including EOS; both stop a row at EOS and the whole batch when every row 
 Configs (the issue's): tiny Llama (hidden 256, 4 layers, char tokenizer), 4 prompts x 8,
 32 new tokens; SmolLM2-135M-Instruct, 2 chat prompts x 8, <= 64 new tokens. Temperature 1,
 top-p 0.95 (HF's default top-k 50 disabled). `ratio` = grpo_ar tokens/s / HF tokens/s (the
-alternative's time per token / grpo_ar's): higher is better. Prefill: the prompt pass alone,
+alternative's time per token / grpo_ar's): higher is better. `vllm_ratio` = the vLLM backend's
+tokens/s / grpo_ar's on SmolLM2 (4 prompts x 8 x 64 tokens, EOS not ending rows; needs
+.venv-vllm from `make vllm`, else NaN); `vllm_start_s` its engine start-up. Prefill: the prompt pass alone,
 each prompt once (shared) vs repeated G times; `prefill_ratio` = shared / repeated (ideal 1/G).
 `*_cpu_ratio`: HF's CPU seconds per call / grpo_ar's (with --threads 1, free of the time other
 jobs on a shared machine held the core). Both samplers draw tokens as `torch.multinomial` does
@@ -15,7 +17,12 @@ of tokens call by call, i.e. the same completions: the same work.
 
 from __future__ import annotations
 
+import os
+import socket
+import tempfile
 import time
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 from common import (
@@ -25,6 +32,7 @@ from common import (
     load,
     matmul_peak,
     median,
+    need_smollm2,
     parse_args,
     run_result,
     setup,
@@ -106,6 +114,54 @@ def bench(name: str, args) -> dict[str, float]:
             "hf_tps": median(tps["hf_generate"]), "cpu_ratio": cpu_ratio}  # fmt: skip
 
 
+VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
+
+
+def bench_vllm(args) -> dict[str, float]:
+    """SmolLM2, 4 chat prompts x 8, 64 new tokens with EOS not ending a row (the same 2,048
+    tokens a call for both): grpo_ar's sampler vs the vLLM backend (a `grpo-ar vllm-serve`
+    server in .venv-vllm, fp32, one thread), alternating; engine start-up timed apart."""
+    from grpo_ar.generation.vllm_backend import VllmBackend
+    from grpo_ar.generation.vllm_server import ServerClient, spawn_server
+
+    model, tok, prompts, g, max_new = setup("smol", 4)
+    adapter = TextAdapter(tok, SamplingParams(max_new_tokens=max_new, temperature=1.0))
+    adapter.sampling = replace(adapter.sampling, eos_token_ids=())  # fixed-length rows
+    pb = adapter.encode([Entry(p, ()) for p in prompts])
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    log = Path(tempfile.mkdtemp()) / "vllm-serve.log"
+    env = {"OMP_NUM_THREADS": str(args.threads or 1), "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    os.environ.update(env)  # the server inherits them
+    proc, start_s = spawn_server(str(VLLM_PYTHON), str(need_smollm2()), port, str(log))
+    try:
+        backend = VllmBackend(ServerClient("127.0.0.1", port, 600), adapter.sampling)
+        gen = torch.Generator().manual_seed(0)
+        counts: dict[str, list[int]] = {"grpo_ar": [], "vllm": []}
+
+        def run(name, fn):
+            return lambda: counts[name].append(int(fn(model, pb, g, generator=gen).lengths.sum()))
+
+        times = interleaved(
+            {"grpo_ar": run("grpo_ar", adapter.sample), "vllm": run("vllm", backend.generate)},
+            args.repeats,
+        )
+    finally:
+        proc.kill()
+        proc.wait()
+    tps = {k: [c / t for c, t in zip(counts[k][1:], times[k])] for k in times}
+    print(f"[smol vllm] {len(prompts)} prompts x {g}, {max_new} new tokens; load {load()}")
+    print(f"  vllm engine start-up {start_s:.1f} s (SmolLM2 fp32, server process)")
+    for k in times:
+        print(
+            f"  {k:8s} {median(tps[k]):8.1f} new tokens/s (s: {', '.join(f'{t:.2f}' for t in times[k])})"
+        )
+    ratio = median(tps["vllm"]) / median(tps["grpo_ar"])
+    print(f"  vllm_ratio (vLLM / grpo_ar tokens/s) {ratio:.2f}")
+    return {"ratio": ratio, "tps": median(tps["vllm"]), "start_s": start_s}
+
+
 def main() -> None:
     args = parse_args(__doc__, repeats=5, quick_repeats=3)
     header("bench_sampler", args)
@@ -114,6 +170,11 @@ def main() -> None:
     start = time.perf_counter()
     tiny = bench("tiny", args)
     smol = bench("smol", args)
+    vl = (
+        bench_vllm(args)
+        if VLLM_PYTHON.exists()
+        else {"ratio": float("nan"), "tps": float("nan"), "start_s": float("nan")}
+    )
     print(f"# {time.perf_counter() - start:.0f} s; load after: {load()}")
     run_result(
         args,
@@ -122,6 +183,9 @@ def main() -> None:
         prefill_ratio=smol["prefill"],
         tiny_cpu_ratio=tiny["cpu_ratio"],
         smol_cpu_ratio=smol["cpu_ratio"],
+        vllm_ratio=vl["ratio"],
+        vllm_tokens_per_s=vl["tps"],
+        vllm_start_s=vl["start_s"],
         tiny_prefill_ratio=tiny["prefill"],
         tiny_tokens_per_s=tiny["tps"],
         tiny_hf_tokens_per_s=tiny["hf_tps"],

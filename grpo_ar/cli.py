@@ -281,6 +281,13 @@ def main(argv: list[str] | None = None) -> int:
     rp.add_argument("run_dir", nargs="+", help="run directories (several: overlaid curves)")
     rp.add_argument("--out", help="folder for report.html and its PNGs (default RUN/report)")
     rp.add_argument("--text", action="store_true", help="only print the first run's table")
+    vs = sub.add_parser("vllm-serve", help="serve rollouts from a vLLM engine", add_help=False)
+    vs.add_argument("rest", nargs=argparse.REMAINDER, help="MODEL [--port P] ... (see --help)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["vllm-serve"]:  # its own parser (grpo_ar/generation/vllm_server.py)
+        from .generation.vllm_server import main as serve
+
+        return serve(argv[1:])
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.cmd == "train" and not (args.config or args.resume):

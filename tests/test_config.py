@@ -230,7 +230,8 @@ def test_unknown_top_level_key_lists_the_sections():
     msg = str(e.value)
     assert "unknown key trainr" in msg
     assert (
-        "valid keys: algorithm, data, finetune, image, log, model, sampling, trainer, video" in msg
+        "valid keys: algorithm, data, finetune, image, log, model, rollout, sampling, trainer, video"
+        in msg
     )
 
 
@@ -473,6 +474,7 @@ def test_config_to_dict_is_plain():
         "image",
         "finetune",
         "video",
+        "rollout",
     }
 
 

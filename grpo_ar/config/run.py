@@ -27,6 +27,7 @@ from ..finetune.base import FinetuneConfig
 from ..generation.params import SamplingParams
 from .algorithm import AlgorithmConfig
 from .modality import ImageConfig, VideoConfig
+from .rollout import RolloutConfig
 
 
 class _Loader(yaml.SafeLoader):
@@ -272,6 +273,7 @@ class Config:
     image: ImageConfig = field(default_factory=ImageConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     adapter_config: Any = None
     """The section of a registered adapter that has no field here (e.g. [tones]), parsed by
     its config class; written to config.yaml under the adapter's name."""

@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -23,8 +23,16 @@ from ..config.run import Config, config_to_dict, save_config, with_sampling
 from ..core import ADVANTAGES, AGGREGATIONS, compute_advantages
 from ..core.aggregation import BatchTotals
 from ..core.corrections import micro_batch_entropy_bonus
+from ..errors import ConfigError
 from ..finetune import build_finetune
 from ..finetune.base import Finetune
+from ..generation.async_backend import OneStepAhead
+from ..generation.backends import (
+    RolloutBackend,
+    build_backend,
+    record_sampler_gap,
+    with_rollout_defaults,
+)
 from ..generation.params import SamplingParams
 from ..io.data import PromptSampler
 from ..io.run_files import append_metrics, append_samples, progress
@@ -58,7 +66,8 @@ class Trainer:
     What is trained follows `config.finetune` (the whole model, a peft adapter or a LyCORIS
     network; grpo_ar/finetune/base.py) unless a built `finetune` is passed; `reference` overrides the
     KL reference it brings (a frozen copy, or the same model with the adapter off). Data
-    parallelism follows `config.trainer.strategy` unless a `parallel` is passed."""
+    parallelism follows `config.trainer.strategy` unless a `parallel` is passed; rollouts come
+    from `config.rollout`'s backend unless a built `backend` is passed."""
 
     def __init__(
         self,
@@ -71,7 +80,9 @@ class Trainer:
         reference: Reference | None = None,
         finetune: Finetune | None = None,
         parallel: Parallel | None = None,
+        backend: RolloutBackend | None = None,
     ) -> None:
+        config = with_rollout_defaults(config)  # e.g. IS correction for a bf16 engine
         t, a = config.trainer, config.algorithm
         if t.threads:
             torch.set_num_threads(t.threads)
@@ -114,11 +125,25 @@ class Trainer:
         self.run_dir = Path(config.log.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.trackers = Trackers()  # started by train(), on rank 0 only
+        # the rollout engine (grpo_ar/generation/backends.py), refused here if it cannot sample
+        # what config.sampling asks for
+        if backend is None:
+            backend = build_backend(config.rollout, adapter, self.model, finetune, config)
+        else:
+            backend.check(getattr(adapter, "sampling", config.sampling))
+        self.backend = backend
+        if config.rollout.async_steps and self.dist.active:
+            raise ConfigError(
+                "rollout.async_steps = 1 runs in one process; set it to 0 under torchrun"
+            )
 
     # -- one GRPO step ---------------------------------------------------------------------
     def generate(self, entries: Sequence[Entry], stats: StepStats) -> Rollout:
         """Sample groups, decode, score; returns the rollout with advantages in `data`."""
         a = self.cfg.algorithm
+        if self.backend.name != "builtin":  # the engine samples from the current policy
+            with stats.timer("weight_sync"):
+                self.backend.sync(self.model, self.updates)
         rollout, result = self._sample_and_score(entries, stats)
         if a.dynamic_sampling:
             rollout, result = self._dynamic_sampling(rollout, result, stats)
@@ -154,7 +179,8 @@ class Trainer:
         self, prompts: PromptBatch, g: int, stats: StepStats, greedy: bool = False
     ) -> tuple[Rollout, RewardResult]:
         with stats.timer("sample"), self.dist.sampling() as net:
-            rollout = self.adapter.sample(net, prompts, g, generator=self.generator, greedy=greedy)
+            gen = self.generator
+            rollout = self.backend.generate(net, prompts, g, generator=gen, greedy=greedy)
         with stats.timer("reward"):
             outputs = self.adapter.decode(rollout)
             result = self.rewards(outputs, self._reward_context(rollout, g))
@@ -254,6 +280,8 @@ class Trainer:
         a = self.cfg.algorithm
         if it == 0:
             mb.data["old_logp"] = logp.detach()
+            if self.backend.name != "builtin":
+                record_sampler_gap(stats, logp, mb.sampling_logp, mb.data["loss_mask"])
         mask = mb.data["loss_mask"]
         terms = token_terms(a, mb, logp, ent, mask, self.generator)
         loss = AGGREGATIONS[a.aggregation](terms.loss, mask, *totals)
@@ -313,6 +341,11 @@ class Trainer:
         stats = StepStats()
         start = time.perf_counter()
         rollout = self.generate(self.prompts.next_batch(), stats)
+        if self.cfg.rollout.async_steps:  # the next step's rollout samples while this one trains
+            seed = derive_seed(self.cfg.trainer.seed, self.step + 1, 0)
+            g = self.cfg.algorithm.group_size
+            ahead = cast(OneStepAhead, self.backend)  # build_backend wraps it when async_steps
+            ahead.prefetch_next(self.adapter, self.prompts, self.device, seed, g)
         self.update(rollout, stats)
         return self.finish_step(rollout, stats, start)
 
