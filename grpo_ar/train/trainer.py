@@ -259,7 +259,7 @@ class Trainer:
             stats.add_scalar("entropy_coef", self.entropy.coef)
 
     def _loss_mask(self, mb: Rollout) -> Tensor:
-        mask = mb.completion_mask
+        mask = mb.model_mask  # environment tokens of multi-turn rollouts are attended, not trained
         if self.cfg.algorithm.mask_truncated_completions:  # DAPO: cut-off answers teach nothing
             mask = mask * (~mb.truncated).unsqueeze(-1).to(mask.dtype)
         return mask
