@@ -30,6 +30,7 @@ from ..parallel.ddp import Parallel, derive_seed
 from ..rewards import RewardComputer, RewardContext, build_rewards, reward_metrics
 from ..types import Entry, Rollout
 from .dynamic_sampling import fill_batch
+from .environments import assign_credit, rollout_metrics
 from .evaluation import evaluate_rewards, reward_context
 from .run_state import resume_trainer, save_trainer, trainer_state
 from .step import (
@@ -119,9 +120,11 @@ class Trainer:
             **inputs,
             **a.advantage_args,
         )
+        adv = assign_credit(rollout, adv, a.group_size)  # (N, T) under per-turn credit
         rollout.data.update(adv=adv, valid=valid)
         rollout.extras["reward"] = result
         stats.update(reward_metrics(result))
+        stats.update(rollout_metrics(rollout))  # turns and tool use of multi-turn rollouts
         stats.update({"reward/zero_std_groups": zero_std_fraction(result.total, a.group_size)})
         return rollout
 
