@@ -32,8 +32,12 @@ from grpo_ar.train.trainer import Trainer
 from grpo_ar.types import Entry, RewardSpec
 
 INSTRUCTION = "Use the calculator, then give the final number inside <answer></answer>."
-# one worked trajectory as prior chat turns: without it the model never writes a <tool_call>
-DEMO_Q, DEMO_EXPR, DEMO_RESULT = "Calculate 417 * 382.", "417 * 382", "159294"
+# two worked trajectories as prior chat turns. Probe (4 held-out problems x 4 samples, T = 1):
+# with one demo 0 of 16 first turns called the tool; with two, 7 of 16 (some with broken JSON)
+DEMOS = (
+    ("Calculate 417 * 382.", "417 * 382", "159294"),
+    ("Calculate 521 + 384.", "521 + 384", "905"),
+)
 
 
 def calculator(expression: str) -> str:
@@ -54,20 +58,22 @@ def tool_call(expression: str) -> str:
 
 
 def chat_prompt(question: str) -> list[dict[str, str]]:
-    return [
-        {"role": "user", "content": f"{DEMO_Q}\n{INSTRUCTION}"},
-        {"role": "assistant", "content": tool_call(DEMO_EXPR)},
-        {"role": "tool", "content": DEMO_RESULT},
-        {"role": "assistant", "content": f"<answer>{DEMO_RESULT}</answer>"},
-        {"role": "user", "content": f"{question}\n{INSTRUCTION}"},
-    ]
+    demos = []
+    for q, expression, result in DEMOS:
+        demos += [
+            {"role": "user", "content": f"{q}\n{INSTRUCTION}"},
+            {"role": "assistant", "content": tool_call(expression)},
+            {"role": "tool", "content": result},
+            {"role": "assistant", "content": f"<answer>{result}</answer>"},
+        ]
+    return [*demos, {"role": "user", "content": f"{question}\n{INSTRUCTION}"}]
 
 
 def make_rows(size: int, seed: int, exclude: set[str] = frozenset()) -> list[dict[str, Any]]:
     """`size` distinct reasoning-gym `basic_arithmetic` problems a ∘ b with 3-digit operands."""
     import reasoning_gym
 
-    rows, seen = [], {*exclude, DEMO_Q}
+    rows, seen = [], {*exclude, *(q for q, _, _ in DEMOS)}
     for attempt in range(20):
         ds = reasoning_gym.create_dataset(
             "basic_arithmetic", size=2 * size, seed=seed + attempt, min_terms=2, max_terms=2,
@@ -164,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--train-size", type=int, default=400)
     p.add_argument("--eval-size", type=int, default=64)
+    p.add_argument("--max-new", type=int, default=48, help="tokens per model turn")
+    p.add_argument("--max-turns", type=int, default=3)
+    p.add_argument("--max-tokens", type=int, default=160, help="trajectory token budget")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--set", action="append", default=[], help="config override key=value")
     args = p.parse_args(argv)
@@ -178,8 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     eval_rows = make_rows(args.eval_size, seed=10_000)
     train_rows = make_rows(args.train_size, seed=0, exclude={r["question"] for r in eval_rows})
     result = experiment(
-        model, tokenizer, train_rows, eval_rows, args.run_dir, args.steps, tuple(args.set)
-    )
+        model, tokenizer, train_rows, eval_rows, args.run_dir, args.steps, tuple(args.set),
+        max_new=args.max_new, max_turns=args.max_turns, max_tokens=args.max_tokens,
+    )  # fmt: skip
     print(json.dumps(result, indent=1))
     Path(args.run_dir).mkdir(parents=True, exist_ok=True)
     (Path(args.run_dir) / "result.json").write_text(json.dumps(result, indent=1))
