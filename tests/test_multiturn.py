@@ -96,14 +96,18 @@ def naive_greedy(model, prompt, params, env, row, limits):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("capacity", [None, 3])
 @pytest.mark.parametrize("fast", [True, False])
-def test_cached_turns_equal_a_naive_recompute(model, fast):
-    """Greedy trajectories with holes, observations and rows leaving equal per-row recompute."""
+def test_cached_turns_equal_a_naive_recompute(model, fast, capacity):
+    """Greedy trajectories with holes, observations and rows leaving equal per-row recompute;
+    with room for 3 slots at first, the cache grows on the way."""
     params = SamplingParams(max_new_tokens=6, eos_token_ids=EOS)
     limits = TurnLimits(5, 80)
     rows = [[5, 6, 7], [3, 4, 5, 6, 7, 8, 9], [11, 12]]
     env = Script(turns_of=lambda r: 2 + r % 3)
-    r = sample_turns(model, prompts(rows), 1, params, env, limits, greedy=True, fast=fast)
+    r = sample_turns(
+        model, prompts(rows), 1, params, env, limits, greedy=True, fast=fast, capacity=capacity
+    )
     assert (r.data["turns"] >= 2).sum() >= 2
     for i, prompt in enumerate(rows):
         traj, own = naive_greedy(model, prompt, params, Script(lambda r: 2 + r % 3), i, limits)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..types import PromptBatch, Rollout
-from .decode_step import Decoder
+from .decode_step import Decoder, fast_step_for
 from .model_call import forward
 from .params import SamplingParams, transform_logits
 from .sampler import Draw
@@ -89,23 +89,40 @@ class TurnDecoder(Decoder):
     """`Decoder` whose rows may skip a step (a hole in their cache) and take several tokens at
     once (an observation), with cache storage grown as trajectories lengthen."""
 
-    def __init__(self, model: Any, params: SamplingParams, capacity: int, fast: bool) -> None:
+    def __init__(
+        self, model: Any, params: SamplingParams, capacity: int, fast: bool, positions: int
+    ) -> None:
         # the base class sizes the cache and the fast step's RoPE table by max_new_tokens
         super().__init__(model, replace(params, max_new_tokens=capacity), True, fast)
+        self.positions = positions  # positions after the prompt that a trajectory may reach
 
     def start(self, ids: Tensor, mask: Tensor, group_size: int) -> Tensor:
         """(P, L) prompts -> (P·G, V) logits of the first token (prefix shared per group)."""
-        return self.prefill(ids, mask, group_size, share_prefix=True)
+        logits = self.prefill(ids, mask, group_size, share_prefix=True)
+        if self.fast is not None and self.positions > self.params.max_new_tokens:
+            # cache slots (holes included) may grow later; RoPE positions stop at the budget
+            self.fast = fast_step_for(self.model, ids.shape[1] + self.positions)
+        return logits
 
     def reserve(self, slots: int) -> None:
-        """Room for `slots` more cache slots: the mask grows now; preallocated cache layers grow
-        to `capacity` at the next full forward that overflows them."""
+        """Room for `slots` more cache slots in the mask and the preallocated cache layers
+        (grown by half again when short, like a list)."""
         need = self.length + slots
+        size = need + need // 2
         if need > self.mask.shape[1]:
-            self.mask = F.pad(self.mask, (0, need + need // 2 - self.mask.shape[1]))
+            self.mask = F.pad(self.mask, (0, size - self.mask.shape[1]))
         for layer in self.cache.layers:
-            if hasattr(layer, "capacity") and layer.capacity < need:
-                layer.capacity = need + need // 2
+            store = getattr(layer, "k_store", None)
+            if store is None or store.shape[-2] >= need:
+                continue
+
+            def grow(x: Tensor) -> Tensor:  # (B, H, S, D) -> (B, H, size, D), filled part kept
+                return torch.cat([x, x.new_empty(*x.shape[:2], size - x.shape[2], x.shape[3])], 2)
+
+            layer.k_store, layer.v_store = grow(layer.k_store), grow(layer.v_store)
+            layer.keys = layer.k_store[:, :, : layer.length]
+            layer.values = layer.v_store[:, :, : layer.length]
+            layer.capacity = size
 
     def step(self, tok: Tensor, live: Tensor | None = None) -> Tensor:
         """(R,) tokens; rows where `live` is False leave a hole -> (R, V) next logits."""
@@ -199,15 +216,19 @@ def sample_turns(
     generator: torch.Generator | None = None,
     greedy: bool = False,
     fast: bool = True,
+    capacity: int | None = None,
 ) -> Rollout:
     """G trajectories per prompt: model turns of at most `params.max_new_tokens` tokens ending at
     an EOS token, each answered by `respond` until it says done, `limits.max_turns` turns are
     spent (truncated) or the next model token would not fit in `limits.max_tokens` (truncated).
     A turn cut by its length is truncated without asking the environment. Draws are those of
-    `sampler.Draw` (one uniform per row per step, shard-aware)."""
+    `sampler.Draw` (one uniform per row per step, shard-aware). `capacity`: cache slots after
+    the prompt allocated up front (default max_tokens + max_new_tokens); more are added as
+    holes make trajectories' slots outgrow them."""
     check_params(params)
     g, n = group_size, len(prompts) * group_size
-    dec = TurnDecoder(model, params, limits.max_tokens + params.max_new_tokens, fast)
+    slots = capacity or limits.max_tokens + params.max_new_tokens
+    dec = TurnDecoder(model, params, slots, fast, positions=limits.max_tokens + 1)
     logits = dec.start(prompts.input_ids, prompts.attention_mask, g)  # (N, V)
     device = logits.device
     grid = Grid(n, device, params.pad_token_id)
