@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,8 @@ def test_tiny_model_runs_the_experiment(tmp_path):
     evals = ex.make_rows(4, seed=10_000)
     train = ex.make_rows(8, seed=0, exclude={r["question"] for r in evals})
     assert not {r["question"] for r in train} & {r["question"] for r in evals}
-    assert all(len(r["question"].split()[0]) == 3 or "Calculate" in r["question"] for r in evals)
+    for r in evals + train:
+        assert [len(x) for x in re.findall(r"\d+", r["question"])] == [3, 3], r["question"]
     out = ex.experiment(
         model, tok, train, evals, str(tmp_path), steps=2,
         overrides=("trainer.batch_size=2", "algorithm.group_size=2"),

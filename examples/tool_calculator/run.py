@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,7 @@ def chat_prompt(question: str) -> list[dict[str, str]]:
 
 
 def make_rows(size: int, seed: int, exclude: set[str] = frozenset()) -> list[dict[str, Any]]:
-    """`size` distinct reasoning-gym `basic_arithmetic` problems a ∘ b with 3-digit operands."""
+    """`size` distinct reasoning-gym `basic_arithmetic` problems a ∘ b, both operands 3-digit."""
     import reasoning_gym
 
     rows, seen = [], {*exclude, *(q for q, _, _ in DEMOS)}
@@ -81,6 +82,10 @@ def make_rows(size: int, seed: int, exclude: set[str] = frozenset()) -> list[dic
             allow_parentheses=False,
         )  # fmt: skip
         for item in ds:
+            # reasoning-gym's min_digits does not bound every operand: keep 3-digit ones only
+            operands = re.findall(r"\d+", item["question"])
+            if any(len(x) != 3 for x in operands):
+                continue
             if item["question"] not in seen and len(rows) < size:
                 seen.add(item["question"])
                 rows.append({"question": item["question"], "answer": str(item["answer"])})
