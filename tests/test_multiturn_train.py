@@ -14,7 +14,7 @@ from grpo_ar.config import load_config
 from grpo_ar.core.turns import per_turn_advantages, returns_to_go
 from grpo_ar.generation.params import SamplingParams
 from grpo_ar.io.data import load_rows
-from grpo_ar.train.environments import Environment, Observation
+from grpo_ar.train.environments import Environment, Observation, rollout_metrics
 from grpo_ar.train.step import StepStats
 from grpo_ar.train.trainer import Trainer
 from tiny import char_tokenizer, tiny_llama
@@ -217,3 +217,15 @@ def test_environment_settings_are_validated():
     bad = SamplingParams(max_new_tokens=4, eos_token_ids=EOS, cfg_scale=2.0)
     with pytest.raises(ValueError, match="cfg_scale"):
         MultiTurnAdapter(TextAdapter(tok, bad), Counter())
+
+
+def test_held_out_evaluation_and_single_turn_rollouts(tmp_path):
+    tr = make(tmp_path, ["algorithm.beta=0.0"])
+    out = tr.evaluate(tr.train_entries[:2], greedy=True)
+    assert math.isfinite(out["eval/greedy/reward"]) and out["eval/greedy/reward"] >= 1.0
+    # a single-turn rollout has no trajectory metrics, and its model mask is its completion mask
+    plain = TextAdapter(char_tokenizer(), SamplingParams(max_new_tokens=4, eos_token_ids=EOS))
+    r = plain.sample(tr.model, plain.encode(tr.train_entries[:1]), 2)
+    assert rollout_metrics(r) == {} and r.model_mask is r.completion_mask
+    with pytest.raises(ValueError, match="one of messages, text, tokens"):
+        Observation(text="a", tokens=(1,))
