@@ -127,6 +127,14 @@ class Rollout:
         return [self.prompts.entries[int(i)] for i in self.prompt_index]
 
     @property
+    def model_mask(self) -> Tensor:
+        """(N, T) float: 1 on the tokens the model sampled, the ones the loss, KL and entropy
+        see. A multi-turn rollout's environment tokens are in `completion_mask` (attended) but
+        not here (`data["model_mask"]`, grpo_ar/generation/multiturn.py)."""
+        mask = self.data.get("model_mask")
+        return self.completion_mask if mask is None else mask
+
+    @property
     def lengths(self) -> Tensor:
         """(N,) completion lengths in tokens."""
         return self.completion_mask.sum(-1).long()

@@ -43,6 +43,7 @@ from ..rewards import RewardComputer, RewardContext, build_rewards, reward_metri
 from ..rewards.base import RewardResult
 from ..types import Entry, PromptBatch, Rollout
 from .dynamic_sampling import fill_batch
+from .environments import assign_credit, rollout_metrics
 from .evaluation import evaluate_rewards, reward_context
 from .reference import REFERENCE_REFRESH, Reference
 from .run_state import resume_trainer, save_trainer, trainer_state
@@ -157,9 +158,11 @@ class Trainer:
             **inputs,
             **a.advantage_args,
         )
+        adv = assign_credit(rollout, adv, a.group_size)  # (N, T) under per-turn credit
         rollout.data.update(adv=adv, valid=valid)
         rollout.extras["reward"] = result
         stats.update(reward_metrics(result))
+        stats.update(rollout_metrics(rollout))  # turns and tool use of multi-turn rollouts
         stats.update({"reward/zero_std_groups": zero_std_fraction(result.total, a.group_size)})
         return rollout
 
@@ -312,7 +315,7 @@ class Trainer:
             stats.add_scalar("entropy_coef", self.entropy.coef)
 
     def _loss_mask(self, mb: Rollout) -> Tensor:
-        mask = mb.completion_mask
+        mask = mb.model_mask  # environment tokens of multi-turn rollouts are attended, not trained
         if self.cfg.algorithm.mask_truncated_completions:  # DAPO: cut-off answers teach nothing
             mask = mask * (~mb.truncated).unsqueeze(-1).to(mask.dtype)
         return mask
