@@ -55,10 +55,10 @@ class ChatRenderer:
         self.tools, self.tool_prompt = tools, tool_prompt
 
     def _render(self, messages: list, generation: bool, tools: list | None) -> str:
-        kw = {"tools": tools} if tools else {}
-        return self.tok.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=generation, **kw
+        text = self.tok.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation, tools=tools or None
         )
+        return str(text)
 
     def prompt(self, prompt: Any) -> tuple[str, bool]:
         """(text, whether the chat template wrote it) of a first prompt, tools included."""
@@ -161,7 +161,7 @@ class MultiTurnAdapter(Adapter):
         else:
             text = obs.text or ""
             if obs.messages:
-                end = self.tokenizer.decode([last_token], skip_special_tokens=False)
+                end = str(self.tokenizer.decode([last_token], skip_special_tokens=False))
                 text = self.renderer.between(obs.messages, end)
             tokens = self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
         return Reply(tokens, obs.reward, False)
@@ -195,7 +195,7 @@ class MultiTurnAdapter(Adapter):
                 if mine[j]:
                     runs[-1].append(row[j])
             turns = self.tokenizer.batch_decode(runs, skip_special_tokens=True) if runs else []
-            transcript = self.tokenizer.decode(row[:n], skip_special_tokens=False)
+            transcript = str(self.tokenizer.decode(row[:n], skip_special_tokens=False))
             out.append(
                 Trajectory(turns, transcript, rewards[i], {k: v[i] for k, v in stats.items()})
             )
