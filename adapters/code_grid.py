@@ -215,13 +215,9 @@ class CodeGridAdapter(Adapter):
             )
 
     def sample(
-        self,
-        model: Any,
-        prompts: PromptBatch,
-        group_size: int,
-        generator: torch.Generator | None = None,
-        greedy: bool = False,
-    ) -> Rollout:
+        self, model: Any, prompts: PromptBatch, group_size: int,
+        generator: torch.Generator | None = None, greedy: bool = False,
+    ) -> Rollout:  # fmt: skip
         """G grids per prompt (layout.num_tokens each); records the CFG scale sampled with."""
         self._check_vocab(model)
         rollout = super().sample(model, prompts, group_size, generator=generator, greedy=greedy)

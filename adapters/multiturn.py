@@ -127,13 +127,9 @@ class MultiTurnAdapter(Adapter):
         return PromptBatch(ids, mask, list(entries))
 
     def sample(
-        self,
-        model: Any,
-        prompts: PromptBatch,
-        group_size: int,
-        generator: torch.Generator | None = None,
-        greedy: bool = False,
-    ) -> Rollout:
+        self, model: Any, prompts: PromptBatch, group_size: int,
+        generator: torch.Generator | None = None, greedy: bool = False,
+    ) -> Rollout:  # fmt: skip
         """G trajectories per prompt; `data["env/<stat>"]` from `Environment.stats`."""
         n = len(prompts) * group_size
         states = [self.env.reset(prompts.entries[i // group_size]) for i in range(n)]

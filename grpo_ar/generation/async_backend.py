@@ -62,13 +62,9 @@ class OneStepAhead:
         self.prefetch(prompts, group_size, draw_seed(gen))
 
     def generate(
-        self,
-        model: Any,
-        prompts: PromptBatch,
-        group_size: int,
-        generator: torch.Generator | None = None,
-        greedy: bool = False,
-    ) -> Rollout:
+        self, model: Any, prompts: PromptBatch, group_size: int,
+        generator: torch.Generator | None = None, greedy: bool = False,
+    ) -> Rollout:  # fmt: skip
         seed = draw_seed(generator)
         hit = self.pending.pop(_key(prompts, group_size, seed, greedy), None)
         if hit is None:  # not prefetched (first step, dynamic-sampling rounds): sample now

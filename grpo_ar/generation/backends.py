@@ -32,13 +32,9 @@ class RolloutBackend(Protocol):
         """Raise ConfigError (naming the option) for anything this backend cannot sample."""
 
     def generate(
-        self,
-        model: Any,
-        prompts: PromptBatch,
-        group_size: int,
-        generator: torch.Generator | None = None,
-        greedy: bool = False,
-    ) -> Rollout:
+        self, model: Any, prompts: PromptBatch, group_size: int,
+        generator: torch.Generator | None = None, greedy: bool = False,
+    ) -> Rollout:  # fmt: skip
         """G completions per prompt, groups contiguous, `sampling_logp` recorded."""
 
     def sync(self, model: Any, version: int) -> None:
@@ -63,13 +59,9 @@ class BuiltinBackend:
         return None  # the built-in sampler implements every SamplingParams option
 
     def generate(
-        self,
-        model: Any,
-        prompts: PromptBatch,
-        group_size: int,
-        generator: torch.Generator | None = None,
-        greedy: bool = False,
-    ) -> Rollout:
+        self, model: Any, prompts: PromptBatch, group_size: int,
+        generator: torch.Generator | None = None, greedy: bool = False,
+    ) -> Rollout:  # fmt: skip
         return self.adapter.sample(model, prompts, group_size, generator=generator, greedy=greedy)
 
     def sync(self, model: Any, version: int) -> None:

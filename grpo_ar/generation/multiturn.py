@@ -207,17 +207,10 @@ class Grid:
 
 @torch.no_grad()
 def sample_turns(
-    model: Any,
-    prompts: PromptBatch,
-    group_size: int,
-    params: SamplingParams,
-    respond: Respond,
-    limits: TurnLimits,
-    generator: torch.Generator | None = None,
-    greedy: bool = False,
-    fast: bool = True,
-    capacity: int | None = None,
-) -> Rollout:
+    model: Any, prompts: PromptBatch, group_size: int, params: SamplingParams,
+    respond: Respond, limits: TurnLimits, generator: torch.Generator | None = None,
+    greedy: bool = False, fast: bool = True, capacity: int | None = None,
+) -> Rollout:  # fmt: skip
     """G trajectories per prompt: model turns of at most `params.max_new_tokens` tokens ending at
     an EOS token, each answered by `respond` until it says done, `limits.max_turns` turns are
     spent (truncated) or the next model token would not fit in `limits.max_tokens` (truncated).

@@ -27,13 +27,9 @@ from .scoring import completion_outputs
 
 @torch.no_grad()
 def span_sample(
-    model: Any,
-    prompts: PromptBatch,
-    group_size: int,
-    params: SamplingParams,
-    generator: torch.Generator | None = None,
-    greedy: bool = False,
-) -> Rollout:
+    model: Any, prompts: PromptBatch, group_size: int, params: SamplingParams,
+    generator: torch.Generator | None = None, greedy: bool = False,
+) -> Rollout:  # fmt: skip
     """G completions per prompt, span after span (`params.spans`); rows leave when their last
     span ends."""
     spans = params.spans

@@ -47,13 +47,9 @@ class Segments:
 
 @torch.no_grad()
 def tree_sample(
-    model: Any,
-    prompts: PromptBatch,
-    group_size: int,
-    params: SamplingParams,
-    generator: torch.Generator | None = None,
-    fast: bool = True,
-) -> Rollout:
+    model: Any, prompts: PromptBatch, group_size: int, params: SamplingParams,
+    generator: torch.Generator | None = None, fast: bool = True,
+) -> Rollout:  # fmt: skip
     """G leaves per prompt sampled as trees (see the module docstring); groups contiguous."""
     tree = params.tree
     if params.uses_cfg:

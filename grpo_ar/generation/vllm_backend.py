@@ -111,13 +111,9 @@ class VllmBackend:
         check_sampling(params)
 
     def generate(
-        self,
-        model: Any,
-        prompts: PromptBatch,
-        group_size: int,
-        generator: torch.Generator | None = None,
-        greedy: bool = False,
-    ) -> Rollout:
+        self, model: Any, prompts: PromptBatch, group_size: int,
+        generator: torch.Generator | None = None, greedy: bool = False,
+    ) -> Rollout:  # fmt: skip
         return self.generate_seeded(prompts, group_size, draw_seed(generator), greedy)
 
     def generate_seeded(
