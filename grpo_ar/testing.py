@@ -96,6 +96,15 @@ def tiny_llama(vocab_size: int = 80, seed: int = 0, hidden: int = 32, layers: in
     return model
 
 
+def save_char_llama(path: Path, seed: int = 0) -> Any:
+    """`tiny_llama` and its `char_tokenizer` saved together at `path`, the folder a CLI run's
+    `model.path` names; returns the tokenizer."""
+    tok = char_tokenizer()
+    tiny_llama(vocab_size=len(tok), seed=seed).save_pretrained(path)
+    tok.save_pretrained(path)
+    return tok
+
+
 def tiny_qwen2(vocab_size: int = 80, seed: int = 0, hidden: int = 32) -> Any:
     """Random-init Qwen2ForCausalLM in eval mode, the shape of `tiny_llama`'s (unscaled head)."""
     torch.manual_seed(seed)

@@ -15,7 +15,7 @@ from grpo_ar.cli import main
 from grpo_ar.config import ConfigError, load_config, save_config
 from grpo_ar.train.trainer import Trainer
 from grpo_ar.types import Entry, RewardSpec
-from tiny import char_tokenizer, tiny_llama
+from tiny import char_tokenizer, save_char_llama, tiny_llama
 
 PROBLEMS = [(1, 2), (3, 4), (2, 2), (5, 1), (0, 7), (6, 3)]
 
@@ -64,10 +64,8 @@ samples_per_step = 3
 def workspace(tmp_path_factory):
     """A saved tiny model + tokenizer (no chat template), train/eval JSONL and a config."""
     root = tmp_path_factory.mktemp("cli")
-    tok = char_tokenizer()
+    tok = save_char_llama(root / "model")
     assert getattr(tok, "chat_template", None) is None
-    tiny_llama(vocab_size=len(tok), seed=0).save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
     _write_jsonl(root / "train.jsonl", PROBLEMS)
     _write_jsonl(root / "eval.jsonl", [(1, 1), (4, 4)])
     (root / "run.toml").write_text(_config_text(root, root / "run"), encoding="utf-8")

@@ -15,7 +15,7 @@ import pytest
 from safetensors.torch import load_file
 
 from grpo_ar.cli import main
-from tiny import char_tokenizer, tiny_llama
+from tiny import save_char_llama
 
 # Patches one file-system call of the checkpoint writer to SIGKILL the process at a chosen
 # moment, then runs the CLI: the kill is real, only its timing is arranged.
@@ -91,9 +91,7 @@ def quiet_main(*args: str) -> int:
 def reference(tmp_path_factory):
     """The uninterrupted run: (root, its run directory)."""
     root = tmp_path_factory.mktemp("crash")
-    tok = char_tokenizer()
-    tiny_llama(vocab_size=len(tok), seed=0).save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
+    save_char_llama(root / "model")
     assert quiet_main("train", str(config(root, root / "whole"))) == 0
     return root, root / "whole"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tiny import char_tokenizer, tiny_llama
+from tiny import save_char_llama
 
 # Registers the misbehaving rewards in every rank, then runs the CLI as torchrun would.
 SCRIPT = """
@@ -41,9 +41,7 @@ sys.exit(main(sys.argv[1:]))
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist_safety")
-    tok = char_tokenizer()
-    tiny_llama(vocab_size=len(tok), seed=0).save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
+    save_char_llama(root / "model")
     (root / "launch.py").write_text(SCRIPT)
     return root
 

@@ -18,7 +18,7 @@ import torch
 
 from grpo_ar.cli import main
 from grpo_ar.errors import explain
-from tiny import char_tokenizer, tiny_llama
+from tiny import char_tokenizer, save_char_llama, tiny_llama
 
 PROBLEMS = [(1, 2), (3, 4), (2, 2), (5, 1), (0, 7), (6, 3)]
 PY = sys.executable
@@ -69,9 +69,7 @@ samples_per_step = 2
 def ws(tmp_path_factory):
     """A tiny saved model + tokenizer, good data, a good config and one finished good run."""
     root = tmp_path_factory.mktemp("safety")
-    tok = char_tokenizer()
-    tiny_llama(vocab_size=len(tok), seed=0).save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
+    save_char_llama(root / "model")
     write_rows(root / "train.jsonl", good_rows())
     (root / "run.toml").write_text(config_text(root, root / "done"), encoding="utf-8")
     rc, _, err = cli("train", str(root / "run.toml"))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tiny import char_tokenizer, tiny_llama
+from tiny import save_char_llama
 
 CAN_MOUNT = (
     os.geteuid() == 0
@@ -52,9 +52,7 @@ sys.exit(main(sys.argv[1:]))
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     root = tmp_path_factory.mktemp("mounts")
-    tok = char_tokenizer()
-    tiny_llama(vocab_size=len(tok), seed=0).save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
+    save_char_llama(root / "model")
     rows = [{"prompt": f"{a}+1=", "rewards": "fills_disk"} for a in range(4)]
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (root / "filler.py").write_text(FILLER)

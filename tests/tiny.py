@@ -6,6 +6,7 @@ from grpo_ar.testing import (  # noqa: F401
     VQ_CODES,
     char_tokenizer,
     lm_config,
+    save_char_llama,
     structured_images,
     tiny_emu3_vq,
     tiny_janus_vq,
