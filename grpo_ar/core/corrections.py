@@ -81,13 +81,9 @@ def _mask(ratio: Tensor, c_min: float | None, c_max: float | None) -> Tensor:
 
 @IS_CORRECTIONS.register("token_truncate")
 def token_truncate(
-    old_logp: Tensor,
-    sampling_logp: Tensor,
-    mask: Tensor,
-    *,
-    c_min: float | None = None,
-    c_max: float | None = 3.0,
-) -> Tensor:
+    old_logp: Tensor, sampling_logp: Tensor, mask: Tensor, *,
+    c_min: float | None = None, c_max: float | None = 3.0,
+) -> Tensor:  # fmt: skip
     """(N, T) clamp(π_old/π_sampler, C_min, C_max) per token: truncated IS (TIS; Yao et al. 2025,
     "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training"). TRL
     `vllm_importance_sampling_mode="token_truncate"`."""
@@ -97,13 +93,9 @@ def token_truncate(
 
 @IS_CORRECTIONS.register("token_mask")
 def token_mask(
-    old_logp: Tensor,
-    sampling_logp: Tensor,
-    mask: Tensor,
-    *,
-    c_min: float | None = None,
-    c_max: float | None = 3.0,
-) -> Tensor:
+    old_logp: Tensor, sampling_logp: Tensor, mask: Tensor, *,
+    c_min: float | None = None, c_max: float | None = 3.0,
+) -> Tensor:  # fmt: skip
     """(N, T) π_old/π_sampler per token, 0 outside [C_min, C_max]: masked IS (MIS; IcePop, Ring-1T
     arXiv 2510.18855). TRL `"token_mask"`; a missing bound is ±inf."""
     _check_bounds(c_min, c_max, truncate=False)
@@ -112,13 +104,9 @@ def token_mask(
 
 @IS_CORRECTIONS.register("sequence_truncate")
 def sequence_truncate(
-    old_logp: Tensor,
-    sampling_logp: Tensor,
-    mask: Tensor,
-    *,
-    c_min: float | None = None,
-    c_max: float | None = 3.0,
-) -> Tensor:
+    old_logp: Tensor, sampling_logp: Tensor, mask: Tensor, *,
+    c_min: float | None = None, c_max: float | None = 3.0,
+) -> Tensor:  # fmt: skip
     """(N, 1) clamp(Π_t π_old/π_sampler, C_min, C_max): sequence-level TIS. TRL
     `"sequence_truncate"` (the sequence ratio is the product, not a mean)."""
     _check_bounds(c_min, c_max, truncate=True)
@@ -127,13 +115,9 @@ def sequence_truncate(
 
 @IS_CORRECTIONS.register("sequence_mask")
 def sequence_mask(
-    old_logp: Tensor,
-    sampling_logp: Tensor,
-    mask: Tensor,
-    *,
-    c_min: float | None = None,
-    c_max: float | None = 3.0,
-) -> Tensor:
+    old_logp: Tensor, sampling_logp: Tensor, mask: Tensor, *,
+    c_min: float | None = None, c_max: float | None = 3.0,
+) -> Tensor:  # fmt: skip
     """(N, 1) Π_t π_old/π_sampler, 0 (the whole sequence dropped) outside [C_min, C_max]:
     sequence-level MIS (Liu et al. 2025, "When Speed Kills Stability"). TRL `"sequence_mask"`,
     its default mode."""

@@ -118,18 +118,10 @@ def _check_clip(eps_low: float, eps_high: float, dual_clip: float | None = None)
 
 @LOSSES.register("clip")
 def clip(
-    logp: Tensor,
-    old_logp: Tensor,
-    adv: Tensor,
-    mask: Tensor,
-    *,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    dual_clip: float | None = None,
-    delta: float | None = None,
-    ratio_level: str = "token",
-    is_weight: Tensor | None = None,
-) -> PolicyLoss:
+    logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *,
+    eps_low: float = 0.2, eps_high: float = 0.2, dual_clip: float | None = None,
+    delta: float | None = None, ratio_level: str = "token", is_weight: Tensor | None = None,
+) -> PolicyLoss:  # fmt: skip
     """-min(r·A, clip(r, 1-ε_low, 1+ε_high)·A). PPO arXiv 1707.06347; GRPO arXiv 2402.03300
     eq. 3; asymmetric ε (clip-higher) DAPO arXiv 2503.14476; `delta` caps r in the unclipped
     branch (INTELLECT-2, TRL `delta`; δ = ∞ is plain clip); `dual_clip` arXiv 1912.09729."""
@@ -143,15 +135,9 @@ def clip(
 
 @LOSSES.register("gspo", ratio_level="sequence")
 def gspo(
-    logp: Tensor,
-    old_logp: Tensor,
-    adv: Tensor,
-    mask: Tensor,
-    *,
-    eps_low: float = 3e-4,
-    eps_high: float = 4e-4,
-    is_weight: Tensor | None = None,
-) -> PolicyLoss:
+    logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *,
+    eps_low: float = 3e-4, eps_high: float = 4e-4, is_weight: Tensor | None = None,
+) -> PolicyLoss:  # fmt: skip
     """Clipped surrogate on the sequence ratio s = exp(mean_t log π/π_old). GSPO arXiv 2507.18071
     eq. 5-7 (= `clip` with ratio_level="sequence" and GSPO's ε)."""
     return clip(
@@ -162,15 +148,9 @@ def gspo(
 
 @LOSSES.register("gspo_token", ratio_level="sequence")
 def gspo_token(
-    logp: Tensor,
-    old_logp: Tensor,
-    adv: Tensor,
-    mask: Tensor,
-    *,
-    eps_low: float = 3e-4,
-    eps_high: float = 4e-4,
-    is_weight: Tensor | None = None,
-) -> PolicyLoss:
+    logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *,
+    eps_low: float = 3e-4, eps_high: float = 4e-4, is_weight: Tensor | None = None,
+) -> PolicyLoss:  # fmt: skip
     """GSPO-token (arXiv 2507.18071 eq. 13-14): s_t = sg[s]·π(y_t)/sg[π(y_t)], so the value is
     the sequence ratio but each token carries its own gradient (token-level advantages allowed)."""
     _check_clip(eps_low, eps_high)
@@ -182,16 +162,10 @@ def gspo_token(
 
 @LOSSES.register("cispo")
 def cispo(
-    logp: Tensor,
-    old_logp: Tensor,
-    adv: Tensor,
-    mask: Tensor,
-    *,
-    max_weight: float = 5.0,
-    min_weight: float = 0.0,
-    ratio_level: str = "token",
+    logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *,
+    max_weight: float = 5.0, min_weight: float = 0.0, ratio_level: str = "token",
     is_weight: Tensor | None = None,
-) -> PolicyLoss:
+) -> PolicyLoss:  # fmt: skip
     """-sg(clip(r, min, max))·A·log π: the IS weight is clipped and detached, every token keeps a
     gradient. CISPO, MiniMax-M1 arXiv 2506.13585 eq. 4; `max_weight` is TRL's `epsilon_high` /
     ScaleRL's ε_max (arXiv 2510.13786)."""
@@ -208,16 +182,10 @@ def cispo(
 
 @LOSSES.register("sapo")
 def sapo(
-    logp: Tensor,
-    old_logp: Tensor,
-    adv: Tensor,
-    mask: Tensor,
-    *,
-    tau_pos: float = 1.0,
-    tau_neg: float = 1.05,
-    ratio_level: str = "token",
+    logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *,
+    tau_pos: float = 1.0, tau_neg: float = 1.05, ratio_level: str = "token",
     is_weight: Tensor | None = None,
-) -> PolicyLoss:
+) -> PolicyLoss:  # fmt: skip
     """-(4/τ)·σ(τ·(r - 1))·A, τ = τ_pos if A > 0 else τ_neg: a soft gate in place of the hard clip;
     at r = 1 its gradient equals the unclipped one (∂/∂r = σ'(0)·4 = 1). SAPO arXiv 2511.20347
     (TRL `sapo_temperature_pos/neg`)."""
@@ -233,16 +201,10 @@ def sapo(
 
 @LOSSES.register("luspo")
 def luspo(
-    logp: Tensor,
-    old_logp: Tensor,
-    adv: Tensor,
-    mask: Tensor,
-    *,
-    eps_low: float = 3e-4,
-    eps_high: float = 4e-4,
-    ratio_level: str = "sequence",
+    logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *,
+    eps_low: float = 3e-4, eps_high: float = 4e-4, ratio_level: str = "sequence",
     is_weight: Tensor | None = None,
-) -> PolicyLoss:
+) -> PolicyLoss:  # fmt: skip
     """GSPO's sequence loss scaled by the sequence length |y| (LUSPO arXiv 2602.05261): with
     `seq_mean_token_mean` it is TRL's `luspo` (Σ_t loss / batch). Needs sequence-level ratios."""
     if ratio_level != "sequence":
@@ -260,17 +222,10 @@ def luspo(
 
 @LOSSES.register("vespo", ratio_level="sequence")
 def vespo(
-    logp: Tensor,
-    old_logp: Tensor,
-    adv: Tensor,
-    mask: Tensor,
-    *,
-    k_pos: float = 2.0,
-    lambda_pos: float = 3.0,
-    k_neg: float = 3.0,
-    lambda_neg: float = 2.0,
+    logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *,
+    k_pos: float = 2.0, lambda_pos: float = 3.0, k_neg: float = 3.0, lambda_neg: float = 2.0,
     is_weight: Tensor | None = None,
-) -> PolicyLoss:
+) -> PolicyLoss:  # fmt: skip
     """-sg(φ(w))·A·log π with φ(w) = e^λ·w^k·e^(-λw) (φ(1) = 1), w = Π_t π/π_old the sequence
     IS weight (times the sampler correction, folded in log space). VESPO arXiv 2602.10693; TRL
     `get_gamma_weights` (k±, λ±; w clamped to [1e-8, e^20])."""
@@ -312,19 +267,10 @@ def _token_cov(adv: Tensor, logp: Tensor, mask: Tensor) -> Tensor:
 
 @LOSSES.register("clip_cov")
 def clip_cov(
-    logp: Tensor,
-    old_logp: Tensor,
-    adv: Tensor,
-    mask: Tensor,
-    *,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    cov_ratio: float = 2e-4,
-    cov_lb: float = 1.0,
-    cov_ub: float = 5.0,
-    is_weight: Tensor | None = None,
-    generator: torch.Generator | None = None,
-) -> PolicyLoss:
+    logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *,
+    eps_low: float = 0.2, eps_high: float = 0.2, cov_ratio: float = 2e-4, cov_lb: float = 1.0,
+    cov_ub: float = 5.0, is_weight: Tensor | None = None, generator: torch.Generator | None = None,
+) -> PolicyLoss:  # fmt: skip
     """PPO clip, plus: of the unclipped tokens whose centred covariance (A - Ā)(log π - mean)
     lies in (lb, ub), a random `cov_ratio` fraction (≥ 1) gets no gradient. Clip-Cov, "The Entropy
     Mechanism of RL for Reasoning LMs" arXiv 2505.22617 §4; verl `compute_policy_loss_clip_cov`.
@@ -353,15 +299,9 @@ def clip_cov(
 
 @LOSSES.register("kl_cov")
 def kl_cov(
-    logp: Tensor,
-    old_logp: Tensor,
-    adv: Tensor,
-    mask: Tensor,
-    *,
-    cov_ratio: float = 2e-4,
-    kl_coef: float = 1.0,
-    is_weight: Tensor | None = None,
-) -> PolicyLoss:
+    logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *,
+    cov_ratio: float = 2e-4, kl_coef: float = 1.0, is_weight: Tensor | None = None,
+) -> PolicyLoss:  # fmt: skip
     """-r·A, plus kl_coef·|log π/π_old| on the top `cov_ratio` fraction (≥ 1) of valid tokens by
     centred covariance (A - Ā)(log π - mean). KL-Cov, arXiv 2505.22617 §4; verl
     `compute_policy_loss_kl_cov` (no clip). Statistics are over the tokens of this call; one host

@@ -122,17 +122,27 @@ def packed_rest(
     dev = comp.device
     tok, pos, seg, where = tok.to(dev), pos.to(dev), seg.to(dev), where.to(dev)
     owner_t = torch.tensor(owner, dtype=torch.long, device=dev)
-    cache.batch_select_indices(owner_t)  # differentiable gather of the prompts' keys and values
     causal = torch.ones(cap, cap, dtype=torch.bool, device=dev).tril()
     same = (seg[:, :, None] == seg[:, None, :]) & causal
-    keys = torch.cat([mask.bool()[owner_t][:, None, :].expand(-1, cap, -1), same], 2)[:, None]
+    return run_bins(net, cache, mask, owner_t, tok, pos, same, kind, forward), where
+
+
+def run_bins(
+    net: Any, cache: Any, mask: Tensor, owner: Tensor, tok: Tensor, pos: Tensor, sees: Tensor,
+    kind: str, forward: Any,
+) -> Tensor:  # fmt: skip
+    """(B·C, X) outputs of the (B, C) bin tokens `tok` at positions `pos`, run after the prompts'
+    cache gathered to each bin's prompt `owner[b]`: a bin token attends to its prompt's unmasked
+    tokens and to the bin tokens `sees` (B, C, C) marks. `kind` is the mask the attention takes."""
+    cap = tok.shape[1]
+    cache.batch_select_indices(owner)  # differentiable gather of the prompts' keys and values
+    keys = torch.cat([mask.bool()[owner][:, None, :].expand(-1, cap, -1), sees], 2)[:, None]
     if kind == "float":
         dtype = next(net.parameters()).dtype
-        keys = torch.zeros(keys.shape, dtype=dtype, device=dev).masked_fill(
+        keys = torch.zeros(keys.shape, dtype=dtype, device=tok.device).masked_fill(
             ~keys, torch.finfo(dtype).min
         )
-    out = forward(tok, keys, pos, cache)
-    return out.reshape(nb * cap, -1), where
+    return forward(tok, keys, pos, cache).reshape(tok.numel(), -1)
 
 
 def gather_rest(first: Tensor, flat: Tensor, where: Tensor) -> Tensor:

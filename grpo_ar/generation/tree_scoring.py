@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .packing import MASK_KINDS
+from .packing import MASK_KINDS, run_bins
 
 
 def tree_layout(
@@ -77,12 +77,4 @@ def tree_rest(
         pos[b, : len(toks)] = plen[owner[b]] + t
         on_path = ~(through[:, :, None] & ~through[:, None, :]).any(0)  # (U, U): a sees b
         sees[b, : len(toks), : len(toks)] = on_path & (t[None, :] <= t[:, None])
-    cache.batch_select_indices(owner)  # differentiable gather of the prompts' keys and values
-    keys = torch.cat([mask.bool()[owner][:, None, :].expand(-1, cap, -1), sees], 2)[:, None]
-    if kind == "float":
-        dtype = next(net.parameters()).dtype
-        keys = torch.zeros(keys.shape, dtype=dtype, device=dev).masked_fill(
-            ~keys, torch.finfo(dtype).min
-        )
-    out = forward(tok, keys, pos, cache)
-    return out.reshape(nb * cap, -1), where
+    return run_bins(net, cache, mask, owner, tok, pos, sees, kind, forward), where

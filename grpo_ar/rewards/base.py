@@ -151,12 +151,7 @@ def per_sample(fn: Callable[..., float | None]) -> RewardFn:
     Keyword-only parameters without a default are required per-entry args, the others optional
     (`**kwargs` accepts any). A sample whose call raises scores None; the first error is logged.
     """
-    first, *rest = inspect.signature(fn).parameters.values()
-    if first.kind not in (first.POSITIONAL_ONLY, first.POSITIONAL_OR_KEYWORD) or any(
-        p.kind not in (p.KEYWORD_ONLY, p.VAR_KEYWORD) for p in rest
-    ):
-        raise TypeError(f"per_sample: {fn.__name__} must take (output, *, arg, ...)")
-    kw_only = [p for p in rest if p.kind is p.KEYWORD_ONLY]
+    rest = reward_keywords(fn, "per_sample", "output")
     logged: list[Exception] = []
 
     def batch(outputs: list[Any], args: list[dict], ctx: RewardContext) -> list[float | None]:
@@ -173,12 +168,30 @@ def per_sample(fn: Callable[..., float | None]) -> RewardFn:
                 out.append(None)
         return out
 
+    batch.per_sample = fn  # type: ignore[attr-defined]
+    return lifted_from(batch, fn, rest)
+
+
+def reward_keywords(fn: Callable[..., Any], decorator: str, first: str) -> list[inspect.Parameter]:
+    """The parameters of `fn` after its first (its keyword-only per-entry args and any
+    **kwargs); TypeError, naming `decorator`, unless `fn` takes (`first`, *, arg, ...)."""
+    head, *rest = inspect.signature(fn).parameters.values()
+    if head.kind not in (head.POSITIONAL_ONLY, head.POSITIONAL_OR_KEYWORD) or any(
+        p.kind not in (p.KEYWORD_ONLY, p.VAR_KEYWORD) for p in rest
+    ):
+        raise TypeError(f"{decorator}: {fn.__name__} must take ({first}, *, arg, ...)")
+    return rest
+
+
+def lifted_from(batch: Any, fn: Callable[..., Any], rest: list[inspect.Parameter]) -> RewardFn:
+    """`batch` named and documented as `fn`, with the per-entry args `fn` requires and its
+    defaults, which entries are checked against (defaults None: `**kwargs` takes any arg)."""
     for attr in ("__name__", "__qualname__", "__doc__", "__module__"):
         setattr(batch, attr, getattr(fn, attr))
-    batch.per_sample = fn  # type: ignore[attr-defined]
-    batch.__reward_required__ = tuple(p.name for p in kw_only if p.default is p.empty)  # type: ignore[attr-defined]
+    kw_only = [p for p in rest if p.kind is p.KEYWORD_ONLY]
+    batch.__reward_required__ = tuple(p.name for p in kw_only if p.default is p.empty)
     defaults = {p.name: p.default for p in kw_only if p.default is not p.empty}
-    batch.__reward_defaults__ = None if len(kw_only) < len(rest) else defaults  # type: ignore[attr-defined]
+    batch.__reward_defaults__ = None if len(kw_only) < len(rest) else defaults
     return batch
 
 

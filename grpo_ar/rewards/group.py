@@ -20,7 +20,6 @@ estimators whose baseline is not the group mean.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 from collections import Counter
@@ -30,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import RewardContext, RewardFn, register_reward
+from .base import RewardContext, RewardFn, lifted_from, register_reward, reward_keywords
 from .text import compile_pattern
 
 logger = logging.getLogger("grpo_ar.rewards")
@@ -46,12 +45,7 @@ def group_reward(fn: Callable[..., Any]) -> RewardFn:
     (one entry per prompt): the first member's are passed. A group whose call raises, or returns
     the wrong number of values, scores None (failed) for all its members; the first error is logged.
     """
-    first, *rest = inspect.signature(fn).parameters.values()
-    if first.kind not in (first.POSITIONAL_ONLY, first.POSITIONAL_OR_KEYWORD) or any(
-        p.kind not in (p.KEYWORD_ONLY, p.VAR_KEYWORD) for p in rest
-    ):
-        raise TypeError(f"group_reward: {fn.__name__} must take (group_outputs, *, arg, ...)")
-    kw_only = [p for p in rest if p.kind is p.KEYWORD_ONLY]
+    rest = reward_keywords(fn, "group_reward", "group_outputs")
     logged: list[Exception] = []
 
     def call(members: list[Any], args: dict) -> list[float | None]:
@@ -81,13 +75,8 @@ def group_reward(fn: Callable[..., Any]) -> RewardFn:
                 out[i] = v
         return out
 
-    for attr in ("__name__", "__qualname__", "__doc__", "__module__"):
-        setattr(batch, attr, getattr(fn, attr))
     batch.group_fn = fn  # type: ignore[attr-defined]
-    batch.__reward_required__ = tuple(p.name for p in kw_only if p.default is p.empty)  # type: ignore[attr-defined]
-    defaults = {p.name: p.default for p in kw_only if p.default is not p.empty}
-    batch.__reward_defaults__ = None if len(kw_only) < len(rest) else defaults  # type: ignore[attr-defined]
-    return batch
+    return lifted_from(batch, fn, rest)
 
 
 def with_credit(
