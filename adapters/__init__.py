@@ -4,8 +4,9 @@ load on first use, so importing this package does not import diffusers or PIL.""
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
+
+from grpo_ar.lazy import load_export
 
 _PUBLIC = {
     "Adapter": "base",
@@ -34,11 +35,7 @@ __all__ = sorted(_PUBLIC)
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _PUBLIC:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_PUBLIC[name]}"), name)
-    globals()[name] = value
-    return value
+    return load_export(__name__, _PUBLIC, name, relative=True)
 
 
 def __dir__() -> list[str]:

@@ -6,8 +6,9 @@ and may change. Importing the package stays light: names load on first use.
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
+
+from .lazy import load_export
 
 __version__ = "0.1.0"
 
@@ -37,11 +38,7 @@ __all__ = sorted(_PUBLIC)
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _PUBLIC:
-        raise AttributeError(f"module 'grpo_ar' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_PUBLIC[name]), name)
-    globals()[name] = value
-    return value
+    return load_export(__name__, _PUBLIC, name)
 
 
 def __dir__() -> list[str]:
