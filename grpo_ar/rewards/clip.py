@@ -283,14 +283,9 @@ class ClipScore(ClipReward):
     name = "clip_score"
 
     def __init__(
-        self,
-        clip_path: str | os.PathLike,
-        device: str | None = None,
-        batch_size: int = 32,
-        dtype: str | None = None,
-        scale: float = 100.0,
-        clip_negative: bool = True,
-    ) -> None:
+        self, clip_path: str | os.PathLike, device: str | None = None, batch_size: int = 32,
+        dtype: str | None = None, scale: float = 100.0, clip_negative: bool = True,
+    ) -> None:  # fmt: skip
         super().__init__(clip_path, device, batch_size, dtype)
         from transformers import AutoTokenizer
 
