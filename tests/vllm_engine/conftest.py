@@ -9,7 +9,6 @@ import os
 import socket
 
 import pytest
-import torch
 import vllm  # noqa: F401  (fails collection without the engine: these tests never skip)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -17,25 +16,10 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
 def tiny_vllm_llama(vocab_size: int, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """`tiny_llama` (peaked head: top-k / top-p cut something) at head_dim 32."""
+    from tiny import tiny_llama
 
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # peaked distributions, so that top-k / top-p cut something
-        model.lm_head.weight.mul_(8.0)
-    return model
+    return tiny_llama(vocab_size, seed, hidden=64, heads=2, mlp=128)
 
 
 @pytest.fixture(scope="session")
