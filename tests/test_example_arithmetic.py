@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "text_arithmetic"
+from example_modules import example_module
 
 
 def test_demo_runs_two_steps(tmp_path, capsys):
-    sys.path.insert(0, str(EXAMPLE))
-    try:
-        spec = importlib.util.spec_from_file_location("arith_run", EXAMPLE / "run.py")
-        run = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(run)
+    with example_module("text_arithmetic", "run") as run:
         out = run.main(
             [
                 "--base",
@@ -36,8 +29,6 @@ def test_demo_runs_two_steps(tmp_path, capsys):
                 "log.progress=false",
             ]
         )
-    finally:
-        sys.path.remove(str(EXAMPLE))
     text = capsys.readouterr().out
     assert "held-out accuracy before GRPO" in text and "held-out accuracy after  GRPO" in text
     assert set(out) == {"greedy_before", "greedy_after", "sampled_before", "sampled_after"}

@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "rng"
+from example_modules import example_module, load_example
 
 
 def test_rng_example_runs_three_steps(tmp_path, capsys):
-    sys.path.insert(0, str(EXAMPLE))
-    try:
-        spec = importlib.util.spec_from_file_location("rng_run", EXAMPLE / "run.py")
-        run = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(run)
+    with example_module("rng", "run") as run:
         out = run.main(
             ["--base", str(tmp_path / "base"), "--pretrain-steps", "5", "--eval-n", "10",
              "--set", "trainer.steps=3", "--set", "trainer.batch_size=2",
              "--set", f"log.run_dir={tmp_path / 'run'}", "--set", "log.progress=false"]
         )  # fmt: skip
-    finally:
-        sys.path.remove(str(EXAMPLE))
     assert "held-out before GRPO" in capsys.readouterr().out
     for stats in out.values():
         assert 0.0 <= stats["entropy"] <= 1.0 + 1e-9 and 0.0 <= stats["chi2_p"] <= 1.0
@@ -37,13 +28,7 @@ def test_rng_example_runs_three_steps(tmp_path, capsys):
 
 
 def test_statistics_by_hand():
-    sys.path.insert(0, str(EXAMPLE))
-    try:
-        spec = importlib.util.spec_from_file_location("rng_task", EXAMPLE / "task.py")
-        task = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(task)
-    finally:
-        sys.path.remove(str(EXAMPLE))
+    task = load_example("rng", "task")
     s = task.statistics([list("0123456789"), ["3"] * 9 + ["x"]])
     # pooled digits: 0-9 once, 3 ten times more -> 19 digits
     p = [1 / 19] * 9 + [10 / 19]
