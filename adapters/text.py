@@ -106,12 +106,18 @@ class TextAdapter(Adapter):
 
 
 def load_text_model(
-    path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", **kw: Any
+    path: str,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    attn_implementation: str = "",
+    **kw: Any,
 ) -> tuple[Any, Any]:
-    """(model, tokenizer) from a local folder or hub id, via the Auto classes."""
+    """(model, tokenizer) from a local folder or hub id, via the Auto classes; a non-empty
+    `attn_implementation` (sdpa, flash_attention_2, ...) picks the attention kernel."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, **kw)
     # as an nn.Module: transformers' decorated `PreTrainedModel.to` does not type-check as a method
-    model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
+    attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **attn, **kw)
     return model.to(device), tokenizer

@@ -189,10 +189,13 @@ class StepStats:
 
     @contextmanager
     def timer(self, name: str) -> Iterator[None]:
+        """Wall time of the block, CUDA's queued kernels included (a no-op sync on the CPU)."""
+        cuda_sync()
         start = time.perf_counter()
         try:
             yield
         finally:
+            cuda_sync()
             self.times[name] += time.perf_counter() - start
 
     def summary(
@@ -206,6 +209,26 @@ class StepStats:
         out.update({k: float(v) for k, v in self.counts.items()})
         out.update({f"time/{k}": v for k, v in self.times.items()})
         return out
+
+
+def cuda_sync() -> None:
+    """Wait for queued CUDA kernels, so a timer measures them, not their launch."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def memory_metrics(device: torch.device) -> dict[str, float]:
+    """memory/allocated_gb and memory/peak_gb (since the last call) on a CUDA device; nothing on
+    others (the CPU has no allocator statistics to report)."""
+    if device.type != "cuda":
+        return {}
+    gb = 1024.0**3
+    out = {
+        "memory/allocated_gb": torch.cuda.memory_allocated(device) / gb,
+        "memory/peak_gb": torch.cuda.max_memory_allocated(device) / gb,
+    }
+    torch.cuda.reset_peak_memory_stats(device)
+    return out
 
 
 def check_reward_failures(result: Any, limit: float, rewards: Any, step: int) -> None:

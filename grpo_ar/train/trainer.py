@@ -45,6 +45,7 @@ from ..types import Entry, PromptBatch, Rollout
 from .dynamic_sampling import fill_batch
 from .environments import assign_credit, rollout_metrics
 from .evaluation import evaluate_rewards, reward_context
+from .precision import Precision
 from .reference import REFERENCE_REFRESH, Reference
 from .run_state import resume_trainer, save_trainer, trainer_state
 from .step import (
@@ -54,6 +55,7 @@ from .step import (
     check_reward_failures,
     disable_dropout,
     entropy_controller,
+    memory_metrics,
     token_terms,
     zero_std_fraction,
 )
@@ -98,6 +100,7 @@ class Trainer:
             disable_dropout(self.model)
         self.train_entries, self.eval_entries = list(train_entries), list(eval_entries or [])
         self.device = next(self.model.parameters()).device
+        self.precision = Precision(config.model.precision, self.device)
         self.dist = parallel if parallel is not None else build_parallel(t.strategy, self.device)
         self.dist.check(config)
         everything = self.train_entries + self.eval_entries
@@ -181,7 +184,7 @@ class Trainer:
     def _rollout(
         self, prompts: PromptBatch, g: int, stats: StepStats, greedy: bool = False
     ) -> tuple[Rollout, RewardResult]:
-        with stats.timer("sample"), self.dist.sampling() as net:
+        with stats.timer("sample"), self.dist.sampling() as net, self.precision.autocast():
             gen = self.generator
             rollout = self.backend.generate(net, prompts, g, generator=gen, greedy=greedy)
         with stats.timer("reward"):
@@ -242,13 +245,15 @@ class Trainer:
                 finite, total = True, 0.0
                 for i, mb in enumerate(micro):
                     with self.dist.no_sync(i < len(micro) - 1):  # sync once per pass
-                        logp, ent = self.dist.score(mb)
+                        with self.precision.autocast():
+                            logp, ent = self.dist.score(mb)
+                        logp, ent = logp.float(), ent.float()  # losses in fp32 (mixed)
                         loss = self.micro_loss(mb, logp, ent, it, totals, len(micro), stats)
                         finite = finite and bool(torch.isfinite(loss))
                         if not finite and not self.dist.active:
                             break  # ranks keep going: each must join every gradient exchange
                         # ranks' gradients are averaged: × world size sums them
-                        (loss * self.dist.size).backward()
+                        self.precision.backward(loss * self.dist.size)
                     total = total + loss.detach()
                 self.end_pass(finite, total, stats)
 
@@ -260,9 +265,9 @@ class Trainer:
         micro = self.dist.local(rollout).micro_batches(t.grad_accum, t.micro_batch_tokens or None)
         micro = self.dist.align(micro)
         if self.reference is not None:
-            with stats.timer("reference"):
+            with stats.timer("reference"), self.precision.autocast():
                 for mb in micro:
-                    mb.data["ref_logp"] = self.reference.logprobs(self.adapter, mb)
+                    mb.data["ref_logp"] = self.reference.logprobs(self.adapter, mb).float()
         for mb in micro:
             mb.data["loss_mask"] = self._loss_mask(mb)
         n_tokens = self._loss_mask(rollout).sum()
@@ -324,15 +329,17 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         norm = torch.tensor(0.0)
         if finite:
+            self.precision.unscale(self.optimizer)  # fp16-mixed: clip the true gradients
             max_norm = self.cfg.trainer.max_grad_norm or math.inf
             norm = self.dist.full(torch.nn.utils.clip_grad_norm_(params, max_norm))
             finite = bool(torch.isfinite(norm))
         if not finite:  # never a NaN update: drop this pass, keep the run
             self.optimizer.zero_grad(set_to_none=True)
+            self.precision.skipped()
             stats.count("skipped_updates")
             log.warning("step %d: non-finite loss or gradient; update skipped", self.step)
         else:
-            self.optimizer.step()
+            self.precision.step(self.optimizer)
             self.scheduler.step()
             self.updates += 1
             stats.add_scalar("grad_norm", norm)
@@ -369,6 +376,7 @@ class Trainer:
                 "completion/truncated": float(rollout.truncated.float().mean()),
                 "time/step": time.perf_counter() - start,
                 "tokens_per_s": n_tok / max(stats.times.get("sample", 0.0), 1e-9),
+                **memory_metrics(self.device),
             }
         )
         if self.dist.is_main:
@@ -434,7 +442,8 @@ class Trainer:
     ) -> dict[str, float]:
         """Mean reward (overall and per reward) on held-out entries, greedy or sampled."""
         limit = self.cfg.data.eval_size or len(entries)
-        with self.dist.sampling() as net:  # every rank scores all entries (FSDP2: unsharded)
+        # every rank scores all entries (FSDP2: unsharded)
+        with self.dist.sampling() as net, self.precision.autocast():
             return evaluate_rewards(
                 net,
                 self.adapter,
