@@ -223,3 +223,15 @@ def test_memory_metrics_on_cuda():
     del x
     assert memory_metrics(dev)["memory/peak_gb"] >= 1.0  # the peak since the last call
     assert memory_metrics(dev)["memory/peak_gb"] < 1.0
+
+
+def test_a_rollout_engine_follows_the_compute_dtype():
+    """rollout.dtype = auto under bf16-mixed: a bf16 engine, the trainer's forwards' dtype, so
+    no sampler correction is forced; under fp32 a bf16 engine turns it on."""
+    from grpo_ar.generation.backends import with_rollout_defaults
+
+    mixed = load_config(None, ["model.precision=bf16-mixed", "rollout.backend=vllm"])
+    assert mixed.rollout.engine_dtype(mixed.model.compute_dtype) == "bfloat16"
+    assert with_rollout_defaults(mixed).algorithm.is_correction is None
+    fp32 = load_config(None, ["rollout.backend=vllm", "rollout.dtype=bfloat16"])
+    assert with_rollout_defaults(fp32).algorithm.is_correction == "token_truncate"

@@ -113,6 +113,13 @@ class ModelConfig:
             f"model.max_prompt_tokens={self.max_prompt_tokens}: need >= 1 (or leave it unset)",
         )
 
+    @property
+    def compute_dtype(self) -> str:
+        """The dtype the forwards run in: the storage dtype, or the autocast one of a mixed
+        precision (what a rollout engine with rollout.dtype = auto runs)."""
+        mixed = {"bf16-mixed": "bfloat16", "fp16-mixed": "float16"}
+        return mixed.get(self.precision, self.dtype)
+
     def _resolve_precision(self) -> None:
         """model.precision and model.dtype made consistent: precision fixes the storage dtype;
         an unset precision is read from the older model.dtype key."""
