@@ -162,13 +162,20 @@ class StepStats:
         self.values: dict[str, float] = {}
 
     def add_tokens(self, name: str, x: Tensor, mask: Tensor) -> None:
+        """Σ x and the token count over `mask`, kept on x's device (summary() reads them once:
+        no host sync per micro-batch on a GPU)."""
         m = mask.bool()
         acc = self.token_sums[name]
-        acc[0] = acc[0] + x.masked_fill(~m, 0).sum().float().cpu()
-        acc[1] = acc[1] + m.sum().float().cpu()
+        acc[0] = acc[0] + x.masked_fill(~m, 0).sum().float()
+        acc[1] = acc[1] + m.sum().float()
 
-    def add_terms(self, terms: TokenTerms, ent: Tensor, mask: Tensor) -> None:
-        """Token means of a micro-batch's objective terms (grpo_ar.core.objective.TokenTerms)."""
+    def add_terms(
+        self, terms: TokenTerms, ent: Tensor, mask: Tensor, keep: Tensor | None = None
+    ) -> None:
+        """Token means of a micro-batch's objective terms (grpo_ar.core.objective.TokenTerms);
+        `keep` (a 0-dim bool on the device) drops the whole micro-batch without a host sync."""
+        if keep is not None:
+            mask = mask.bool() & keep
         self.add_tokens("entropy", ent.detach(), mask)
         if terms.kl is not None:
             self.add_tokens("kl", terms.kl.detach(), mask)
@@ -202,7 +209,8 @@ class StepStats:
         self, reduce: Callable[[dict[str, list[Tensor]]], dict[str, list[Tensor]]] | None = None
     ) -> dict[str, float]:
         """The step's metrics; `reduce` sums the token statistics over ranks (name -> [Σ, n])."""
-        sums = dict(self.token_sums) if reduce is None else reduce(dict(self.token_sums))
+        local = {k: [s.cpu(), n.cpu()] for k, (s, n) in self.token_sums.items()}  # one sync
+        sums = local if reduce is None else reduce(local)
         out = dict(self.values)
         out.update({k: float(s / n.clamp(min=1)) for k, (s, n) in sums.items()})
         out.update({k: sum(v) / len(v) for k, v in self.scalars.items() if v})

@@ -101,6 +101,10 @@ class Trainer:
         self.train_entries, self.eval_entries = list(train_entries), list(eval_entries or [])
         self.device = next(self.model.parameters()).device
         self.precision = Precision(config.model.precision, self.device)
+        # on an accelerator a finiteness check per micro-batch would stall its queue: checked
+        # once per pass there (a NaN micro-batch then still runs its backward; the pass is
+        # skipped all the same); on the CPU a check is free and saves that backward
+        self.sync_free = self.device.type != "cpu"
         self.dist = parallel if parallel is not None else build_parallel(t.strategy, self.device)
         self.dist.check(config)
         everything = self.train_entries + self.eval_entries
@@ -243,19 +247,22 @@ class Trainer:
             for it in range(self.cfg.algorithm.grpo_iters):
                 self.optimizer.zero_grad(set_to_none=True)
                 finite, total = True, 0.0
+                finite_t = torch.ones((), dtype=torch.bool, device=self.device)
                 for i, mb in enumerate(micro):
                     with self.dist.no_sync(i < len(micro) - 1):  # sync once per pass
                         with self.precision.autocast():
                             logp, ent = self.dist.score(mb)
                         logp, ent = logp.float(), ent.float()  # losses in fp32 (mixed)
                         loss = self.micro_loss(mb, logp, ent, it, totals, len(micro), stats)
-                        finite = finite and bool(torch.isfinite(loss))
-                        if not finite and not self.dist.active:
-                            break  # ranks keep going: each must join every gradient exchange
+                        finite_t = finite_t & torch.isfinite(loss.detach())
+                        if not self.sync_free:
+                            finite = bool(finite_t)
+                            if not finite and not self.dist.active:
+                                break  # ranks keep going: each must join every gradient exchange
                         # ranks' gradients are averaged: × world size sums them
                         self.precision.backward(loss * self.dist.size)
                     total = total + loss.detach()
-                self.end_pass(finite, total, stats)
+                self.end_pass(bool(finite_t) if self.sync_free else finite, total, stats)
 
     def prepare(self, rollout: Rollout, stats: StepStats) -> tuple[list[Rollout], BatchTotals]:
         """This rank's micro-batches of a global rollout (reference log-probs, loss masks) and
@@ -304,7 +311,9 @@ class Trainer:
             )
             loss = loss - self.entropy.coef * bonus
             self.entropy.observe((ent.detach() * eff).sum(), eff.sum())
-        if torch.isfinite(loss):
+        if self.sync_free:
+            stats.add_terms(terms, ent, mask, keep=torch.isfinite(loss.detach()))
+        elif torch.isfinite(loss):
             stats.add_terms(terms, ent, mask)
         return loss
 
