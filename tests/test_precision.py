@@ -235,3 +235,24 @@ def test_a_rollout_engine_follows_the_compute_dtype():
     assert with_rollout_defaults(mixed).algorithm.is_correction is None
     fp32 = load_config(None, ["rollout.backend=vllm", "rollout.dtype=bfloat16"])
     assert with_rollout_defaults(fp32).algorithm.is_correction == "token_truncate"
+
+
+def test_decode_step_weights_are_built_once_per_weight_version():
+    """FastStep's concatenated q/k/v (transposed on the CPU) are reused across sample calls
+    until a parameter changes in place (an optimizer step), then rebuilt from the new values;
+    under autocast they are taken in its dtype."""
+    from grpo_ar.generation.decode_step import FastStep
+
+    model = tiny_llama()
+    a, b = FastStep(model, 8), FastStep(model, 8)
+    assert a.layers[0][1][0] is b.layers[0][1][0]
+    attn = model.model.layers[0].self_attn
+    with torch.no_grad():
+        attn.q_proj.weight.add_(0.5)
+    c = FastStep(model, 8)
+    want = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).t()
+    assert torch.equal(c.layers[0][1][0], want)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        d = FastStep(model, 8)
+    assert d.layers[0][1][0].dtype == torch.bfloat16
+    assert torch.equal(d.layers[0][1][0], want.to(torch.bfloat16))

@@ -194,6 +194,9 @@ class FastStep:
     of a decode step, `x @ Wt` ran 1.2-1.7x faster than `F.linear(x, W)` (MKL, SmolLM2 and the
     tiny bench model's shapes; benchmarks/README.md). The copies are taken once per `sample`
     call, so training updates between calls are always seen; elsewhere F.linear is used as is.
+    Under autocast (model.precision = *-mixed) they are taken in its dtype: the step reads
+    bf16 weights instead of casting fp32 ones at every token. They are reused while no
+    parameter of the model changed (`weight_views`), rebuilt after an update.
     """
 
     def __init__(self, model: Any, capacity: int) -> None:
@@ -201,20 +204,28 @@ class FastStep:
         self.embed, self.norm = body.embed_tokens, body.norm
         device = self.embed.weight.device
         self.transposed = device.type == "cpu"
-        self.head = self._lin(model.lm_head)
-        self.layers = []
-        for layer in body.layers:
+        self.dtype = (
+            torch.get_autocast_dtype(device.type)
+            if torch.is_autocast_enabled(device.type)
+            else None
+        )
+        self.head, self.layers = weight_views(model, self)
+        x = self.embed.weight[:1]
+        cos, sin = body.rotary_emb(x, torch.arange(capacity, device=device)[None])
+        self.cos, self.sin = cos[0], sin[0]  # (capacity, hd)
+
+    def build_layers(self, model: Any) -> list[tuple[Any, ...]]:
+        layers = []
+        for layer in model.model.layers:
             a, m = layer.self_attn, layer.mlp
-            self.layers.append(
+            layers.append(
                 (layer.input_layernorm, self._lin(a.q_proj, a.k_proj, a.v_proj),
                  self._lin(a.o_proj), layer.post_attention_layernorm,
                  self._lin(m.gate_proj, m.up_proj), self._lin(m.down_proj),
                  a.q_proj.out_features // a.head_dim, a.k_proj.out_features // a.head_dim,
                  a.head_dim, a.scaling)
             )  # fmt: skip
-        x = self.embed.weight[:1]
-        cos, sin = body.rotary_emb(x, torch.arange(capacity, device=device)[None])
-        self.cos, self.sin = cos[0], sin[0]  # (capacity, hd)
+        return layers
 
     def _lin(self, *linears: nn.Linear) -> tuple[Tensor, Tensor | None]:
         """(weight, bias) of the Linears side by side: (out, in) as F.linear takes it, or
@@ -223,6 +234,8 @@ class FastStep:
         has_bias = linears[0].bias is not None
         b = torch.cat([x.bias for x in linears]) if has_bias and len(linears) > 1 else None
         b = linears[0].bias if has_bias and len(linears) == 1 else b
+        if self.dtype is not None:
+            w, b = w.to(self.dtype), (None if b is None else b.to(self.dtype))
         return (w.t().contiguous() if self.transposed else w), b
 
     def _apply(self, x: Tensor, wb: tuple[Tensor, Tensor | None]) -> Tensor:
@@ -257,6 +270,31 @@ class FastStep:
         return lin(_rms(x, self.norm.weight, self.norm.variance_epsilon), self.head)
 
 
+# model -> (key, head, layers) of the last FastStep built for it
+_VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def weight_views(model: Any, step: FastStep) -> tuple[Any, list[tuple[Any, ...]]]:
+    """`step`'s (head, layers) weights, rebuilt only when a parameter changed since the last
+    build: an optimizer step or a load writes in place and bumps the tensor's version counter;
+    a replaced parameter has another identity. Under FSDP the gathered parameters are
+    re-filled each unshard, so nothing is reused there."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if any(isinstance(m, FSDPModule) for m in model.modules()):
+        return step._lin(model.lm_head), step.build_layers(model)
+    key = (
+        step.dtype,
+        step.transposed,
+        tuple((id(p), p.data_ptr(), p._version) for p in model.parameters()),
+    )
+    cached = _VIEWS.get(model)
+    if cached is None or cached[0] != key:
+        cached = (key, step._lin(model.lm_head), step.build_layers(model))
+        _VIEWS[model] = cached
+    return cached[1], cached[2]
+
+
 def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
@@ -268,7 +306,8 @@ def fast_step_for(model: Any, capacity: int) -> FastStep | None:
     (checked once per model on a left-padded 2-row input), else None."""
     ok = _FAST_OK.get(model) if isinstance(model, nn.Module) else False
     if ok is None:
-        ok = _llama_like(model) and _check(model)
+        with torch.autocast(model.lm_head.weight.device.type, enabled=False):  # an fp32 check
+            ok = _llama_like(model) and _check(model)
         _FAST_OK[model] = ok
     return FastStep(model, capacity) if ok else None
 
