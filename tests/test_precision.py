@@ -237,15 +237,12 @@ def test_a_rollout_engine_follows_the_compute_dtype():
     assert with_rollout_defaults(fp32).algorithm.is_correction == "token_truncate"
 
 
-def test_decode_step_weights_are_built_once_per_weight_version():
-    """FastStep's concatenated q/k/v (transposed on the CPU) are reused across sample calls
-    until a parameter changes in place (an optimizer step), then rebuilt from the new values;
-    under autocast they are taken in its dtype."""
+def test_decode_step_weights_follow_updates_and_the_autocast_dtype():
+    """FastStep's concatenated q/k/v (transposed on the CPU) are taken from the current
+    weights at each sample call; under autocast in its dtype."""
     from grpo_ar.generation.decode_step import FastStep
 
     model = tiny_llama()
-    a, b = FastStep(model, 8), FastStep(model, 8)
-    assert a.layers[0][1][0] is b.layers[0][1][0]
     attn = model.model.layers[0].self_attn
     with torch.no_grad():
         attn.q_proj.weight.add_(0.5)
@@ -256,3 +253,12 @@ def test_decode_step_weights_are_built_once_per_weight_version():
         d = FastStep(model, 8)
     assert d.layers[0][1][0].dtype == torch.bfloat16
     assert torch.equal(d.layers[0][1][0], want.to(torch.bfloat16))
+
+
+def test_mfu_counts_6n_flops_per_trained_token():
+    from grpo_ar.train.step import bf16_peak, mfu
+
+    # 1e6 params x 1e3 tokens x 6 = 6e9 FLOP in 1 s against a 1.2e10 peak: half of it
+    assert mfu(10**6, 1e3, 1.0, 1.2e10) == {"perf/mfu": 0.5}
+    assert mfu(10**6, 1e3, 1.0, None) == {}
+    assert bf16_peak(torch.device("cpu")) is None  # no MFU figure pretends a GPU ran

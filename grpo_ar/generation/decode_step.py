@@ -195,8 +195,9 @@ class FastStep:
     tiny bench model's shapes; benchmarks/README.md). The copies are taken once per `sample`
     call, so training updates between calls are always seen; elsewhere F.linear is used as is.
     Under autocast (model.precision = *-mixed) they are taken in its dtype: the step reads
-    bf16 weights instead of casting fp32 ones at every token. They are reused while no
-    parameter of the model changed (`weight_views`), rebuilt after an update.
+    bf16 weights instead of casting fp32 ones at every token. (Not cached across calls: a
+    fused AdamW step does not bump the parameters' version counters, so a cache keyed on
+    them served stale weights.)
     """
 
     def __init__(self, model: Any, capacity: int) -> None:
@@ -209,7 +210,7 @@ class FastStep:
             if torch.is_autocast_enabled(device.type)
             else None
         )
-        self.head, self.layers = weight_views(model, self)
+        self.head, self.layers = self._lin(model.lm_head), self.build_layers(model)
         x = self.embed.weight[:1]
         cos, sin = body.rotary_emb(x, torch.arange(capacity, device=device)[None])
         self.cos, self.sin = cos[0], sin[0]  # (capacity, hd)
@@ -268,31 +269,6 @@ class FastStep:
         for layer in cache.layers:
             layer.length = at + 1
         return lin(_rms(x, self.norm.weight, self.norm.variance_epsilon), self.head)
-
-
-# model -> (key, head, layers) of the last FastStep built for it
-_VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def weight_views(model: Any, step: FastStep) -> tuple[Any, list[tuple[Any, ...]]]:
-    """`step`'s (head, layers) weights, rebuilt only when a parameter changed since the last
-    build: an optimizer step or a load writes in place and bumps the tensor's version counter;
-    a replaced parameter has another identity. Under FSDP the gathered parameters are
-    re-filled each unshard, so nothing is reused there."""
-    from torch.distributed.fsdp import FSDPModule
-
-    if any(isinstance(m, FSDPModule) for m in model.modules()):
-        return step._lin(model.lm_head), step.build_layers(model)
-    key = (
-        step.dtype,
-        step.transposed,
-        tuple((id(p), p.data_ptr(), p._version) for p in model.parameters()),
-    )
-    cached = _VIEWS.get(model)
-    if cached is None or cached[0] != key:
-        cached = (key, step._lin(model.lm_head), step.build_layers(model))
-        _VIEWS[model] = cached
-    return cached[1], cached[2]
 
 
 def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

@@ -239,6 +239,26 @@ def memory_metrics(device: torch.device) -> dict[str, float]:
     return out
 
 
+# dense bf16 tensor-core peaks (FLOP/s, no sparsity) of the devices the name contains
+BF16_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+
+
+def bf16_peak(device: torch.device) -> float | None:
+    """The device's bf16 peak from BF16_PEAKS, None for the CPU or an unlisted GPU."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in BF16_PEAKS.items() if k in name), None)
+
+
+def mfu(n_params: int, tokens: float, seconds: float, peak: float | None) -> dict[str, float]:
+    """perf/mfu of a training pass: 6·N FLOPs per token (forward 2N + backward 4N) over
+    `seconds`, as a fraction of `peak`; nothing without a known peak."""
+    if peak is None or seconds <= 0:
+        return {}
+    return {"perf/mfu": 6.0 * n_params * tokens / seconds / peak}
+
+
 def check_reward_failures(result: Any, limit: float, rewards: Any, step: int) -> None:
     """Stop rather than train on a batch the rewards mostly failed to score (their advantages
     would be 0); runs on each rank's share, so the failing rank is named."""

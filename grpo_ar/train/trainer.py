@@ -50,12 +50,14 @@ from .reference import REFERENCE_REFRESH, Reference
 from .run_state import resume_trainer, save_trainer, trainer_state
 from .step import (
     StepStats,
+    bf16_peak,
     build_optimizer,
     build_scheduler,
     check_reward_failures,
     disable_dropout,
     entropy_controller,
     memory_metrics,
+    mfu,
     token_terms,
     zero_std_fraction,
 )
@@ -105,6 +107,7 @@ class Trainer:
         # once per pass there (a NaN micro-batch then still runs its backward; the pass is
         # skipped all the same); on the CPU a check is free and saves that backward
         self.sync_free = self.device.type != "cpu"
+        self.peak = bf16_peak(self.device)  # perf/mfu's denominator (None: not reported)
         self.dist = parallel if parallel is not None else build_parallel(t.strategy, self.device)
         self.dist.check(config)
         everything = self.train_entries + self.eval_entries
@@ -388,6 +391,12 @@ class Trainer:
                 **memory_metrics(self.device),
             }
         )
+        # each of μ passes scores the prompt (once per row) and completion tokens of this rank
+        passes = self.cfg.algorithm.grpo_iters
+        scored = rollout.prompts.attention_mask.sum() * rollout.group_size + n_tok
+        trained = float(scored) * passes / self.dist.size
+        n_params = sum(p.numel() for p in self.model.parameters())
+        metrics.update(mfu(n_params, trained, stats.times.get("update", 0.0), self.peak))
         if self.dist.is_main:
             k, save = self.cfg.log.samples_per_step, self.adapter.save_samples
             rows = append_samples(self.run_dir, rollout, self.step, k, save, self.adapter.summarize)
