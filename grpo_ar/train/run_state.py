@@ -23,7 +23,7 @@ from ..io.checkpoint import (
     set_rng_state,
 )
 from ..io.run_files import truncate_run_files
-from .precision import same_family
+from .precision import compute_dtype, same_family
 
 
 def trainer_state(tr: Any) -> dict[str, Any]:
@@ -77,8 +77,9 @@ def resume_trainer(tr: Any, run_dir: str | Path) -> None:
     )
     now = tr.cfg.model.precision
     if not same_family(saved, now):
+        name = lambda p: f"{p} ({str(compute_dtype(p)).removeprefix('torch.')})"  # noqa: E731
         raise ConfigError(
-            f"the run was trained in {saved}; resuming in {now} is refused "
+            f"the run was trained in {name(saved)}; resuming in {name(now)} is refused "
             "(never switch between bf16 and fp16 mid-training)"
         )
     method = state.get("finetune", "full")
