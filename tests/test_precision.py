@@ -262,3 +262,33 @@ def test_mfu_counts_6n_flops_per_trained_token():
     assert mfu(10**6, 1e3, 1.0, 1.2e10) == {"perf/mfu": 0.5}
     assert mfu(10**6, 1e3, 1.0, None) == {}
     assert bf16_peak(torch.device("cpu")) is None  # no MFU figure pretends a GPU ran
+
+
+@pytest.mark.gpu
+def test_bf16_mixed_step_on_cuda(tmp_path):
+    """On a GPU: a bf16-mixed step (sampler reads finished rows every 8 tokens, no per-micro-
+    batch sync) trains fp32 master weights and reports memory (and MFU on a listed GPU)."""
+    tok = char_tokenizer()
+    cfg = load_config(
+        None,
+        [
+            "sampling.max_new_tokens=16",
+            "trainer.batch_size=4",
+            "trainer.grad_accum=2",
+            "algorithm.group_size=4",
+            "algorithm.beta=0.04",
+            "model.precision=bf16-mixed",
+            f"log.run_dir={tmp_path}",
+            "log.progress=false",
+        ],
+    )
+    model = tiny_llama(vocab_size=len(tok)).to("cuda")
+    entries = load_rows([{"prompt": f"{i}*{i}=", "rewards": "toy_fives"} for i in range(8)])
+    tr = Trainer(cfg, model, TextAdapter(tok, cfg.sampling), entries)
+    assert tr.sync_free
+    m = tr.train_step()
+    assert m.get("skipped_updates", 0) == 0 and tr.updates == 1
+    assert all(p.dtype == torch.float32 and p.is_cuda for p in tr.model.parameters())
+    assert m["memory/peak_gb"] > 0 and m["time/update"] > 0
+    if tr.peak is not None:
+        assert 0 < m["perf/mfu"] < 1
