@@ -190,6 +190,7 @@ def build_code_grid(
 
     from .code_grid import ClassCondition, TextCondition
     from .image import ImageAdapter
+    from .text import load_causal_lm
     from .video import VideoAdapter
     from .vq import load_vq_decoder
 
@@ -197,10 +198,7 @@ def build_code_grid(
     if not sec.decoder_path:
         raise ConfigError(f"{kind}.decoder_path is empty: give the folder of the VQ tokenizer")
     attn = config.model.attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(
-        config.model.path, dtype=dtype, **({"attn_implementation": attn} if attn else {})
-    )
-    model = model.to(device)  # type: ignore[arg-type]  # transformers' decorated `to`
+    model = load_causal_lm(AutoModelForCausalLM, config.model.path, dtype, device, attn)
     kw: dict[str, Any] = {"subfolder": sec.decoder_subfolder} if sec.decoder_subfolder else {}
     if isinstance(sec, VideoConfig):
         kw["per_frame"] = sec.frame_wise

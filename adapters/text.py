@@ -117,7 +117,18 @@ def load_text_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+    model = load_causal_lm(AutoModelForCausalLM, path, dtype, device, attn_implementation, **kw)
+    return model, tokenizer
+
+
+def load_causal_lm(
+    auto: Any, path: str, dtype: torch.dtype, device: str | torch.device, attn: str = "", **kw: Any
+) -> torch.nn.Module:
+    """`auto.from_pretrained` on `device`: a GPU model is loaded straight onto it (no full CPU
+    copy first; `device_map`), a CPU one as before; `attn` picks the attention kernel."""
+    extra: dict[str, Any] = {"attn_implementation": attn} if attn else {}
+    if torch.device(device).type == "cuda":
+        extra["device_map"] = str(device)
     # as an nn.Module: transformers' decorated `PreTrainedModel.to` does not type-check as a method
-    attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **attn, **kw)
-    return model.to(device), tokenizer
+    model: torch.nn.Module = auto.from_pretrained(path, dtype=dtype, **extra, **kw)
+    return model.to(device)

@@ -292,3 +292,15 @@ def test_bf16_mixed_step_on_cuda(tmp_path):
     assert m["memory/peak_gb"] > 0 and m["time/update"] > 0
     if tr.peak is not None:
         assert 0 < m["perf/mfu"] < 1
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_attn_implementation_reaches_from_pretrained(tmp_path, attn):
+    from transformers import AutoModelForCausalLM
+
+    from grpo_ar.adapters.text import load_causal_lm
+
+    tiny_llama().save_pretrained(tmp_path)
+    model = load_causal_lm(AutoModelForCausalLM, str(tmp_path), torch.float32, "cpu", attn)
+    assert model.config._attn_implementation == attn
+    assert ModelConfig(attn_implementation=attn).attn_implementation == attn
