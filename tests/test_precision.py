@@ -304,3 +304,13 @@ def test_attn_implementation_reaches_from_pretrained(tmp_path, attn):
     model = load_causal_lm(AutoModelForCausalLM, str(tmp_path), torch.float32, "cpu", attn)
     assert model.config._attn_implementation == attn
     assert ModelConfig(attn_implementation=attn).attn_implementation == attn
+
+
+def test_fsdp2_refuses_fp16_mixed():
+    from grpo_ar.parallel.fsdp import FSDP2Parallel
+
+    par = FSDP2Parallel.__new__(FSDP2Parallel)  # check() reads only the config and the size
+    par.size = 2
+    cfg = load_config(None, ["model.precision=fp16-mixed", "trainer.strategy=fsdp2"])
+    with pytest.raises(ConfigError, match="use bf16-mixed"):
+        par.check(cfg)

@@ -172,6 +172,11 @@ class FSDP2Parallel(DataParallel):
     def check(self, cfg: Config) -> None:
         super().check(cfg)
         self.precision = cfg.model.precision
+        if self.precision == "fp16-mixed":
+            raise ConfigError(
+                "model.precision=fp16-mixed with strategy=fsdp2: its gradient scaler is not "
+                "tested over sharded gradients here; use bf16-mixed (no scaler needed)"
+            )
         if cfg.trainer.micro_batch_tokens:
             raise ConfigError(
                 "trainer.micro_batch_tokens with strategy=fsdp2: ranks would run different "
