@@ -153,7 +153,9 @@ def build_text(config: Any, section: Any, device: str, dtype: torch.dtype) -> tu
     from .text import TextAdapter, load_text_model
 
     m = config.model
-    model, tok = load_text_model(m.path, dtype=dtype, device=device)
+    model, tok = load_text_model(
+        m.path, dtype=dtype, device=device, attn_implementation=m.attn_implementation
+    )
     adapter = TextAdapter(
         tok,
         config.sampling,
@@ -188,14 +190,15 @@ def build_code_grid(
 
     from .code_grid import ClassCondition, TextCondition
     from .image import ImageAdapter
+    from .text import load_causal_lm
     from .video import VideoAdapter
     from .vq import load_vq_decoder
 
     kind = sec.section
     if not sec.decoder_path:
         raise ConfigError(f"{kind}.decoder_path is empty: give the folder of the VQ tokenizer")
-    model = AutoModelForCausalLM.from_pretrained(config.model.path, dtype=dtype)
-    model = model.to(device)  # type: ignore[arg-type]  # transformers' decorated `to`
+    attn = config.model.attn_implementation
+    model = load_causal_lm(AutoModelForCausalLM, config.model.path, dtype, device, attn)
     kw: dict[str, Any] = {"subfolder": sec.decoder_subfolder} if sec.decoder_subfolder else {}
     if isinstance(sec, VideoConfig):
         kw["per_frame"] = sec.frame_wise

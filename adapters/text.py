@@ -106,12 +106,29 @@ class TextAdapter(Adapter):
 
 
 def load_text_model(
-    path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", **kw: Any
+    path: str,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    attn_implementation: str = "",
+    **kw: Any,
 ) -> tuple[Any, Any]:
-    """(model, tokenizer) from a local folder or hub id, via the Auto classes."""
+    """(model, tokenizer) from a local folder or hub id, via the Auto classes; a non-empty
+    `attn_implementation` (sdpa, flash_attention_2, ...) picks the attention kernel."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+    model = load_causal_lm(AutoModelForCausalLM, path, dtype, device, attn_implementation, **kw)
+    return model, tokenizer
+
+
+def load_causal_lm(
+    auto: Any, path: str, dtype: torch.dtype, device: str | torch.device, attn: str = "", **kw: Any
+) -> torch.nn.Module:
+    """`auto.from_pretrained` on `device`: a GPU model is loaded straight onto it (no full CPU
+    copy first; `device_map`), a CPU one as before; `attn` picks the attention kernel."""
+    extra: dict[str, Any] = {"attn_implementation": attn} if attn else {}
+    if torch.device(device).type == "cuda":
+        extra["device_map"] = str(device)
     # as an nn.Module: transformers' decorated `PreTrainedModel.to` does not type-check as a method
-    model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
-    return model.to(device), tokenizer
+    model: torch.nn.Module = auto.from_pretrained(path, dtype=dtype, **extra, **kw)
+    return model.to(device)

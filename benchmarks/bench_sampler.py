@@ -44,6 +44,7 @@ from grpo_ar.generation.params import SamplingParams
 from grpo_ar.types import Entry
 
 TOP_P = 0.95
+RUN = {"device": "cpu"}  # --device (benchmarks/gpu_check.sh: cuda)
 
 
 def completion_tokens(new: torch.Tensor, eos: int) -> int:
@@ -55,11 +56,12 @@ def completion_tokens(new: torch.Tensor, eos: int) -> int:
 
 def bench(name: str, args) -> dict[str, float]:
     model, tok, prompts, g, max_new = setup(name, 4 if name == "tiny" else 2)
+    model = model.to(RUN["device"])
     params = SamplingParams(max_new_tokens=max_new, temperature=1.0, top_p=TOP_P)
     adapter = TextAdapter(tok, params)
-    pb = adapter.encode([Entry(p, ()) for p in prompts])
+    pb = adapter.encode([Entry(p, ()) for p in prompts]).to(RUN["device"])
     eos, pad = adapter.sampling.eos_token_ids[0], adapter.sampling.pad_token_id
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=RUN["device"]).manual_seed(0)
     torch.manual_seed(0)
     counts: dict[str, list[int]] = {"grpo_ar": [], "hf_generate": []}
 
@@ -163,7 +165,11 @@ def bench_vllm(args) -> dict[str, float]:
 
 
 def main() -> None:
-    args = parse_args(__doc__, repeats=5, quick_repeats=3)
+    def extra(p):
+        p.add_argument("--device", default="cpu", help="cpu or cuda")
+
+    args = parse_args(__doc__, repeats=5, quick_repeats=3, extra=extra)
+    RUN["device"] = args.device
     header("bench_sampler", args)
     peak = matmul_peak()
     print(f"# fp32 matmul peak {peak:.0f} GFLOP/s")
@@ -172,7 +178,7 @@ def main() -> None:
     smol = bench("smol", args)
     vl = (
         bench_vllm(args)
-        if VLLM_PYTHON.exists()
+        if VLLM_PYTHON.exists() and args.device == "cpu"
         else {"ratio": float("nan"), "tps": float("nan"), "start_s": float("nan")}
     )
     print(f"# {time.perf_counter() - start:.0f} s; load after: {load()}")

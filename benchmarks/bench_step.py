@@ -33,6 +33,9 @@ ANSWERS = {"12+34=": 46, "5+77=": 82, "301+4=": 305, "9*9=": 81}
 SMOL_ANSWERS = {"Calculate 5 - 33.": -28, "Calculate 41 + 7.": 48}
 CONFIGS = {"tiny": dict(prompts=4, mu=2), "smol": dict(prompts=2, mu=1)}
 BETA, LR, EPS_HIGH = 0.04, 1e-6, 0.28
+# --device / --precision (benchmarks/gpu_check.sh: cuda, bf16-mixed; TRL then runs bf16=True,
+# its autocast over fp32 weights, the same policy)
+RUN = {"device": "cpu", "precision": "fp32"}
 
 
 def rows(name: str, prompts: list) -> list[dict]:
@@ -52,6 +55,7 @@ def grpo_ar_trainer(model, tok, data, g, max_new, mu, run_dir):
         None,
         [
             f"algorithm.group_size={g}",
+            f"model.precision={RUN['precision']}",
             f"algorithm.grpo_iters={mu}",
             f"algorithm.beta={BETA}",
             "algorithm.loss=clip",
@@ -101,9 +105,11 @@ def trl_trainer(path: Path, tok, data, g, max_new, mu, out_dir, callback):
         logging_steps=10**6,
         save_strategy="no",
         report_to="none",
-        use_cpu=True,
-        bf16=False,  # TRL defaults: bf16 autocast and gradient checkpointing on; grpo_ar runs
-        gradient_checkpointing=False,  # fp32 without checkpointing, so TRL does too
+        use_cpu=RUN["device"] == "cpu",
+        # TRL defaults: bf16 autocast and gradient checkpointing on; grpo_ar runs fp32 (or
+        # bf16-mixed with --precision) without checkpointing, so TRL does too
+        bf16=RUN["precision"] == "bf16-mixed",
+        gradient_checkpointing=False,
         model_init_kwargs={"dtype": "float32"},
         seed=0,
         dataloader_num_workers=0,
@@ -148,6 +154,7 @@ class Interleave:
 
 def bench(name: str, args) -> dict:
     model, tok, prompts, g, max_new = setup(name, CONFIGS[name]["prompts"])
+    model = model.to(RUN["device"])
     mu, data = CONFIGS[name]["mu"], rows(name, prompts)
     tmp = Path(tempfile.mkdtemp(prefix=f"bench_step_{name}_"))
     if name == "tiny":  # TRL builds its reference from a path: give both the same saved weights
@@ -227,8 +234,13 @@ def report(name: str, r: dict, peak: float, typical: float) -> tuple[float, floa
 def main() -> None:
     def extra(p):
         p.add_argument("--configs", default="tiny,smol", help="comma-separated: tiny, smol")
+        p.add_argument("--device", default="cpu", help="cpu or cuda (both trainers)")
+        p.add_argument(
+            "--precision", default="fp32", choices=["fp32", "bf16-mixed"], help="both trainers"
+        )
 
     args = parse_args(__doc__, repeats=5, quick_repeats=2, extra=extra)
+    RUN.update(device=args.device, precision=args.precision)
     header("bench_step", args)
     names = [c for c in args.configs.split(",") if c]
     if unknown := set(names) - set(CONFIGS):

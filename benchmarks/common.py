@@ -18,7 +18,8 @@ import torch
 from grpo_ar import testing
 
 ROOT = Path(__file__).resolve().parent.parent
-SMOLLM2 = ROOT / "runs" / "smollm2-135m-instruct"
+# GRPO_AR_SMOLLM2: another folder (benchmarks/gpu_check.sh --model)
+SMOLLM2 = Path(os.environ.get("GRPO_AR_SMOLLM2") or ROOT / "runs" / "smollm2-135m-instruct")
 
 
 def parse_args(doc: str, repeats: int, quick_repeats: int, extra: Callable | None = None):

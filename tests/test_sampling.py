@@ -204,3 +204,23 @@ def test_draw_never_lands_past_the_last_possible_token(monkeypatch):
     z = torch.tensor([[0.0, 0.0, -float("inf"), -float("inf")]])
     tok, lp = _Draw(1, None, greedy=False)(z, None)
     assert tok.item() == 1 and torch.isclose(lp, torch.tensor(0.5).log())
+
+
+# few rows end / most end (compaction) / every row ends within 3 tokens
+@pytest.mark.parametrize("eos", [(2,), tuple(range(2, 12)), tuple(range(2, 40))])
+def test_checking_finished_rows_every_k_tokens_samples_the_same(model, eos):
+    """The accelerator setting (finished rows read every k tokens, not every token) draws the
+    same tokens: each row's uniforms do not depend on which rows still run."""
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, eos_token_ids=eos)
+    prompts = _prompts([[5, 6, 7], [3, 4, 5, 6, 7, 8, 9]])
+    every_token = sample(model, prompts, 4, params, generator=torch.Generator().manual_seed(3))
+    assert not every_token.truncated.all(), "the test needs some completions to end"
+    if len(eos) > 10:  # every row ends: the k-token reads must trim the columns drawn after
+        assert every_token.completion_ids.shape[1] == 3
+    for k in (3, 8):
+        gen = torch.Generator().manual_seed(3)
+        lazy = sample(model, prompts, 4, params, generator=gen, check_every=k)
+        assert torch.equal(lazy.completion_ids, every_token.completion_ids), k
+        assert torch.equal(lazy.completion_mask, every_token.completion_mask), k
+        assert torch.equal(lazy.truncated, every_token.truncated), k
+        torch.testing.assert_close(lazy.sampling_logp, every_token.sampling_logp, atol=1e-5, rtol=0)

@@ -28,8 +28,9 @@ class RolloutConfig:
     timeout_s: float = 300.0
     """Seconds to wait for the server's answer to one request before failing the run."""
     dtype: str = "auto"
-    """Engine dtype: auto (the trainer's model.dtype), float32, bfloat16, float16. An engine
-    dtype other than the trainer's turns algorithm.is_correction on (token_truncate) unless set."""
+    """Engine dtype: auto (the trainer's compute dtype: model.dtype, or bfloat16 under
+    bf16-mixed), float32, bfloat16, float16. An engine dtype other than the trainer's compute
+    dtype turns algorithm.is_correction on (token_truncate) unless set."""
     model_dir: str = ""
     """Folder the engine loads its config and first weights from (empty: model.path, or the
     trainer's model written once under run_dir/vllm_model)."""

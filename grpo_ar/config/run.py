@@ -65,8 +65,17 @@ class ModelConfig:
     adapter_path: str = ""
     """Folder put first on sys.path to import adapter_module from (e.g. "examples/audio_tones",
     or "." for the working directory); relative to the working directory."""
+    precision: str = ""
+    """fp32, bf16-mixed, fp16-mixed or bf16-true (Lightning's names). Mixed: fp32 master weights
+    and optimizer state, autocast compute, log-probs and losses in fp32 (fp16-mixed adds a
+    gradient scaler). bf16-true: bf16 weights updated directly (updates below bf16's resolution
+    are lost). Empty: taken from model.dtype (float32 -> fp32, bfloat16 -> bf16-true)."""
     dtype: str = "float32"
-    """Parameter dtype: float32 (default), bfloat16 or float16."""
+    """Parameter (storage) dtype: float32 (default), bfloat16 or float16. The older key; set
+    model.precision instead, which fixes it (mixed precisions keep float32 weights)."""
+    attn_implementation: str = ""
+    """Attention kernel passed to from_pretrained: sdpa, eager, flash_attention_2, flex_attention
+    (empty: transformers' default, sdpa where the model supports it)."""
     device: str = "auto"
     """auto (cuda when present), cpu, cuda, cuda:N."""
     chat_template: bool | None = None
@@ -98,10 +107,48 @@ class ModelConfig:
             self.dtype in ("float32", "bfloat16", "float16"),
             f"model.dtype={self.dtype!r}: use float32, bfloat16 or float16",
         )
+        self._resolve_precision()
         _need(
             self.max_prompt_tokens is None or self.max_prompt_tokens >= 1,
             f"model.max_prompt_tokens={self.max_prompt_tokens}: need >= 1 (or leave it unset)",
         )
+
+    @property
+    def compute_dtype(self) -> str:
+        """The dtype the forwards run in: the storage dtype, or the autocast one of a mixed
+        precision (what a rollout engine with rollout.dtype = auto runs)."""
+        mixed = {"bf16-mixed": "bfloat16", "fp16-mixed": "float16"}
+        return mixed.get(self.precision, self.dtype)
+
+    def _resolve_precision(self) -> None:
+        """model.precision and model.dtype made consistent: precision fixes the storage dtype;
+        an unset precision is read from the older model.dtype key."""
+        from_dtype = {"float32": "fp32", "bfloat16": "bf16-true", "float16": "fp16-true"}
+        if not self.precision:
+            object.__setattr__(self, "precision", from_dtype[self.dtype])
+            return
+        storage = PRECISION_STORAGE.get(self.precision)
+        _need(
+            storage is not None and self.precision != "fp16-true",
+            f"model.precision={self.precision!r}: use fp32, bf16-mixed, fp16-mixed or bf16-true",
+        )
+        _need(
+            self.dtype in ("float32", storage),
+            f"model.dtype={self.dtype} contradicts model.precision={self.precision} (whose "
+            f"weights are {storage}): drop model.dtype, model.precision decides it",
+        )
+        object.__setattr__(self, "dtype", storage)
+
+
+# model.precision -> the dtype the weights are stored (and updated) in; fp16-true is only what
+# the older `model.dtype = "float16"` meant, kept so such configs and checkpoints still load
+PRECISION_STORAGE = {
+    "fp32": "float32",
+    "bf16-mixed": "float32",
+    "fp16-mixed": "float32",
+    "bf16-true": "bfloat16",
+    "fp16-true": "float16",
+}
 
 
 _ZERO_MEANS = {

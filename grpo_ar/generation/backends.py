@@ -107,7 +107,8 @@ def with_rollout_defaults(cfg: Any) -> Any:
     r, a = cfg.rollout, cfg.algorithm
     if r.backend == "builtin" or a.is_correction is not None:
         return cfg
-    if r.engine_dtype(cfg.model.dtype) == cfg.model.dtype and r.async_steps == 0:
+    compute = cfg.model.compute_dtype
+    if r.engine_dtype(compute) == compute and r.async_steps == 0:
         return cfg  # same dtype, same policy: nothing to correct
     algo = replace(a, is_correction="token_truncate", is_correction_args={"c_max": 3.0})
     return replace(cfg, algorithm=algo)

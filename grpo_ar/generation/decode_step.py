@@ -194,6 +194,10 @@ class FastStep:
     of a decode step, `x @ Wt` ran 1.2-1.7x faster than `F.linear(x, W)` (MKL, SmolLM2 and the
     tiny bench model's shapes; benchmarks/README.md). The copies are taken once per `sample`
     call, so training updates between calls are always seen; elsewhere F.linear is used as is.
+    Under autocast (model.precision = *-mixed) they are taken in its dtype: the step reads
+    bf16 weights instead of casting fp32 ones at every token. (Not cached across calls: a
+    fused AdamW step does not bump the parameters' version counters, so a cache keyed on
+    them served stale weights.)
     """
 
     def __init__(self, model: Any, capacity: int) -> None:
@@ -201,20 +205,28 @@ class FastStep:
         self.embed, self.norm = body.embed_tokens, body.norm
         device = self.embed.weight.device
         self.transposed = device.type == "cpu"
-        self.head = self._lin(model.lm_head)
-        self.layers = []
-        for layer in body.layers:
+        self.dtype = (
+            torch.get_autocast_dtype(device.type)
+            if torch.is_autocast_enabled(device.type)
+            else None
+        )
+        self.head, self.layers = self._lin(model.lm_head), self.build_layers(model)
+        x = self.embed.weight[:1]
+        cos, sin = body.rotary_emb(x, torch.arange(capacity, device=device)[None])
+        self.cos, self.sin = cos[0], sin[0]  # (capacity, hd)
+
+    def build_layers(self, model: Any) -> list[tuple[Any, ...]]:
+        layers = []
+        for layer in model.model.layers:
             a, m = layer.self_attn, layer.mlp
-            self.layers.append(
+            layers.append(
                 (layer.input_layernorm, self._lin(a.q_proj, a.k_proj, a.v_proj),
                  self._lin(a.o_proj), layer.post_attention_layernorm,
                  self._lin(m.gate_proj, m.up_proj), self._lin(m.down_proj),
                  a.q_proj.out_features // a.head_dim, a.k_proj.out_features // a.head_dim,
                  a.head_dim, a.scaling)
             )  # fmt: skip
-        x = self.embed.weight[:1]
-        cos, sin = body.rotary_emb(x, torch.arange(capacity, device=device)[None])
-        self.cos, self.sin = cos[0], sin[0]  # (capacity, hd)
+        return layers
 
     def _lin(self, *linears: nn.Linear) -> tuple[Tensor, Tensor | None]:
         """(weight, bias) of the Linears side by side: (out, in) as F.linear takes it, or
@@ -223,6 +235,8 @@ class FastStep:
         has_bias = linears[0].bias is not None
         b = torch.cat([x.bias for x in linears]) if has_bias and len(linears) > 1 else None
         b = linears[0].bias if has_bias and len(linears) == 1 else b
+        if self.dtype is not None:
+            w, b = w.to(self.dtype), (None if b is None else b.to(self.dtype))
         return (w.t().contiguous() if self.transposed else w), b
 
     def _apply(self, x: Tensor, wb: tuple[Tensor, Tensor | None]) -> Tensor:
@@ -268,7 +282,8 @@ def fast_step_for(model: Any, capacity: int) -> FastStep | None:
     (checked once per model on a left-padded 2-row input), else None."""
     ok = _FAST_OK.get(model) if isinstance(model, nn.Module) else False
     if ok is None:
-        ok = _llama_like(model) and _check(model)
+        with torch.autocast(model.lm_head.weight.device.type, enabled=False):  # an fp32 check
+            ok = _llama_like(model) and _check(model)
         _FAST_OK[model] = ok
     return FastStep(model, capacity) if ok else None
 

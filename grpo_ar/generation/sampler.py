@@ -71,6 +71,7 @@ def sample(
     share_prefix: bool = True,
     use_cache: bool = True,
     fast: bool = True,
+    check_every: int | None = None,
 ) -> Rollout:
     """Sample `group_size` completions per prompt with a preallocated KV cache.
 
@@ -81,6 +82,9 @@ def sample(
     `decode_step.FastStep` instead of the HF forward for the one-token steps.
     `prompts.extras["shard"] = (first, total)`: these prompts are prompts first.. of a global
     batch of `total` (one rank's share); the draws equal the global batch's (see `Draw`).
+    `check_every`: read the finished rows on the host every this many tokens (None: each token
+    on the CPU, where the read is free; every 8 on an accelerator, whose queue a read drains).
+    Rows keep drawing past their EOS until the next read; `finish_rollout` masks those tokens.
     """
     g, n = group_size, len(prompts) * group_size
     cfg = params.uses_cfg
@@ -100,6 +104,7 @@ def sample(
     draw = Draw(n, generator, greedy, offset=first * g, total=total * g)
     rows = torch.arange(n, device=device)  # the original row of each running row
     alive = torch.ones(n, dtype=torch.bool, device=device)
+    every = check_every or (1 if device.type == "cpu" else 8)
     width = 0
     for t in range(params.max_new_tokens):
         k = rows.shape[0]
@@ -111,14 +116,27 @@ def sample(
         width = t + 1
         if eos.numel():
             alive = alive & ~torch.isin(tok, eos)
-        if width == params.max_new_tokens or not bool(alive.any()):
+        if width == params.max_new_tokens:
             break
-        if 2 * int(alive.sum()) <= k:  # finished rows leave the batch
-            keep = alive.nonzero().squeeze(-1)
-            rows, tok, alive = rows[keep], tok[keep], alive[keep]
-            dec.select(torch.cat([keep, keep + k]) if cfg else keep)
+        if width % every == 0:  # the one host read of finished rows
+            running = int(alive.sum())
+            if running == 0:
+                break
+            if 2 * running <= k:  # finished rows leave the batch
+                keep = alive.nonzero().squeeze(-1)
+                rows, tok, alive = rows[keep], tok[keep], alive[keep]
+                dec.select(torch.cat([keep, keep + k]) if cfg else keep)
         logits = dec.step(torch.cat([tok, tok]) if cfg else tok)
+    if every > 1 and eos.numel():  # drop the columns drawn after every row had ended
+        width = used_width(tokens[:, :width], eos)
     return finish_rollout(prompts, g, tokens[:, :width], logps[:, :width], eos, params.pad_token_id)
+
+
+def used_width(tokens: Tensor, eos: Tensor) -> int:
+    """Columns up to the latest first EOS of any row (all of them if a row has none)."""
+    is_eos = torch.isin(tokens, eos)
+    first = torch.where(is_eos.any(1), is_eos.float().argmax(1), tokens.shape[1] - 1)
+    return int(first.max()) + 1 if len(tokens) else tokens.shape[1]
 
 
 def finish_rollout(

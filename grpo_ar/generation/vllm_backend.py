@@ -157,7 +157,7 @@ def build_vllm_backend(rcfg: Any, adapter: Any, model: Any, finetune: Any, cfg: 
     (colocate) or the server reached and checked to serve this model (server)."""
     params = getattr(adapter, "sampling", cfg.sampling)
     check_sampling(params)
-    dtype = rcfg.engine_dtype(cfg.model.dtype)
+    dtype = rcfg.engine_dtype(cfg.model.compute_dtype)  # bf16-mixed: a bf16 engine
     if rcfg.vllm_mode == "server":
         from .vllm_server import ServerClient
 

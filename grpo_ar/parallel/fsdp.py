@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..adapters.base import Adapter
@@ -58,12 +58,23 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     )
 
 
-def shard(model: nn.Module, adapter: Adapter, mesh: Any) -> FSDPModule:
+def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
+    """model.precision for FSDP2: a mixed precision all-gathers the fp32 master weights as
+    bf16 / fp16 for compute and reduce-scatters gradients in fp32 (a sum of world-size bf16
+    gradients would lose their low bits); other precisions keep the parameters' own dtype."""
+    half = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}.get(precision)
+    if half is None:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32)
+
+
+def shard(model: nn.Module, adapter: Adapter, mesh: Any, precision: str = "fp32") -> FSDPModule:
     """fully_shard each decoder layer, then a ScoreNet root over the model; lazily initialised
     here so the root is the root even when a layer runs first (sampling)."""
+    policy = mixed_precision_policy(precision)
     for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh)
-    root = fully_shard(ScoreNet(model, adapter), mesh=mesh)
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    root = fully_shard(ScoreNet(model, adapter), mesh=mesh, mp_policy=policy)
     root._get_fsdp_state()._lazy_init()  # noqa: SLF001 - no public way to fix the root
     return root
 
@@ -160,6 +171,12 @@ class FSDP2Parallel(DataParallel):
 
     def check(self, cfg: Config) -> None:
         super().check(cfg)
+        self.precision = cfg.model.precision
+        if self.precision == "fp16-mixed":
+            raise ConfigError(
+                "model.precision=fp16-mixed with strategy=fsdp2: its gradient scaler is not "
+                "tested over sharded gradients here; use bf16-mixed (no scaler needed)"
+            )
         if cfg.trainer.micro_batch_tokens:
             raise ConfigError(
                 "trainer.micro_batch_tokens with strategy=fsdp2: ranks would run different "
@@ -175,11 +192,12 @@ class FSDP2Parallel(DataParallel):
         self.model, self.adapter = model, adapter
         device = next(model.parameters()).device
         mesh = init_device_mesh(device.type, (self.size,))
-        self.root = shard(model, adapter, mesh)
+        precision = getattr(self, "precision", "fp32")  # check(cfg) sets it, before setup
+        self.root = shard(model, adapter, mesh, precision)
         self.units = [m for m in self.root.modules() if isinstance(m, FSDPModule)]  # type: ignore[attr-defined]
         if reference is None:
             return None
-        ref_root = shard(reference.model, adapter, mesh)
+        ref_root = shard(reference.model, adapter, mesh, precision)
         return ShardedReference(reference, ref_root)
 
     def score(self, rollout: Rollout, with_entropy: bool = True) -> tuple[Tensor, Any]:

@@ -23,6 +23,7 @@ from ..io.checkpoint import (
     set_rng_state,
 )
 from ..io.run_files import truncate_run_files
+from .precision import compute_dtype, same_family
 
 
 def trainer_state(tr: Any) -> dict[str, Any]:
@@ -35,6 +36,8 @@ def trainer_state(tr: Any) -> dict[str, Any]:
         "prompts": tr.prompts.state_dict(),
         "rng": rng_state(tr.generator),
         "dtype": tr.cfg.model.dtype,
+        "precision": tr.cfg.model.precision,
+        "grad_scaler": tr.precision.state_dict(),
         "finetune": tr.finetune.method,
     }
 
@@ -68,10 +71,15 @@ def resume_trainer(tr: Any, run_dir: str | Path) -> None:
     tr.dist.barrier()
     ckpt = latest_checkpoint(run_dir)
     state = load_state(ckpt)
-    saved, now = state["dtype"], tr.cfg.model.dtype
-    if {saved, now} == {"bfloat16", "float16"}:
+    # checkpoints from before model.precision hold only the storage dtype
+    saved = state.get("precision") or {"bfloat16": "bf16-true", "float16": "fp16-true"}.get(
+        state["dtype"], "fp32"
+    )
+    now = tr.cfg.model.precision
+    if not same_family(saved, now):
+        name = lambda p: f"{p} ({str(compute_dtype(p)).removeprefix('torch.')})"  # noqa: E731
         raise ConfigError(
-            f"the run was trained in {saved}; resuming in {now} is refused "
+            f"the run was trained in {name(saved)}; resuming in {name(now)} is refused "
             "(never switch between bf16 and fp16 mid-training)"
         )
     method = state.get("finetune", "full")
@@ -85,6 +93,7 @@ def resume_trainer(tr: Any, run_dir: str | Path) -> None:
     with checkpoint_file(ckpt / "reference.safetensors") as path:
         tr.dist.load_reference(tr.reference, path)
     tr.dist.load_optimizer(tr.optimizer, state["optimizer"])
+    tr.precision.load_state_dict(state.get("grad_scaler", {}))
     tr.scheduler.load_state_dict(state["scheduler"])
     tr.prompts.load_state_dict(state["prompts"])
     set_rng_state(state["rng"], tr.generator)

@@ -162,13 +162,20 @@ class StepStats:
         self.values: dict[str, float] = {}
 
     def add_tokens(self, name: str, x: Tensor, mask: Tensor) -> None:
+        """Σ x and the token count over `mask`, kept on x's device (summary() reads them once:
+        no host sync per micro-batch on a GPU)."""
         m = mask.bool()
         acc = self.token_sums[name]
-        acc[0] = acc[0] + x.masked_fill(~m, 0).sum().float().cpu()
-        acc[1] = acc[1] + m.sum().float().cpu()
+        acc[0] = acc[0] + x.masked_fill(~m, 0).sum().float()
+        acc[1] = acc[1] + m.sum().float()
 
-    def add_terms(self, terms: TokenTerms, ent: Tensor, mask: Tensor) -> None:
-        """Token means of a micro-batch's objective terms (grpo_ar.core.objective.TokenTerms)."""
+    def add_terms(
+        self, terms: TokenTerms, ent: Tensor, mask: Tensor, keep: Tensor | None = None
+    ) -> None:
+        """Token means of a micro-batch's objective terms (grpo_ar.core.objective.TokenTerms);
+        `keep` (a 0-dim bool on the device) drops the whole micro-batch without a host sync."""
+        if keep is not None:
+            mask = mask.bool() & keep
         self.add_tokens("entropy", ent.detach(), mask)
         if terms.kl is not None:
             self.add_tokens("kl", terms.kl.detach(), mask)
@@ -189,23 +196,67 @@ class StepStats:
 
     @contextmanager
     def timer(self, name: str) -> Iterator[None]:
+        """Wall time of the block, CUDA's queued kernels included (a no-op sync on the CPU)."""
+        cuda_sync()
         start = time.perf_counter()
         try:
             yield
         finally:
+            cuda_sync()
             self.times[name] += time.perf_counter() - start
 
     def summary(
         self, reduce: Callable[[dict[str, list[Tensor]]], dict[str, list[Tensor]]] | None = None
     ) -> dict[str, float]:
         """The step's metrics; `reduce` sums the token statistics over ranks (name -> [Σ, n])."""
-        sums = dict(self.token_sums) if reduce is None else reduce(dict(self.token_sums))
+        local = {k: [s.cpu(), n.cpu()] for k, (s, n) in self.token_sums.items()}  # one sync
+        sums = local if reduce is None else reduce(local)
         out = dict(self.values)
         out.update({k: float(s / n.clamp(min=1)) for k, (s, n) in sums.items()})
         out.update({k: sum(v) / len(v) for k, v in self.scalars.items() if v})
         out.update({k: float(v) for k, v in self.counts.items()})
         out.update({f"time/{k}": v for k, v in self.times.items()})
         return out
+
+
+def cuda_sync() -> None:
+    """Wait for queued CUDA kernels, so a timer measures them, not their launch."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def memory_metrics(device: torch.device) -> dict[str, float]:
+    """memory/allocated_gb and memory/peak_gb (since the last call) on a CUDA device; nothing on
+    others (the CPU has no allocator statistics to report)."""
+    if device.type != "cuda":
+        return {}
+    gb = 1024.0**3
+    out = {
+        "memory/allocated_gb": torch.cuda.memory_allocated(device) / gb,
+        "memory/peak_gb": torch.cuda.max_memory_allocated(device) / gb,
+    }
+    torch.cuda.reset_peak_memory_stats(device)
+    return out
+
+
+# dense bf16 tensor-core peaks (FLOP/s, no sparsity) of the devices the name contains
+BF16_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+
+
+def bf16_peak(device: torch.device) -> float | None:
+    """The device's bf16 peak from BF16_PEAKS, None for the CPU or an unlisted GPU."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in BF16_PEAKS.items() if k in name), None)
+
+
+def mfu(n_params: int, tokens: float, seconds: float, peak: float | None) -> dict[str, float]:
+    """perf/mfu of a training pass: 6·N FLOPs per token (forward 2N + backward 4N) over
+    `seconds`, as a fraction of `peak`; nothing without a known peak."""
+    if peak is None or seconds <= 0:
+        return {}
+    return {"perf/mfu": 6.0 * n_params * tokens / seconds / peak}
 
 
 def check_reward_failures(result: Any, limit: float, rewards: Any, step: int) -> None:

@@ -45,15 +45,19 @@ from ..types import Entry, PromptBatch, Rollout
 from .dynamic_sampling import fill_batch
 from .environments import assign_credit, rollout_metrics
 from .evaluation import evaluate_rewards, reward_context
+from .precision import Precision
 from .reference import REFERENCE_REFRESH, Reference
 from .run_state import resume_trainer, save_trainer, trainer_state
 from .step import (
     StepStats,
+    bf16_peak,
     build_optimizer,
     build_scheduler,
     check_reward_failures,
     disable_dropout,
     entropy_controller,
+    memory_metrics,
+    mfu,
     token_terms,
     zero_std_fraction,
 )
@@ -98,6 +102,12 @@ class Trainer:
             disable_dropout(self.model)
         self.train_entries, self.eval_entries = list(train_entries), list(eval_entries or [])
         self.device = next(self.model.parameters()).device
+        self.precision = Precision(config.model.precision, self.device)
+        # on an accelerator a finiteness check per micro-batch would stall its queue: checked
+        # once per pass there (a NaN micro-batch then still runs its backward; the pass is
+        # skipped all the same); on the CPU a check is free and saves that backward
+        self.sync_free = self.device.type != "cpu"
+        self.peak = bf16_peak(self.device)  # perf/mfu's denominator (None: not reported)
         self.dist = parallel if parallel is not None else build_parallel(t.strategy, self.device)
         self.dist.check(config)
         everything = self.train_entries + self.eval_entries
@@ -181,7 +191,7 @@ class Trainer:
     def _rollout(
         self, prompts: PromptBatch, g: int, stats: StepStats, greedy: bool = False
     ) -> tuple[Rollout, RewardResult]:
-        with stats.timer("sample"), self.dist.sampling() as net:
+        with stats.timer("sample"), self.dist.sampling() as net, self.precision.autocast():
             gen = self.generator
             rollout = self.backend.generate(net, prompts, g, generator=gen, greedy=greedy)
         with stats.timer("reward"):
@@ -240,17 +250,22 @@ class Trainer:
             for it in range(self.cfg.algorithm.grpo_iters):
                 self.optimizer.zero_grad(set_to_none=True)
                 finite, total = True, 0.0
+                finite_t = torch.ones((), dtype=torch.bool, device=self.device)
                 for i, mb in enumerate(micro):
                     with self.dist.no_sync(i < len(micro) - 1):  # sync once per pass
-                        logp, ent = self.dist.score(mb)
+                        with self.precision.autocast():
+                            logp, ent = self.dist.score(mb)
+                        logp, ent = logp.float(), ent.float()  # losses in fp32 (mixed)
                         loss = self.micro_loss(mb, logp, ent, it, totals, len(micro), stats)
-                        finite = finite and bool(torch.isfinite(loss))
-                        if not finite and not self.dist.active:
-                            break  # ranks keep going: each must join every gradient exchange
+                        finite_t = finite_t & torch.isfinite(loss.detach())
+                        if not self.sync_free:
+                            finite = bool(finite_t)
+                            if not finite and not self.dist.active:
+                                break  # ranks keep going: each must join every gradient exchange
                         # ranks' gradients are averaged: × world size sums them
-                        (loss * self.dist.size).backward()
+                        self.precision.backward(loss * self.dist.size)
                     total = total + loss.detach()
-                self.end_pass(finite, total, stats)
+                self.end_pass(bool(finite_t) if self.sync_free else finite, total, stats)
 
     def prepare(self, rollout: Rollout, stats: StepStats) -> tuple[list[Rollout], BatchTotals]:
         """This rank's micro-batches of a global rollout (reference log-probs, loss masks) and
@@ -260,9 +275,9 @@ class Trainer:
         micro = self.dist.local(rollout).micro_batches(t.grad_accum, t.micro_batch_tokens or None)
         micro = self.dist.align(micro)
         if self.reference is not None:
-            with stats.timer("reference"):
+            with stats.timer("reference"), self.precision.autocast():
                 for mb in micro:
-                    mb.data["ref_logp"] = self.reference.logprobs(self.adapter, mb)
+                    mb.data["ref_logp"] = self.reference.logprobs(self.adapter, mb).float()
         for mb in micro:
             mb.data["loss_mask"] = self._loss_mask(mb)
         n_tokens = self._loss_mask(rollout).sum()
@@ -299,7 +314,9 @@ class Trainer:
             )
             loss = loss - self.entropy.coef * bonus
             self.entropy.observe((ent.detach() * eff).sum(), eff.sum())
-        if torch.isfinite(loss):
+        if self.sync_free:
+            stats.add_terms(terms, ent, mask, keep=torch.isfinite(loss.detach()))
+        elif torch.isfinite(loss):
             stats.add_terms(terms, ent, mask)
         return loss
 
@@ -324,15 +341,17 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         norm = torch.tensor(0.0)
         if finite:
+            self.precision.unscale(self.optimizer)  # fp16-mixed: clip the true gradients
             max_norm = self.cfg.trainer.max_grad_norm or math.inf
             norm = self.dist.full(torch.nn.utils.clip_grad_norm_(params, max_norm))
             finite = bool(torch.isfinite(norm))
         if not finite:  # never a NaN update: drop this pass, keep the run
             self.optimizer.zero_grad(set_to_none=True)
+            self.precision.skipped()
             stats.count("skipped_updates")
             log.warning("step %d: non-finite loss or gradient; update skipped", self.step)
         else:
-            self.optimizer.step()
+            self.precision.step(self.optimizer)
             self.scheduler.step()
             self.updates += 1
             stats.add_scalar("grad_norm", norm)
@@ -369,8 +388,15 @@ class Trainer:
                 "completion/truncated": float(rollout.truncated.float().mean()),
                 "time/step": time.perf_counter() - start,
                 "tokens_per_s": n_tok / max(stats.times.get("sample", 0.0), 1e-9),
+                **memory_metrics(self.device),
             }
         )
+        # each of μ passes scores the prompt (once per row) and completion tokens of this rank
+        passes = self.cfg.algorithm.grpo_iters
+        scored = rollout.prompts.attention_mask.sum() * rollout.group_size + n_tok
+        trained = float(scored) * passes / self.dist.size
+        n_params = sum(p.numel() for p in self.model.parameters())
+        metrics.update(mfu(n_params, trained, stats.times.get("update", 0.0), self.peak))
         if self.dist.is_main:
             k, save = self.cfg.log.samples_per_step, self.adapter.save_samples
             rows = append_samples(self.run_dir, rollout, self.step, k, save, self.adapter.summarize)
@@ -434,7 +460,8 @@ class Trainer:
     ) -> dict[str, float]:
         """Mean reward (overall and per reward) on held-out entries, greedy or sampled."""
         limit = self.cfg.data.eval_size or len(entries)
-        with self.dist.sampling() as net:  # every rank scores all entries (FSDP2: unsharded)
+        # every rank scores all entries (FSDP2: unsharded)
+        with self.dist.sampling() as net, self.precision.autocast():
             return evaluate_rewards(
                 net,
                 self.adapter,
