@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import uuid
 from pathlib import Path
 
 import pytest
@@ -240,7 +241,6 @@ def test_images_and_clips_become_each_trackers_media(tmp_path):
     """samples.jsonl rows of a video run (GIFs) and an image run (PNGs), logged as a table."""
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from trackio.utils import MEDIA_DIR
 
     gif, png = write_media_run(tmp_path, "gif", steps=1), write_media_run(tmp_path, "png", steps=1)
     rows = jsonl(gif / "samples.jsonl") + [
@@ -248,7 +248,9 @@ def test_images_and_clips_become_each_trackers_media(tmp_path):
     ]
     with pytest.MonkeyPatch.context() as mp:
         offline_stores(mp, tmp_path)
-        project = f"trk_media_{tmp_path.name}"  # one store may hold earlier runs
+        from trackio.utils import MEDIA_DIR  # after TRACKIO_DIR is set, if first imported here
+
+        project = f"trk_media_{uuid.uuid4().hex[:8]}"  # a store read earlier may hold other runs
         info = RunInfo(gif, project, "media")
         trackers = Trackers.start(
             ["tensorboard", "wandb", "trackio", "mlflow"], info, args={"wandb": {"mode": "offline"}}
