@@ -164,6 +164,28 @@ def test_mlflow_local_store_reads_back(run):
     assert steps == [2, 2]
 
 
+def test_a_run_that_raises_marks_its_mlflow_run_failed(tmp_path, monkeypatch):
+    """A crash mid-run closes the trackers with a failed status (not left RUNNING)."""
+    from mlflow.tracking import MlflowClient
+
+    offline_stores(monkeypatch, tmp_path)
+    trainer = make(tmp_path / "run", ["log.report_to=[mlflow]", "log.project=trk_crash"])
+    real = trainer.train_step
+
+    def step_then_crash():
+        if trainer.step == 1:
+            raise RuntimeError("boom at step 2")
+        return real()
+
+    monkeypatch.setattr(trainer, "train_step", step_then_crash)
+    with pytest.raises(RuntimeError, match="boom at step 2"):
+        trainer.train()
+    client = MlflowClient((tmp_path / "run" / "mlruns").resolve().as_uri())
+    (r,) = client.search_runs([client.get_experiment_by_name("trk_crash").experiment_id])
+    assert r.info.status == "FAILED"
+    assert [m.step for m in client.get_metric_history(r.info.run_id, "loss")] == [1]
+
+
 @register_tracker("trk_broken_start")
 class BrokenStart(Tracker):
     def __init__(self, run, **kwargs):

@@ -61,8 +61,8 @@ class Tracker:
     def log_samples(self, rows: Sequence[dict[str, Any]], step: int) -> None:
         """One completion table per call; default: none."""
 
-    def close(self) -> None:
-        pass
+    def close(self, failed: bool = False) -> None:
+        """End the tracker's run; `failed`: the training run stopped with an error."""
 
     # helpers for subclasses
     def media(self, row: dict[str, Any]) -> Path | None:
@@ -148,10 +148,11 @@ class Trackers:
         if self.trackers and rows:
             self._each("log_samples", step, rows, step)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Close every tracker (a run that raised is marked failed where the backend can)."""
         for name, t in list(self.trackers.items()):
             try:
-                t.close()
+                t.close(failed)
             except Exception as e:  # closing must not hide the run's own outcome
                 log.warning("tracker %s failed to close: %s", name, e)
         self.trackers.clear()
@@ -207,7 +208,7 @@ class TensorBoard(Tracker):
         self.writer.add_text("completions", "\n".join(lines), step)
         self.writer.flush()
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.writer.close()
 
 
@@ -261,8 +262,8 @@ class WandB(Tracker):
             table.add_data(*table_values(row, shown, columns))
         self.run_.log({"completions": table}, step=step)
 
-    def close(self) -> None:
-        self.run_.finish()
+    def close(self, failed: bool = False) -> None:
+        self.run_.finish(exit_code=1 if failed else 0)
 
 
 @register_tracker("trackio")
@@ -299,7 +300,7 @@ class Trackio(Tracker):
             data.append(table_values(row, shown, columns))
         self.run_.log({"completions": self.trackio.Table(columns=columns, data=data)}, step=step)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.run_.finish()
 
 
@@ -346,8 +347,8 @@ class MLflow(Tracker):
                 data[c].append(v)
         self.client.log_table(self.run_id, data, f"{folder}.json")
 
-    def close(self) -> None:
-        self.client.set_terminated(self.run_id)
+    def close(self, failed: bool = False) -> None:
+        self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
 
 
 def start_trackers(log_cfg: Any, run_dir: Path, config: dict[str, Any]) -> Trackers:

@@ -426,6 +426,17 @@ class Trainer:
             self.trackers = start_trackers(self.cfg.log, self.run_dir, config_to_dict(self.cfg))
         if self.eval_entries and self.step == 0:
             self._log({"step": 0, **self.evaluate(self.eval_entries)})
+        try:
+            self._run_steps(history)
+        except BaseException:
+            self.trackers.close(failed=True)  # an MLflow / wandb run is not left "running"
+            raise
+        self.trackers.close()
+        return history
+
+    def _run_steps(self, history: list[dict[str, float]]) -> None:
+        """The remaining steps, the final evaluation and the final save (see `train`)."""
+        t = self.cfg.trainer
         show = self.cfg.log.progress and self.dist.is_main
         bar = progress(show, t.steps, self.step, self.cfg.log.progress_every)
         while self.step < t.steps:
@@ -448,8 +459,6 @@ class Trainer:
         if self.eval_entries:
             self._log({"step": self.step, **self.evaluate(self.eval_entries)})
         self.save()
-        self.trackers.close()
-        return history
 
     def evaluate(
         self,
