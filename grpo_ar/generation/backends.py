@@ -94,7 +94,7 @@ def build_backend(rcfg: Any, adapter: Any, model: Any, finetune: Any, cfg: Any) 
         from .async_backend import OneStepAhead
 
         backend = OneStepAhead(backend)
-    backend.check(getattr(adapter, "sampling", cfg.sampling))
+    backend.check(adapter.sampling)
     return backend
 
 

@@ -155,7 +155,7 @@ class VllmBackend:
 def build_vllm_backend(rcfg: Any, adapter: Any, model: Any, finetune: Any, cfg: Any) -> VllmBackend:
     """The backend of `[rollout]`: its sampling checked first, then the engine started
     (colocate) or the server reached and checked to serve this model (server)."""
-    params = getattr(adapter, "sampling", cfg.sampling)
+    params = adapter.sampling
     check_sampling(params)
     dtype = rcfg.engine_dtype(cfg.model.compute_dtype)  # bf16-mixed: a bf16 engine
     if rcfg.vllm_mode == "server":

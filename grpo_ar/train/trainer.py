@@ -33,7 +33,6 @@ from ..generation.backends import (
     record_sampler_gap,
     with_rollout_defaults,
 )
-from ..generation.params import SamplingParams
 from ..io.data import PromptSampler
 from ..io.run_files import append_metrics, append_samples, progress
 from ..io.trackers import Trackers, start_trackers
@@ -94,8 +93,7 @@ class Trainer:
         if finetune is None:
             want_ref = a.beta > 0 and reference is None
             finetune = build_finetune(model, config.finetune, want_ref, seed=t.seed)
-        if isinstance(getattr(adapter, "sampling", None), SamplingParams):
-            config = with_sampling(config, adapter.sampling)  # config.yaml: what is used
+        config = with_sampling(config, adapter.sampling)  # config.yaml: what is used
         self.cfg, self.adapter = config, adapter
         self.finetune, self.model = finetune, finetune.model
         if config.model.disable_dropout:  # training log-probs must match the sampler's
@@ -141,7 +139,7 @@ class Trainer:
         if backend is None:
             backend = build_backend(config.rollout, adapter, self.model, finetune, config)
         else:
-            backend.check(getattr(adapter, "sampling", config.sampling))
+            backend.check(adapter.sampling)
         self.backend = backend
         if config.rollout.async_steps and self.dist.active:
             raise ConfigError(
