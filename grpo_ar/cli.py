@@ -78,7 +78,8 @@ def train_config(args: argparse.Namespace) -> Config:
     """The validated config of `train`; `--resume DIR` runs in DIR whatever its config.yaml
     says (a copied run trains in the copy). Nothing is written here."""
     if not args.resume:
-        return load_config(args.config, args.set)
+        cfg = load_config(args.config, args.set)
+        return replace(cfg, log=replace(cfg.log, overwrite=True)) if args.overwrite else cfg
     if args.config:
         raise ConfigError(
             "--resume reads the run's own config.yaml; drop CONFIG and change keys with --set"
@@ -97,19 +98,14 @@ def train_config(args: argparse.Namespace) -> Config:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .parallel.ddp import init_distributed, launched
-    from .train.preflight import check_run_dir, clear_run, preflight, run_contents
+    from .train.preflight import check_run_dir, preflight, refuse_held_run
     from .train.trainer import Trainer
 
     cfg = train_config(args)
     run = Path(cfg.log.run_dir)
     check_run_dir(run)
-    held = run_contents(run)
-    if held and not (args.resume or args.overwrite):
-        raise ConfigError(
-            f"log.run_dir={run} holds a run ({', '.join(held)}): continue it with "
-            f"`grpo-ar train --resume {run}`, start over with --overwrite (deletes its metrics, "
-            "samples and checkpoints), or choose another log.run_dir"
-        )
+    if not (args.resume or cfg.log.overwrite):
+        refuse_held_run(run)  # before anything loads; the trainer checks again at its start
     joined = False
     if launched():  # under torchrun: join the process group, this rank's device
         import torch.distributed as dist
@@ -125,8 +121,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         preflight(trainer)
         if args.resume:
             trainer.resume(run)
-        elif held and main_rank:  # --overwrite, once every check has passed
-            clear_run(run)
         trainer.train()
     except RuntimeError as e:  # gloo / nccl: a collective waited past the timeout
         text = str(e).lower()

@@ -260,6 +260,33 @@ def test_train_into_a_finished_run_is_refused(ws):
     assert snapshot(ws / "done") == before
 
 
+def api_trainer(config: Path, run: Path, *overrides: str):
+    from grpo_ar.cli import load_data, load_model
+    from grpo_ar.config import load_config
+    from grpo_ar.train.trainer import Trainer
+
+    cfg = load_config(config, [f"log.run_dir={run}", *overrides])
+    train, evals = load_data(cfg)
+    model, adapter = load_model(cfg)
+    return Trainer(cfg, model, adapter, train, evals)
+
+
+def test_trainer_api_into_a_held_run_is_refused_and_resume_continues(ws, tmp_path):
+    """Trainer.train() (no CLI) into a folder holding a run raises before writing anything;
+    after Trainer.resume() it continues that run, each step's row written once."""
+    from grpo_ar.errors import ConfigError
+
+    run = copy_run(ws / "done", tmp_path / "run")
+    before = snapshot(run)
+    with pytest.raises(ConfigError, match=f"log.run_dir={run} holds a run"):
+        api_trainer(ws / "run.toml", run).train()
+    assert snapshot(run) == before
+    tr = api_trainer(ws / "run.toml", run, "trainer.steps=3")
+    tr.resume()
+    tr.train()
+    assert steps_of(run / "metrics.jsonl") == [1, 2, 3]
+
+
 def copy_run(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst

@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     cfg = load_config(None, [f"trainer.steps={args.grpo_steps}", "trainer.batch_size=8",
                              "trainer.lr=2e-4", "algorithm.group_size=8", "algorithm.beta=0.01",
                              f"trainer.seed={args.seed}", f"log.run_dir={run_dir}",
-                             "log.progress=false", "data.eval_batch_size=64"])  # fmt: skip
+                             "log.progress=false", "data.eval_batch_size=64",
+                             "log.overwrite=true"])  # fmt: skip
     train, held_out = (
         load_rows(tone_rows(256, args.seed)),
         load_rows(tone_rows(64, 10**6 + args.seed)),

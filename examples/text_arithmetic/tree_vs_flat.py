@@ -63,7 +63,8 @@ class CountingAdapter(TextAdapter):
 def one(variant: str, seed: int, steps: int, base: str, eval_n: int) -> dict[str, float]:
     model, tok = pretrain(base, verbose=False)
     sets = [f"trainer.seed={seed}", f"trainer.steps={steps}", "log.progress=false",
-            f"log.run_dir=runs/tree_vs_flat/{variant}_{seed}", *VARIANTS[variant]]  # fmt: skip
+            f"log.run_dir=runs/tree_vs_flat/{variant}_{seed}", "log.overwrite=true",
+            *VARIANTS[variant]]  # fmt: skip
     cfg = load_config(CONFIG, sets)
     train = rows_to_entries(make_problems(4000, seed, "train", **TASK))
     heldout = rows_to_entries(make_problems(eval_n, 1, "test", unique=True, **TASK))

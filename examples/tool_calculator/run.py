@@ -150,7 +150,7 @@ def experiment(
             f"sampling.max_new_tokens={max_new}", f"trainer.steps={steps}",
             "trainer.batch_size=2", "algorithm.group_size=8", "trainer.lr=1e-5",
             "algorithm.beta=0.0", f"log.run_dir={run_dir}", "log.progress=false",
-            "trainer.save_every=0", *overrides,
+            "trainer.save_every=0", "log.overwrite=true", *overrides,
         ],
     )  # fmt: skip
     trainer = Trainer(cfg, model, adapter, entries(train_rows))

@@ -280,6 +280,9 @@ class LogConfig:
 
     run_dir: str = "runs/grpo"
     """Output folder: config.yaml, metrics.jsonl, samples.jsonl, checkpoints/."""
+    overwrite: bool = False
+    """A new run into a run_dir that holds a run deletes that run's files (metrics, samples,
+    checkpoints; nothing else of the folder) instead of refusing to start (CLI: --overwrite)."""
     samples_per_step: int = 4
     """Completions written to samples.jsonl per step."""
     progress: bool = True

@@ -40,6 +40,18 @@ def run_contents(run_dir: str | Path) -> list[str]:
     return [name for name in RUN_FILES if (Path(run_dir) / name).exists()]
 
 
+def refuse_held_run(run_dir: str | Path) -> None:
+    """A new run must not append its rows to the files of an earlier run in the same folder."""
+    held = run_contents(run_dir)
+    if held:
+        raise ConfigError(
+            f"log.run_dir={run_dir} holds a run ({', '.join(held)}): continue it with "
+            f"`grpo-ar train --resume {run_dir}` (or Trainer.resume() before train()), start "
+            "over with --overwrite / log.overwrite=true (deletes its metrics, samples and "
+            "checkpoints), or choose another log.run_dir"
+        )
+
+
 def clear_run(run_dir: str | Path) -> None:
     """`--overwrite`: remove the files a run writes, and nothing else the folder holds."""
     for name in run_contents(run_dir):

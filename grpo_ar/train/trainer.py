@@ -45,6 +45,7 @@ from .dynamic_sampling import fill_batch
 from .environments import assign_credit, rollout_metrics
 from .evaluation import evaluate_rewards, reward_context
 from .precision import Precision
+from .preflight import clear_run, refuse_held_run
 from .reference import REFERENCE_REFRESH, Reference
 from .run_state import resume_trainer, save_trainer, trainer_state
 from .step import (
@@ -129,6 +130,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, t, total=t.steps * a.grpo_iters)
         self.step = 0
         self.saved_step = -1  # the step of the newest checkpoint this trainer wrote or loaded
+        self.started = False  # train() was called: the run directory's files are this run's
         self.updates = 0  # optimizer steps taken (skipped ones not counted)
         self.bonus_on = a.entropy_coef > 0 or a.entropy_target is not None
         self.run_dir = Path(config.log.run_dir)
@@ -418,6 +420,10 @@ class Trainer:
         if self.step >= t.steps and self.saved_step == self.step:
             log.info("the run is complete (step %d of %d): nothing to do", self.step, t.steps)
             return history
+        if self.dist.is_main and self.step == 0 and self.saved_step < 0 and not self.started:
+            # a fresh run never appends its rows to an earlier run's
+            clear_run(self.run_dir) if self.cfg.log.overwrite else refuse_held_run(self.run_dir)
+        self.started = True
         if self.dist.is_main:
             save_config(self.cfg, self.run_dir / "config.yaml")
             # a tracker that cannot start fails here, before the first step
