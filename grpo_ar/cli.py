@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .config.run import Config, load_config
-from .errors import CheckpointError, ConfigError, DataError, RunError, explain
+from .errors import CheckpointError, ConfigError, DataError, RanksLost, RunError, explain
 
 
 def _device(name: str) -> str:
@@ -128,7 +128,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if isinstance(e, RunError) or not launched() or not waited:
             raise
         rank = os.environ.get("RANK", "0")
-        raise RunError(
+        joined = False  # a broken group is not torn down (see main)
+        raise RanksLost(
             f"rank {rank}: waited trainer.dist_timeout_s={cfg.trainer.dist_timeout_s:g} s for "
             "the other ranks: one stopped, crashed or hangs (e.g. a reward that never "
             f"returns); see its log. Continue with `grpo-ar train --resume {run}`"
@@ -295,6 +296,13 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         print(f"grpo-ar: error: {msg}", file=sys.stderr)
+        if isinstance(e, RanksLost):
+            # Releasing the trainer would run gloo's destructor, which joins a worker thread
+            # that waits for the GIL the destructor holds (a deadlock seen in one run of two
+            # under load): exit now; torchrun then stops the other ranks.
+            sys.stderr.flush()
+            sys.stdout.flush()
+            os._exit(code)
         return code
 
 

@@ -27,6 +27,11 @@ class RunError(RuntimeError):
     """A fault while the run runs (rewards failing, a rank stopped, disk full): exit 1."""
 
 
+class RanksLost(RunError):
+    """A collective waited past trainer.dist_timeout_s: the process group is broken, and the
+    process must exit without tearing it down (see `cli.main`)."""
+
+
 BAD_INPUT, FAULT = 2, 1
 
 
