@@ -46,7 +46,9 @@ def ws(tmp_path_factory):
     return root
 
 
-def launch(root: Path, reward: str, run: Path) -> tuple[subprocess.CompletedProcess, float]:
+def launch(
+    root: Path, reward: str, run: Path, timeout_s: int = 4
+) -> tuple[subprocess.CompletedProcess, float]:
     rows = [{"prompt": f"{a}+1=", "rewards": reward} for a in range(4)]
     (root / f"{reward}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = root / f"{reward}.toml"
@@ -63,7 +65,7 @@ beta = 0.0
 steps = 1
 batch_size = 4
 threads = 1
-dist_timeout_s = 4
+dist_timeout_s = {timeout_s}
 [data]
 train = "{root / f"{reward}.jsonl"}"
 [log]
@@ -95,7 +97,9 @@ def test_a_hanging_rank_ends_the_job_after_the_timeout(ws, tmp_path):
 
 @pytest.mark.slow
 def test_a_reward_failing_on_one_rank_stops_the_job_with_its_error(ws, tmp_path):
-    p, _ = launch(ws, "fails_on_rank1", tmp_path / "run")
+    # a timeout long enough for rank 1 to report its reward's failure on a loaded machine (with
+    # 4 s, rank 0 could give up waiting first and end the job with the timeout's message)
+    p, _ = launch(ws, "fails_on_rank1", tmp_path / "run", timeout_s=60)
     assert p.returncode != 0
     err = p.stderr
     assert "grpo-ar: error: rank 1 failed while sampling or scoring: step 1: 4 of 4" in err, err

@@ -41,9 +41,11 @@ def run_contents(run_dir: str | Path) -> list[str]:
 
 
 def refuse_held_run(run_dir: str | Path) -> None:
-    """A new run must not append its rows to the files of an earlier run in the same folder."""
+    """A new run must not append its rows to the files of an earlier run in the same folder.
+    A lone config.yaml (a run that failed before its first row, e.g. a tracker that could not
+    start) holds nothing to append to: it is rewritten."""
     held = run_contents(run_dir)
-    if held:
+    if set(held) - {"config.yaml"}:
         raise ConfigError(
             f"log.run_dir={run_dir} holds a run ({', '.join(held)}): continue it with "
             f"`grpo-ar train --resume {run_dir}` (or Trainer.resume() before train()), start "
