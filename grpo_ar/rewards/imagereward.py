@@ -211,12 +211,17 @@ class ImageRewardScore(LearnedImageReward):
         self.model = frozen(net, setup)
         self.model.mlp.float()
         self.preprocess = ResizeCenterCrop(net.vision_model.config.image_size)
+        self.max_length = min(MAX_TOKENS, net.text_encoder.config.max_position_embeddings)
 
     @torch.no_grad()
     def score_images(self, x: Tensor, texts: list[str]) -> Tensor:
         px = self.preprocess(x.to(self.device)).to(self.dtype)
         enc = self.tokenizer(
-            texts, padding="max_length", truncation=True, max_length=MAX_TOKENS, return_tensors="pt"
+            texts,
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
         ).to(self.device)
         raw = self.model(px, enc["input_ids"], enc["attention_mask"])
         return (raw - IR_MEAN) / IR_STD

@@ -128,13 +128,13 @@ class VLMJudge:
         chat = self.processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         return str(chat) + self.answer_prefix
 
-    def inputs(self, images: list[Tensor], texts: list[str]) -> dict[str, Tensor]:
-        """Left-padded processor inputs on the model's device; pixels in the model's dtype."""
+    def inputs(self, images: list[Tensor], texts: list[str], side: str) -> dict[str, Tensor]:
+        """Processor inputs padded on `side`, on the model's device; pixels in the model's dtype."""
         pics = [
             np.ascontiguousarray((x.permute(1, 2, 0) * 255).round().byte().numpy()) for x in images
         ]
         enc = self.processor(
-            text=[self.render(t) for t in texts], images=pics, padding=True, padding_side="left",
+            text=[self.render(t) for t in texts], images=pics, padding=True, padding_side=side,
             return_tensors="pt",
         )  # fmt: skip
         return {
@@ -144,9 +144,13 @@ class VLMJudge:
 
     @torch.no_grad()
     def expected(self, enc: dict[str, Tensor]) -> Tensor:
-        """(B,) sum_s value_s * p(s | prompt) / sum_s p(s | prompt), in float32."""
-        logits = self.model(**enc).logits[:, -1, self.score_ids].float()  # (B, S) left padded
-        return (logits.softmax(-1) * self.values.to(logits.device)).sum(-1)
+        """(B,) sum_s value_s * p(s | prompt) / sum_s p(s | prompt), in float32. Right padding:
+        real tokens keep the positions they have alone (a plain forward does not shift position
+        ids for left padding the way `generate` does), read at each row's last real token."""
+        logits = self.model(**enc).logits  # (B, T, V)
+        last = enc["attention_mask"].sum(1) - 1  # (B,)
+        picked = logits[torch.arange(len(last)), last][:, self.score_ids].float()  # (B, S)
+        return (picked.softmax(-1) * self.values.to(picked.device)).sum(-1)
 
     @torch.no_grad()
     def generate(self, enc: dict[str, Tensor]) -> list[float | None]:
@@ -185,9 +189,10 @@ class VLMJudge:
         self.last_replies = []
         out: list[float | None] = []
         for b in range(0, len(images), self.setup.batch_size):
-            enc = self.inputs(
-                images[b : b + self.setup.batch_size], texts[b : b + self.setup.batch_size]
-            )
-            out += self.expected(enc).tolist() if self.mode == "expected" else self.generate(enc)
+            chunk = slice(b, b + self.setup.batch_size)
+            if self.mode == "expected":
+                out += self.expected(self.inputs(images[chunk], texts[chunk], "right")).tolist()
+            else:  # generate continues every row from its end: left padding
+                out += self.generate(self.inputs(images[chunk], texts[chunk], "left"))
         s = self.setup
         return [None if v is None else (v / self.scale - s.norm_mean) / s.norm_std for v in out]
