@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -86,8 +87,12 @@ def load_state_dict(reward: str, key: str, path: str, what: str) -> dict[str, Te
             sd: Any = load_file(path)
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling refusals, truncated files, foreign formats
-        raise setup_error(reward, key, path, f"does not load as weights: {e}", what) from None
+    except pickle.UnpicklingError:  # torch's text suggests weights_only=False: not here
+        problem = "is not a plain tensor checkpoint (torch.load(weights_only=True) refuses it)"
+        raise setup_error(reward, key, path, problem, what) from None
+    except Exception as e:  # truncated files, foreign formats
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise setup_error(reward, key, path, f"does not load as weights: {first}", what) from None
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
