@@ -133,7 +133,8 @@ def open_clip_config(
         max_position_embeddings=sd["positional_embedding"].shape[0],
         hidden_act="gelu",
         layer_norm_eps=1e-5,
-        eos_token_id=eos_token_id,  # pooled at the first EOS: open_clip's argmax when EOS is the top id
+        # pooled at the first EOS: open_clip's argmax when EOS is the top id, as in CLIP's BPE
+        eos_token_id=eos_token_id,
         bos_token_id=None,  # unused by CLIPModel; the default 49406 is outside small vocabularies
         pad_token_id=None,
     )
@@ -202,7 +203,8 @@ class HPSv2(LearnedImageReward):
         self, model: str | os.PathLike = "xswu/HPSv2", version: str = "v2.1",
         tokenizer: str | os.PathLike = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
         vision_heads: int = 16, text_heads: int = 16, device: str | None = None,
-        dtype: str | None = None, batch_size: int = 16, norm_mean: float = 0.0, norm_std: float = 1.0,
+        dtype: str | None = None, batch_size: int = 16, norm_mean: float = 0.0,
+        norm_std: float = 1.0,
     ) -> None:  # fmt: skip
         setup = ScorerSetup.check(self.name, device, dtype, batch_size, norm_mean, norm_std)
         if version not in HPS_FILES:

@@ -39,7 +39,10 @@ from .learned import (
 
 IR_MEAN, IR_STD = 0.16717362830052426, 1.0333394966054072  # ImageReward.py: (r - mean) / std
 MAX_TOKENS = 35  # ImageReward.score: padding="max_length", truncation, max_length=35
-MODEL_WHAT = "an ImageReward.pt (or .safetensors) file, a folder holding ImageReward.pt, or THUDM/ImageReward"
+MODEL_WHAT = (
+    "an ImageReward.pt (or .safetensors) file, a folder holding ImageReward.pt, "
+    "or THUDM/ImageReward"
+)
 TOK_WHAT = "a folder or hub id with a BERT tokenizer, e.g. bert-base-uncased"
 
 # ---------------------------------------------------------------- ImageReward.pt -> transformers
@@ -52,12 +55,14 @@ _VIT_TOP = {
     "norm.weight": "post_layernorm.weight",
     "norm.bias": "post_layernorm.bias",
 }
-_VIT_BLOCK = {"norm1": "layer_norm1", "attn.qkv": "self_attn.qkv", "attn.proj": "self_attn.projection",
+_VIT_BLOCK = {"norm1": "layer_norm1", "attn.qkv": "self_attn.qkv",
+              "attn.proj": "self_attn.projection",
               "norm2": "layer_norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}  # fmt: skip
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)\.(weight|bias)$")
+_ITC = "BLIP's image-text contrastive projection; ImageReward.score does not use it"
 UNUSED = {  # in ImageReward.pt, not on the scoring path
-    "blip.vision_proj.": "BLIP's image-text contrastive projection; ImageReward.score does not use it",
-    "blip.text_proj.": "BLIP's image-text contrastive projection; ImageReward.score does not use it",
+    "blip.vision_proj.": _ITC,
+    "blip.text_proj.": _ITC,
     "blip.text_encoder.embeddings.position_ids": "a buffer (0..511), rebuilt by BlipTextEmbeddings",
 }
 
@@ -210,7 +215,8 @@ class ImageRewardScore(LearnedImageReward):
             ) from None
         self.model = frozen(net, setup)
         self.model.mlp.float()
-        self.preprocess = ResizeCenterCrop(net.vision_model.config.image_size)
+        side = net.vision_model.config.image_size  # an int: imagereward_configs sets it
+        self.preprocess = ResizeCenterCrop(side)  # type: ignore[arg-type]
         self.max_length = min(MAX_TOKENS, net.text_encoder.config.max_position_embeddings)
 
     @torch.no_grad()

@@ -1,6 +1,7 @@
 """What the learned image rewards (PickScore, HPSv2, ImageReward, the VLM judge) share: setup
 checks that name the key to change, weights from a local folder/file or a hub id, and the batch
-call (texts from the entry, images in same-size chunks, no-grad, then `(raw - norm_mean) / norm_std`).
+call (texts from the entry, images in same-size chunks, no-grad, then
+`(raw - norm_mean) / norm_std`).
 
 Nothing here imports transformers or huggingface_hub until a model is loaded.
 """
@@ -31,7 +32,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 class RewardSetupError(RewardSpecError, ConfigError):
-    """A reward's setup value that must change; the message names data.reward_setup.<reward>.<key>."""
+    """A reward setup value that must change; the message names data.reward_setup.<reward>.<key>."""
 
 
 def setup_error(reward: str, key: str, value: Any, problem: str, fix: str) -> RewardSetupError:

@@ -10,6 +10,7 @@ saved with CLIPModel.save_pretrained); image processor and tokenizer: `processor
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,12 +28,15 @@ from .learned import (
 )
 
 MODEL_WHAT = "a CLIPModel folder (save_pretrained) or hub id, e.g. yuvalkirstain/PickScore_v1"
-PROC_WHAT = "a folder or hub id with the CLIP image processor and tokenizer, e.g. laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+PROC_WHAT = (
+    "a folder or hub id with the CLIP image processor and tokenizer, "
+    "e.g. laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+)
 
 
 def load_clip_processor(
     reward: str, key: str, source: str, what: str
-) -> tuple[ClipPreprocess, object]:
+) -> tuple[ClipPreprocess, Any]:
     """(ClipPreprocess, tokenizer) from one folder or hub id."""
     from transformers import AutoImageProcessor, AutoTokenizer
 

@@ -52,7 +52,8 @@ class VLMJudge:
         mode: str = "expected", scores: tuple[str, ...] | list[str] = tuple("0123456789"),
         answer_prefix: str = "", score_pattern: str = r"(-?\d+(?:\.\d+)?)", max_new_tokens: int = 8,
         default: float | None = None, scale: float = 1.0, device: str | None = None,
-        dtype: str | None = None, batch_size: int = 8, norm_mean: float = 0.0, norm_std: float = 1.0,
+        dtype: str | None = None, batch_size: int = 8, norm_mean: float = 0.0,
+        norm_std: float = 1.0,
     ) -> None:  # fmt: skip
         n = self.name
         self.setup = ScorerSetup.check(n, device, dtype, batch_size, norm_mean, norm_std)
@@ -81,7 +82,8 @@ class VLMJudge:
         self.values = torch.tensor(values)
         self.template, self.mode, self.answer_prefix = template, mode, answer_prefix
         self.pattern, self.max_new_tokens, self.default = pattern, max_new_tokens, default
-        self.scale, self.last_replies = float(scale), []  # type: list[str]
+        self.scale = float(scale)
+        self.last_replies: list[str] = []  # the replies of the last call (mode "generate")
         self._warned = False
 
     def load(self, model: str | os.PathLike | tuple[Any, Any]) -> tuple[Any, Any]:

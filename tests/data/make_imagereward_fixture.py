@@ -1,13 +1,15 @@
 """Regenerate imagereward_tiny.safetensors and imagereward_keys.json from ImageReward's own code.
 
-    pip download image-reward==1.5 --no-deps -d /tmp/dl && unzip -q /tmp/dl/image_reward-*.whl -d /tmp/ir
+    pip download image-reward==1.5 --no-deps -d /tmp/dl
+    unzip -q /tmp/dl/image_reward-*.whl -d /tmp/ir
     python tests/data/make_imagereward_fixture.py /tmp/ir
 
 ImageReward's BLIP imports timm (PatchEmbed, init helpers), fairscale (checkpoint_wrapper) and
 torchvision (its transform), none installed here: stubs stand in, PatchEmbed copied from timm
 0.6.13 (a conv; its only parameters), the rest unused when building and running on CPU without
-checkpointing. transformers 5 moved three helpers med.py imports (re-pointed) and\nchanged `init_weights` (BertModel's runs its own `_init_weights` instead). The
-model code itself (vit.py VisionTransformer, med.py BertModel, ImageReward.MLP/ImageReward) is
+checkpointing. transformers 5 moved three helpers med.py imports (re-pointed), changed
+`init_weights` (BertModel runs its own `_init_weights` instead) and dropped
+`invert_attention_mask` / `get_head_mask` (copied from transformers 4). The model code itself (vit.py VisionTransformer, med.py BertModel, ImageReward.MLP/ImageReward) is
 ImageReward's. The JSON lists every key and shape of the real ImageReward (ViT-L, BLIP's
 med_config with encoder_width 1024), built on CPU (about 2 GB).
 """
@@ -135,7 +137,8 @@ def main(root: Path) -> None:
     tiny.blip = nn.Module()
     vit = VisionTransformer(img_size=32, patch_size=16, embed_dim=16, depth=2, num_heads=2)
     cfg = BertConfig(**{**MED, "hidden_size": 16, "intermediate_size": 24, "num_attention_heads": 2,
-                        "num_hidden_layers": 2, "vocab_size": 50, "max_position_embeddings": 20})  # fmt: skip
+                        "num_hidden_layers": 2, "vocab_size": 50,
+                        "max_position_embeddings": 20})  # fmt: skip
     cfg.encoder_width = 16
     tiny.blip.visual_encoder, tiny.blip.text_encoder = vit, BertModel(cfg, add_pooling_layer=False)
     tiny.blip.vision_proj, tiny.blip.text_proj = nn.Linear(16, 4), nn.Linear(16, 4)

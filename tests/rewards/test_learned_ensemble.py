@@ -79,8 +79,10 @@ def test_weighted_ensemble_and_gdpo_normalisation(folders):
     w = torch.tensor([WEIGHTS[n] for n in res.names])
     torch.testing.assert_close(res.total, (res.components * w).sum(1), atol=1e-5, rtol=0)
 
-    adv, valid = compute_advantages("grpo", res.total, 4, components=res.components,
-                                    weights=res.weights, multi_objective="normalize_then_sum", eps=1e-6)  # fmt: skip
+    gdpo = dict(multi_objective="normalize_then_sum", eps=1e-6)
+    adv, valid = compute_advantages(
+        "grpo", res.total, 4, components=res.components, weights=res.weights, **gdpo
+    )
     c = res.components.double().view(2, 4, 3)  # GDPO by hand: z-score each reward in its group
     z = (c - c.mean(1, keepdim=True)) / (c.std(1, keepdim=True) + 1e-6)
     s = (z * w.double()).sum(-1).view(8)
@@ -139,7 +141,8 @@ def test_hub_ids_load_from_the_cache_offline(folders, tmp_path):
     code = (
         "from grpo_ar.rewards import PickScore, HPSv2\n"
         "p = PickScore(model='acme/pick', processor='acme/pick', device='cpu')\n"
-        "h = HPSv2(model='acme/hps', tokenizer='acme/pick', vision_heads=2, text_heads=2, device='cpu')\n"
+        "h = HPSv2(model='acme/hps', tokenizer='acme/pick', vision_heads=2, text_heads=2,\n"
+        "          device='cpu')\n"
         "print(type(p.model).__name__, type(h.model).__name__)\n"
         "try:\n"
         "    HPSv2(model='acme/missing', tokenizer='acme/pick', device='cpu')\n"

@@ -36,7 +36,9 @@ def tiny_llava(hidden=32, seed=0):
     tok = word_level_tokenizer(CHARS, chars=True)
     tok.add_tokens(["<image>"], special_tokens=True)
     proc = LlavaProcessor(
-        image_processor=CLIPImageProcessorPil(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30}),
+        image_processor=CLIPImageProcessorPil(
+            size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30}
+        ),
         tokenizer=tok, patch_size=10, vision_feature_select_strategy="default",
         num_additional_image_tokens=1, chat_template=CHAT,
     )  # fmt: skip
