@@ -36,6 +36,7 @@ class RewardSetupError(RewardSpecError, ConfigError):
 
 
 def setup_error(reward: str, key: str, value: Any, problem: str, fix: str) -> RewardSetupError:
+    """The error for setup key `key` of `reward`: its value, what is wrong, what to set."""
     where = f"data.reward_setup.{reward}.{key}"
     return RewardSetupError(
         f"reward setup of {reward!r}: {key}={str(value)!r} {problem}; set {where} to {fix}"
@@ -126,6 +127,7 @@ class ScorerSetup:
         cls, reward: str, device: str | torch.device | None, dtype: str | None, batch_size: int,
         norm_mean: float, norm_std: float,
     ) -> ScorerSetup:  # fmt: skip
+        """The checked settings; a RewardSetupError naming the first bad key."""
         if dtype is not None and dtype not in DTYPES:
             raise setup_error(
                 reward, "dtype", dtype, "is not supported", "one of " + ", ".join(DTYPES)
@@ -194,6 +196,7 @@ class LearnedImageReward:
 
     @torch.no_grad()
     def normalised(self, x: Tensor, texts: list[str]) -> Tensor:
+        """(B,) `(score_images - norm_mean) / norm_std`, float32."""
         return (self.score_images(x, texts).float() - self.setup.norm_mean) / self.setup.norm_std
 
     def __call__(

@@ -87,6 +87,7 @@ class VLMJudge:
         self._warned = False
 
     def load(self, model: str | os.PathLike | tuple[Any, Any]) -> tuple[Any, Any]:
+        """(model in eval mode, frozen, in the setup dtype/device; its processor)."""
         if isinstance(model, tuple):
             net, proc = model
         else:
@@ -118,6 +119,7 @@ class VLMJudge:
         return [i[0] for i in ids]
 
     def render(self, text: str) -> str:
+        """The chat prompt of one sample (image first, then the filled template) + answer_prefix."""
         msgs = [
             {
                 "role": "user",
@@ -156,6 +158,7 @@ class VLMJudge:
 
     @torch.no_grad()
     def generate(self, enc: dict[str, Tensor]) -> list[float | None]:
+        """Greedy replies (kept in `last_replies`), each parsed by `parse`."""
         out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False)
         replies = self.tokenizer.batch_decode(
             out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
@@ -164,6 +167,7 @@ class VLMJudge:
         return [self.parse(r) for r in replies]
 
     def parse(self, reply: str) -> float | None:
+        """The first score_pattern group, clamped to the scores' range; else `default` (logged)."""
         m = self.pattern.search(reply)
         try:
             v = float(m[1]) if m else None
