@@ -166,3 +166,16 @@ def test_registered_and_light_to_import():
         heavy = {"transformers", "huggingface_hub", "safetensors", "PIL"}
         assert not {m for m in names if m and m.split(".")[0] in heavy}, mod.__name__
     assert entries(["a"], "pickscore").entries[0].rewards[0].name == "pickscore"
+
+
+@pytest.mark.gpu
+def test_cuda_and_bf16_agree_with_cpu(folders):
+    imgs = pil_images(4, (32, 32), seed=2) + pil_images(2, (40, 50), seed=3)
+    ctx = entries(["a red cat", "blue sky", "the sea", "a dog", "two cat", "red sky"], "pickscore")
+    for name, atol in (("pickscore", 0.15), ("imagereward", 5e-2), ("aesthetic_laion", 5e-2)):
+        kw, cls = setup_of(folders)[name], REWARDS[name].obj
+        cpu = torch.as_tensor(cls(**kw)(imgs, [{}] * 6, ctx))
+        cuda = torch.as_tensor(cls(**{**kw, "device": "cuda"})(imgs, [{}] * 6, ctx)).cpu()
+        half = cls(**{**kw, "device": "cuda", "dtype": "bfloat16"})(imgs, [{}] * 6, ctx)
+        torch.testing.assert_close(cuda, cpu, atol=1e-4, rtol=0, msg=name)
+        torch.testing.assert_close(torch.as_tensor(half).cpu(), cpu, atol=atol, rtol=0, msg=name)
