@@ -128,6 +128,18 @@ def load_chameleon_decoder(path: str | Path, vq_config: Any) -> nn.Module:
     return decoder
 
 
+def save_chameleon_decoder(decoder: nn.Module, path: str | Path) -> Path:
+    """Write a `chameleon_decoder`'s weights as `path`/decoder.safetensors (what
+    `load_chameleon_decoder` and [chameleon] decoder_path read); the file's path."""
+    from safetensors.torch import save_file
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in decoder.state_dict().items()}
+    save_file(state, str(out / "decoder.safetensors"))
+    return out / "decoder.safetensors"
+
+
 class ChameleonVQ(VQDecoder):
     """Chameleon's VQGAN: transformers `ChameleonVQVAE` (encoder, codebook, post_quant_conv;
     codes flat (B·h·w,) from `encode`) and a decoder (`chameleon_decoder`)."""
