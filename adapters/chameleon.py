@@ -128,6 +128,45 @@ def load_chameleon_decoder(path: str | Path, vq_config: Any) -> nn.Module:
     return decoder
 
 
+_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+
+
+def taming_decoder_key(key: str, levels: int) -> str:
+    """A taming-transformers VQGAN decoder weight name (`decoder.` prefix dropped) -> its
+    diffusers `Decoder` name. taming numbers up-levels from the finest (`up.0`, no upsampler),
+    diffusers up-blocks from the coarsest."""
+    parts = key.split(".")
+    if parts[0] == "mid":
+        block, rest = parts[1], parts[2:]
+        if block == "attn_1":
+            return ".".join(["mid_block.attentions.0", _ATTN[rest[0]], *rest[1:]])
+        return ".".join([f"mid_block.resnets.{int(block[-1]) - 1}", *rest])
+    if parts[0] == "up":
+        i = levels - 1 - int(parts[1])
+        if parts[2] == "upsample":
+            return ".".join([f"up_blocks.{i}.upsamplers.0", *parts[3:]])
+        if parts[2] == "block":
+            rest = ["conv_shortcut" if parts[4] == "nin_shortcut" else parts[4], *parts[5:]]
+            return ".".join([f"up_blocks.{i}.resnets.{parts[3]}", *rest])
+        raise ValueError(f"{key}: attention in the up blocks is not supported")
+    return {"norm_out": "conv_norm_out"}.get(parts[0], parts[0]) + key[len(parts[0]) :]
+
+
+def convert_taming_decoder(state_dict: Mapping[str, Tensor], vq_config: Any) -> nn.Module:
+    """`chameleon_decoder(vq_config)` holding the `decoder.*` weights of a taming-transformers
+    VQGAN state dict (Meta's Chameleon `vqgan.ckpt`); 1×1-conv attention weights become linear.
+    Every decoder weight must be present and fit."""
+    decoder = chameleon_decoder(vq_config)
+    levels = len(vq_config.channel_multiplier)
+    state = {}
+    for key, value in state_dict.items():
+        if key.startswith("decoder."):
+            name = taming_decoder_key(key.removeprefix("decoder."), levels)
+            state[name] = value.squeeze(-1).squeeze(-1) if ".attentions." in name else value
+    decoder.load_state_dict(state)  # strict: a missing or extra weight is an error
+    return decoder
+
+
 def save_chameleon_decoder(decoder: nn.Module, path: str | Path) -> Path:
     """Write a `chameleon_decoder`'s weights as `path`/decoder.safetensors (what
     `load_chameleon_decoder` and [chameleon] decoder_path read); the file's path."""
