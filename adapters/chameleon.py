@@ -283,8 +283,12 @@ def build_chameleon(
     """(ChameleonForImageGeneration from model.path, ChameleonAdapter) of a [chameleon] run."""
     from transformers import AutoTokenizer
 
-    model = ChameleonForImageGeneration.from_pretrained(config.model.path, dtype=dtype)
-    model = model.to(device)  # type: ignore[arg-type]  # transformers' decorated `to`
+    from .text import load_causal_lm
+
+    m = config.model
+    model: Any = load_causal_lm(
+        ChameleonForImageGeneration, m.path, dtype, device, m.attn_implementation
+    )
     vq = model.model.vqmodel
     decoder = load_chameleon_decoder(section.decoder_path, vq.config).to(device, vq.dtype)
     adapter = ChameleonAdapter(

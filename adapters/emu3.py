@@ -114,8 +114,12 @@ def build_emu3(config: Any, section: Any, device: str, dtype: torch.dtype) -> tu
     """(Emu3ForConditionalGeneration from model.path, Emu3ImageAdapter over its own VQ)."""
     from transformers import AutoTokenizer, Emu3ForConditionalGeneration
 
-    model = Emu3ForConditionalGeneration.from_pretrained(config.model.path, dtype=dtype)
-    model = model.to(device)  # type: ignore[arg-type]  # transformers' decorated `to`
+    from .text import load_causal_lm
+
+    m = config.model
+    model: Any = load_causal_lm(
+        Emu3ForConditionalGeneration, m.path, dtype, device, m.attn_implementation
+    )
     adapter = Emu3ImageAdapter(
         model.config.vocabulary_map, AutoTokenizer.from_pretrained(config.model.path),
         Emu3VQ(model.model.vqmodel), config.sampling, section.grid, section.prompt_template,
