@@ -62,10 +62,11 @@ class ChameleonForImageGeneration(ChameleonForConditionalGeneration):
         cache: Any = None,
         inputs_embeds: Tensor | None = None,
         use_cache: bool | None = None,
+        labels: Tensor | None = None,
         logits_to_keep: int | Tensor = 0,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
-        """The stock forward's logits without the image-token mask (no loss)."""
+        """The stock forward without the image-token mask (loss from `labels` as the stock's)."""
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
@@ -75,7 +76,11 @@ class ChameleonForImageGeneration(ChameleonForConditionalGeneration):
             hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
         else:
             hidden = hidden[:, logits_to_keep]
-        return CausalLMOutputWithPast(logits=self.lm_head(hidden), cache=out.cache)  # type: ignore[call-arg]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache)  # type: ignore[call-arg]
 
 
 def image_code_ids(vocabulary_map: Mapping[str, int]) -> list[int]:
