@@ -34,7 +34,7 @@ from grpo_ar.core.registry import Registry, same_definition
 from grpo_ar.errors import ConfigError
 
 from .base import Adapter
-from .vocab_sections import ChameleonConfig, Emu3Config
+from .vocab_sections import ChameleonT2IConfig, Emu3T2IConfig
 
 ENTRY_POINT_GROUP = "grpo_ar.adapters"
 
@@ -183,9 +183,9 @@ def build_video(
     return build_code_grid(config, section, device, dtype)
 
 
-@register_adapter("chameleon", ChameleonConfig)
+@register_adapter("chameleon", ChameleonT2IConfig)
 def build_chameleon(
-    config: Any, section: ChameleonConfig, device: str, dtype: torch.dtype
+    config: Any, section: ChameleonT2IConfig, device: str, dtype: torch.dtype
 ) -> tuple[Any, Adapter]:
     """Chameleon / Lumina-mGPT text-to-image from model.path, its VQGAN decoder from
     [chameleon] decoder_path (adapters/chameleon.py)."""
@@ -194,9 +194,9 @@ def build_chameleon(
     return build(config, section, device, dtype)
 
 
-@register_adapter("emu3", Emu3Config)
+@register_adapter("emu3", Emu3T2IConfig)
 def build_emu3(
-    config: Any, section: Emu3Config, device: str, dtype: torch.dtype
+    config: Any, section: Emu3T2IConfig, device: str, dtype: torch.dtype
 ) -> tuple[Any, Adapter]:
     """Emu3 text-to-image from model.path with its own VQ model (adapters/emu3.py)."""
     from .emu3 import build_emu3 as build

@@ -35,9 +35,10 @@ class VocabImageConfig:
     (the prompt padded except BOS)."""
 
     uncond_modes: ClassVar[tuple[str, ...]] = ("negative", "masked")
+    section: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
-        sec = type(self).__name__.removesuffix("Config").lower()
+        sec = self.section
         need(
             len(self.grid) == 2 and min(self.grid) >= 1,
             f"{sec}.grid={self.grid}: give [h, w] codes per image",
@@ -52,8 +53,10 @@ class VocabImageConfig:
 
 
 @dataclass(frozen=True)
-class ChameleonConfig(VocabImageConfig):
+class ChameleonT2IConfig(VocabImageConfig):
     """Chameleon / Lumina-mGPT text-to-image (model.adapter = "chameleon")."""
+
+    section: ClassVar[str] = "chameleon"
 
     decoder_path: str = ""
     """Chameleon VQGAN decoder weights (a .safetensors file or a folder holding
@@ -77,8 +80,10 @@ class ChameleonConfig(VocabImageConfig):
 
 
 @dataclass(frozen=True)
-class Emu3Config(VocabImageConfig):
+class Emu3T2IConfig(VocabImageConfig):
     """Emu3 text-to-image (model.adapter = "emu3"); the VQ model is the checkpoint's own."""
+
+    section: ClassVar[str] = "emu3"
 
     grid: list[int] = field(default_factory=lambda: [90, 90])
     """Codes per image [h, w]; the prompt's size tokens read "h*w" (Emu3's default 720×720)."""
