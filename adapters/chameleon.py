@@ -264,7 +264,14 @@ class ChameleonAdapter(ImageAdapter):
             decoder, sampling, grid, codes.code_offset, cond, [boi], cfg_train, detach_uncond,
             output, decode_batch_size, layout=codes,
         )  # fmt: skip
-        self.layout_name = layout
+        self.layout_name, self.tokenizer = layout, tokenizer
+
+    def save_tokenizer(self, directory: Path) -> None:
+        """The tokenizer and, for a `ChameleonVQ`, its decoder (decoder.safetensors: the
+        exported folder then serves as model.path and chameleon.decoder_path)."""
+        self.tokenizer.save_pretrained(directory)
+        if isinstance(self.decoder, ChameleonVQ):
+            save_chameleon_decoder(self.decoder.model["decoder"], directory)
 
     def sample(
         self, model: Any, prompts: PromptBatch, group_size: int,

@@ -21,6 +21,7 @@ the checkpoint's own `Emu3VQVAE` as tokenizer.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -108,6 +109,11 @@ class Emu3ImageAdapter(ImageAdapter):
             decoder, sampling, grid, codes.code_offset, cond, image_prefix(tokenizer, grid),
             cfg_train, detach_uncond, output, decode_batch_size, layout=codes,
         )  # fmt: skip
+        self.tokenizer = tokenizer
+
+    def save_tokenizer(self, directory: Path) -> None:
+        """The tokenizer (the VQ model is part of the exported weights)."""
+        self.tokenizer.save_pretrained(directory)
 
 
 def build_emu3(config: Any, section: Any, device: str, dtype: torch.dtype) -> tuple[Any, Any]:

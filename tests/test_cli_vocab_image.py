@@ -9,6 +9,7 @@ import torch
 from vocab_models import chameleon_tokenizer, emu3_tokenizer, tiny_chameleon, tiny_emu3
 
 from grpo_ar.adapters.chameleon import chameleon_decoder, save_chameleon_decoder
+from grpo_ar.cli import main
 from grpo_ar.config import load_config
 from grpo_ar.errors import ConfigError
 from grpo_ar.testing import cli_train
@@ -41,13 +42,25 @@ def save_run(root, family):
 
 
 @pytest.mark.parametrize("family,tokens", [("chameleon", 31), ("emu3", 31)])
-def test_cli_trains_a_saved_checkpoint(tmp_path, family, tokens):
-    metrics, samples = cli_train(tmp_path, family, save_run(tmp_path, family))
+def test_cli_trains_a_saved_checkpoint_and_its_export(tmp_path, family, tokens):
+    overrides = save_run(tmp_path, family)
+    metrics, samples = cli_train(tmp_path, family, overrides)
     assert len(metrics) == 1 and 0.0 <= metrics[0]["reward/mean"] <= 1.0
     assert metrics[0]["completion/length_mean"] == tokens
     assert samples and (tmp_path / "run" / samples[0]["output"]).is_file()
     written = (tmp_path / "run" / "config.yaml").read_text()
     assert f"max_new_tokens: {tokens}" in written
+    # the exported folder holds what the next run needs: weights, tokenizer (Chameleon: decoder)
+    out, again = tmp_path / "export", tmp_path / "again"
+    assert main(["export", str(tmp_path / "run"), str(out)]) == 0
+    drop = ("model.path=", "chameleon.decoder_path=", "log.run_dir=")
+    overrides = [o for o in overrides if not o.startswith(drop)]
+    overrides += [f"model.path={out}", f"log.run_dir={again / 'run'}"]
+    if family == "chameleon":
+        overrides.append(f"chameleon.decoder_path={out}")
+    again.mkdir()
+    metrics, _ = cli_train(again, family, overrides)
+    assert len(metrics) == 1 and metrics[0]["completion/length_mean"] == tokens
 
 
 def test_sections_refuse_bad_values():
