@@ -66,6 +66,11 @@ class MappedLayout(CodeLayout):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if len(self.code_ids) != self.codebook_size:
+            raise ValueError(
+                f"{len(self.code_ids)} code ids for a codebook of {self.codebook_size}; build "
+                "the layout with MappedLayout.build(grid, code_ids, ...)"
+            )
         lo, hi = self.code_range
         if sorted(self.code_ids) != list(range(lo, hi)):
             raise ValueError(
@@ -80,7 +85,7 @@ class MappedLayout(CodeLayout):
     @functools.cached_property
     def template(self) -> Tensor:
         """(num_tokens,) long: head, the grid's template (-1 at codes), tail."""
-        grid = super().template
+        grid = vars(CodeLayout)["template"].func(self)  # the parent's computation, uncached
         return torch.cat([torch.tensor(self.head, dtype=torch.long), grid,
                           torch.tensor(self.tail, dtype=torch.long)])  # fmt: skip
 
