@@ -73,3 +73,20 @@ def test_sections_refuse_bad_values():
         load_config(None, ["model.adapter=emu3", "emu3.uncond=image_start"])
     with pytest.raises(ConfigError, match=r"emu3.grid=\[4\]: give \[h, w\]"):
         load_config(None, ["model.adapter=emu3", "emu3.grid=[4]"])
+
+
+def test_the_docs_configs_load(tmp_path):
+    """The TOML examples of docs/chameleon_emu3.md are valid configs (keys and values)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "chameleon_emu3.md").read_text()
+    blocks = re.findall(r"```toml\n(.*?)```", text, re.S)
+    assert len(blocks) == 2
+    adapters = []
+    for i, block in enumerate(blocks):
+        path = tmp_path / f"{i}.toml"
+        path.write_text(block)
+        cfg = load_config(path, [])
+        adapters.append((cfg.model.adapter, cfg.adapter_config.grid, cfg.sampling.cfg_scale))
+    assert adapters == [("emu3", [90, 90], 3.0), ("chameleon", [32, 32], 3.0)]
