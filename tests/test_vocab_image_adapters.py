@@ -217,6 +217,8 @@ def test_chameleon_refusals(cham, ctok, cvq):
         ChameleonAdapter(vocab, ctok, cvq, SamplingParams(), (4, 6, 1))
     with pytest.raises(ValueError, match="takes frames whose height and width are multiples of 2"):
         ad.encode_pixels(photo(7, 12))
+    with pytest.raises(ValueError, match=r"code grid \(8, 12\) != the expected grid \(4, 6\)"):
+        ad.encode_pixels(photo(16, 24))  # an image of another size than the adapter's grid
 
 
 # -- Emu3 ----------------------------------------------------------------------------------------
