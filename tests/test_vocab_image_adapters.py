@@ -23,7 +23,7 @@ from grpo_ar.adapters.emu3 import Emu3ImageAdapter
 from grpo_ar.adapters.mapped_codes import MappedLayout
 from grpo_ar.adapters.vq import Emu3VQ
 from grpo_ar.config import load_config
-from grpo_ar.generation.params import SamplingParams
+from grpo_ar.generation.params import SamplingParams, position_masks
 from grpo_ar.io.data import load_rows
 from grpo_ar.rewards import RewardComputer
 from grpo_ar.train.trainer import Trainer
@@ -258,6 +258,45 @@ def test_emu3_layout_forced_and_only_visual_tokens_elsewhere(emu3, etok):
             col = set(ids[:, t].tolist())
             assert col == {forced[t]} if t in forced else col <= visual, (seed, t, col)
         assert len(set(ids[:, 0].tolist())) > 1
+
+
+def hf_prefix_allowed_tokens_fn(vocab, eos, h, w):
+    """transformers' Emu3 docs' text-to-image `prefix_allowed_tokens_fn`, transcribed."""
+    visual = tuple(sorted(image_ids(vocab, "<|visual token")))
+    wrapper, eol, eof = vocab["<|image token|>"], vocab["<|extra_200|>"], vocab["<|extra_201|>"]
+    eoi = vocab["<|image end|>"]
+
+    def fn(batch_id, input_ids):
+        position = torch.nonzero(input_ids == wrapper, as_tuple=True)[0][0]
+        offset = input_ids.shape[0] - position
+        if offset % (w + 1) == 0:
+            return (eol,)
+        if offset == (w + 1) * h + 1:
+            return (eof,)
+        if offset == (w + 1) * h + 2:
+            return (eoi,)
+        if offset == (w + 1) * h + 3:
+            return (eos,)
+        return visual
+
+    return fn
+
+
+def test_emu3_allowed_tokens_equal_transformers_prefix_allowed_tokens_fn(emu3, etok):
+    """At every completion position of sampled rows, the set the adapter samples from is the
+    set transformers' documented T2I constraint allows after that row's prefix."""
+    ad = emu3_adapter(emu3, etok)
+    vocab, prompts = emu3.config.vocabulary_map, ad.encode(entries())
+    fn = hf_prefix_allowed_tokens_fn(vocab, etok.eos_token_id, *GRID)
+    table, kinds = position_masks(ad.sampling, len(etok), torch.device("cpu"))
+    r = ad.sample(emu3, prompts, 2, generator=gen(7))
+    for i in range(r.completion_ids.shape[0]):
+        p = int(r.prompt_index[i])
+        prompt = prompts.input_ids[p][prompts.attention_mask[p].bool()]
+        for t in range(r.completion_ids.shape[1]):
+            seq = torch.cat([prompt, r.completion_ids[i, :t]])
+            ours = table[kinds[t]].nonzero().squeeze(-1).tolist()
+            assert ours == sorted(fn(0, seq)), (i, t)
 
 
 @pytest.mark.parametrize("cfg", [1.0, 2.0])
