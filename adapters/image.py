@@ -37,8 +37,9 @@ class ImageAdapter(CodeGridAdapter):
     `grid` is (h, w) codes per image; `code_offset` the LM id of code 0 (the LM's codebook block
     has the decoder's `codebook_size` ids); `image_prefix_ids` follow the condition in both CFG
     branches (e.g. Janus's `<begin_of_image>`); `eol_token_id` / `eof_token_id` give Emu3's row
-    layout. `output`: what `decode` returns per sample, a PIL image, a (H, W, 3) uint8 tensor or
-    a (3, H, W) float tensor in [0, 1] (views of one batch).
+    layout; `layout` replaces those three (codes named in a text vocabulary, with more layout
+    tokens: adapters/mapped_codes.py). `output`: what `decode` returns per sample, a PIL image,
+    a (H, W, 3) uint8 tensor or a (3, H, W) float tensor in [0, 1] (views of one batch).
     """
 
     kind = "an image"
@@ -57,6 +58,7 @@ class ImageAdapter(CodeGridAdapter):
         decode_batch_size: int = 0,
         eol_token_id: int | None = None,
         eof_token_id: int | None = None,
+        layout: CodeLayout | None = None,
     ) -> None:
         if len(grid) != 2:
             raise ValueError(
@@ -65,9 +67,12 @@ class ImageAdapter(CodeGridAdapter):
             )
         if output not in ("pil", "uint8", "float"):
             raise ValueError(f"output={output!r}: use 'pil', 'uint8' or 'float'")
-        layout = CodeLayout(
-            tuple(grid), code_offset, decoder.codebook_size, eol_token_id, eof_token_id
-        )
+        if layout is None:
+            layout = CodeLayout(
+                tuple(grid), code_offset, decoder.codebook_size, eol_token_id, eof_token_id
+            )
+        elif layout.grid != tuple(grid):
+            raise ValueError(f"grid {tuple(grid)} differs from the layout's grid {layout.grid}")
         super().__init__(
             decoder, sampling, layout, condition, image_prefix_ids, cfg_train, detach_uncond,
             decode_batch_size,

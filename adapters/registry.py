@@ -34,6 +34,7 @@ from grpo_ar.core.registry import Registry, same_definition
 from grpo_ar.errors import ConfigError
 
 from .base import Adapter
+from .vocab_sections import ChameleonT2IConfig, Emu3T2IConfig
 
 ENTRY_POINT_GROUP = "grpo_ar.adapters"
 
@@ -180,6 +181,27 @@ def build_video(
 ) -> tuple[Any, Adapter]:
     """An AR video model: the LM from model.path, VQ tokenizer and condition from [video]."""
     return build_code_grid(config, section, device, dtype)
+
+
+@register_adapter("chameleon", ChameleonT2IConfig)
+def build_chameleon(
+    config: Any, section: ChameleonT2IConfig, device: str, dtype: torch.dtype
+) -> tuple[Any, Adapter]:
+    """Chameleon / Lumina-mGPT text-to-image from model.path, its VQGAN decoder from
+    [chameleon] decoder_path (adapters/chameleon.py)."""
+    from .chameleon import build_chameleon as build
+
+    return build(config, section, device, dtype)
+
+
+@register_adapter("emu3", Emu3T2IConfig)
+def build_emu3(
+    config: Any, section: Emu3T2IConfig, device: str, dtype: torch.dtype
+) -> tuple[Any, Adapter]:
+    """Emu3 text-to-image from model.path with its own VQ model (adapters/emu3.py)."""
+    from .emu3 import build_emu3 as build
+
+    return build(config, section, device, dtype)
 
 
 def build_code_grid(
