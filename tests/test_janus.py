@@ -218,3 +218,32 @@ def test_trainer_steps_change_only_the_configured_parts(tmp_path, tok, parts):
     assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
     assert model.lm_head.weight.requires_grad == asked
     assert (not torch.equal(lm_head, model.lm_head.weight.detach())) == asked
+
+
+def test_cli_builds_and_trains_janus_from_config(tmp_path, tok):
+    """`grpo-ar train` with model.adapter = "janus_t2i": model and tokenizer from model.path,
+    [janus_t2i] trained parts, CFG, an image reward; images written as sample files."""
+    import json
+
+    from grpo_ar.cli import build_model_and_adapter
+    from grpo_ar.testing import cli_train
+
+    path, data = tmp_path / "janus", tmp_path / "train.jsonl"
+    tiny_janus(seed=2).save_pretrained(path)
+    tok.save_pretrained(path)
+    data.write_text(
+        "\n".join(json.dumps({"prompt": p, "rewards": "aesthetic_proxy"}) for p in PROMPTS)
+    )
+    sets = [
+        f"model.path={path}", "model.adapter=janus_t2i", 'janus_t2i.train=["generation"]',
+        f"sampling.max_new_tokens={SIDE * SIDE}", "sampling.cfg_scale=3.0", f"data.train={data}",
+        "algorithm.group_size=2", "trainer.batch_size=2", "trainer.steps=1", "trainer.lr=1e-3",
+        f"log.run_dir={tmp_path / 'run'}", "log.progress=false",
+    ]  # fmt: skip
+    model, ad = build_model_and_adapter(load_config(overrides=sets))
+    assert isinstance(ad, JanusT2IAdapter) and isinstance(ad.model_call(model), JanusImageCall)
+    trained = {n.split(".")[1] for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == {"generation_embeddings", "generation_aligner", "generation_head"}
+    metrics, samples = cli_train(tmp_path, "janus_t2i", sets)
+    assert metrics[-1]["step"] == 1 and 0 <= metrics[-1]["reward/mean"] <= 1
+    assert samples and all((tmp_path / "run" / s["output"]).is_file() for s in samples)
