@@ -8,11 +8,13 @@ Three savings over `model(prompt + completion).logits -> log_softmax`:
 - no padding to the longest completion where the model takes a custom 4D mask: a prompt's
   completions run packed back to back after its cache (`generation.packing`, checked once per
   model);
-- the (N, T, V) logits never exist: where the model is `body + linear head` (HF `model.model`
-  and `lm_head`, checked once per model), the body's hidden states at the real completion tokens
-  (not the padding) go through `fused_head_logprobs`, which projects row chunks and recomputes
-  them in backward.
+- the (N, T, V) logits never exist: where the model call ends in a linear head
+  (`ModelCall.head_split`: HF `model.model` and `lm_head`, checked once per model; Janus'
+  generation head), its input features at the real completion tokens (not the padding) go
+  through `fused_head_logprobs`, which projects row chunks and recomputes them in backward.
 Models of any other structure take the logits path (chunked log-softmax, same results).
+Every model call goes through `generation.model_call` (prompt tokens embedded as prompt,
+completion tokens as generated ones).
 """
 
 from __future__ import annotations
