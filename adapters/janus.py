@@ -162,6 +162,10 @@ class JanusT2IAdapter(ImageAdapter):
             output, decode_batch_size,
         )  # fmt: skip
 
+    def save_tokenizer(self, directory: Any) -> None:
+        """The tokenizer, so the exported folder loads as a Janus model + tokenizer again."""
+        self.condition.tokenizer.save_pretrained(directory)  # type: ignore[union-attr]
+
     def _check_vocab(self, model: Any) -> None:
         """The generation head samples exactly the VQ's codes; the prompt fits the text vocab."""
         call = self.model_call(model)

@@ -151,8 +151,9 @@ def test_greedy_codes_equal_transformers_generate(model, tok, guidance):
     assert torch.equal(got.completion_ids, want)
     from grpo_ar.generation.sampler import sample
 
-    slow = sample(call, prompts, 1, ad.sampling, greedy=True, fast=False)
-    assert torch.equal(slow.completion_ids, want)
+    for kw in ({"fast": False}, {"use_cache": False}):  # HF decode steps; no cache at all
+        slow = sample(call, prompts, 1, ad.sampling, greedy=True, **kw)
+        assert torch.equal(slow.completion_ids, want)
     assert len(set(map(tuple, want.tolist()))) == 2  # the prompts lead to different images
 
 
@@ -242,6 +243,13 @@ def test_cli_builds_and_trains_janus_from_config(tmp_path, tok):
     ]  # fmt: skip
     model, ad = build_model_and_adapter(load_config(overrides=sets))
     assert isinstance(ad, JanusT2IAdapter) and isinstance(ad.model_call(model), JanusImageCall)
+    ad.save_tokenizer(tmp_path / "export")
+    from transformers import AutoTokenizer
+
+    again = AutoTokenizer.from_pretrained(tmp_path / "export")
+    assert again.convert_tokens_to_ids("<begin_of_image>") == tok.convert_tokens_to_ids(
+        "<begin_of_image>"
+    )
     trained = {n.split(".")[1] for n, p in model.named_parameters() if p.requires_grad}
     assert trained == {"generation_embeddings", "generation_aligner", "generation_head"}
     metrics, samples = cli_train(tmp_path, "janus_t2i", sets)
