@@ -67,7 +67,7 @@ class ModelCall(ABC):
     `logits(run(embed(ids, generated), mask, pos, cache))`; implementations may override it
     with an equal faster call (the causal LM's single HF call)."""
 
-    module: nn.Module
+    module: Any  # an nn.Module (typed Any: transformers' methods, not only Module's)
 
     @abstractmethod
     def embed(self, ids: Tensor, generated: bool) -> Tensor:
@@ -109,7 +109,7 @@ class ModelCall(ABC):
         """Whether `run` takes a KV cache (and keeps it under activation checkpointing)."""
         return True
 
-    def fast_parts(self) -> tuple[nn.Module, Callable[[Tensor], Tensor], nn.Module] | None:
+    def fast_parts(self) -> tuple[Any, Callable[[Tensor], Tensor], nn.Module] | None:
         """(Llama-style body, embedding of sampled (R,) tokens -> (R, H), output map
         (R, H) -> (R, V)) for `decode_step.FastStep`, or None when there is no such split.
         `fast_step_for` still checks the step against `forward` before using it."""
@@ -132,7 +132,7 @@ class CausalLMCall(ModelCall):
     `embed`/`run`/`logits` are the same split through `get_input_embeddings`, `model.model` and
     `get_output_embeddings`, for callers that need the parts."""
 
-    def __init__(self, module: nn.Module, hidden: bool = False) -> None:
+    def __init__(self, module: Any, hidden: bool = False) -> None:
         self.module, self.hidden = module, hidden
 
     @property
@@ -140,10 +140,10 @@ class CausalLMCall(ModelCall):
         return getattr(self.module, "config", None)
 
     def embed(self, ids: Tensor, generated: bool) -> Tensor:
-        return self.module.get_input_embeddings()(ids)  # type: ignore[operator]
+        return self.module.get_input_embeddings()(ids)
 
     def run(self, embeds: Tensor, mask: Tensor, pos: Tensor, cache: Any) -> Tensor:
-        body = self.module if self.hidden else self.module.model  # type: ignore[union-attr]
+        body = self.module if self.hidden else self.module.model
         kw: dict[str, Any] = dict(
             inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=cache is not None
         )
@@ -152,7 +152,7 @@ class CausalLMCall(ModelCall):
         return body(**kw).last_hidden_state
 
     def logits(self, hidden: Tensor) -> Tensor:
-        return hidden if self.hidden else self.module.get_output_embeddings()(hidden)  # type: ignore[operator]
+        return hidden if self.hidden else self.module.get_output_embeddings()(hidden)
 
     def forward(
         self, ids: Tensor, mask: Tensor, pos: Tensor, cache: Any, keep: int = 0,
@@ -166,9 +166,9 @@ class CausalLMCall(ModelCall):
         return None if split is None else (CausalLMCall(split[0], hidden=True), split[1])
 
     def takes_cache(self) -> bool:
-        return cache_kwarg(type(self.module)) is not None  # type: ignore[arg-type]
+        return cache_kwarg(type(self.module)) is not None  # type: ignore[arg-type]  # a class is hashable
 
-    def fast_parts(self) -> tuple[nn.Module, Callable[[Tensor], Tensor], nn.Module] | None:
+    def fast_parts(self) -> tuple[Any, Callable[[Tensor], Tensor], nn.Module] | None:
         body, head = getattr(self.module, "model", None), getattr(self.module, "lm_head", None)
         embed = getattr(body, "embed_tokens", None)
         if self.hidden or not isinstance(body, nn.Module) or type(head) is not nn.Linear:
