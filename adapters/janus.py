@@ -110,8 +110,13 @@ class JanusImageCall(ModelCall):
         return head(hidden)
 
     def head_split(self) -> tuple[ModelCall, nn.Linear] | None:
+        """(features call, vision_head) while vision_head is a plain Linear: an adapted one
+        (peft's LoRA Linear, LyCORIS' patched Linear) is more than its `.weight`, and the
+        fused path reads only that; it then takes the logits path."""
         head = self.janus.generation_head.vision_head
-        return None if self.features else (JanusImageCall(self.module, True), head)
+        if self.features or type(head) is not nn.Linear:
+            return None
+        return JanusImageCall(self.module, True), head
 
     def takes_cache(self) -> bool:
         return cache_kwarg(type(self.lm)) is not None  # type: ignore[arg-type]  # a class is hashable

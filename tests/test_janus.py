@@ -255,3 +255,30 @@ def test_cli_builds_and_trains_janus_from_config(tmp_path, tok):
     metrics, samples = cli_train(tmp_path, "janus_t2i", sets)
     assert metrics[-1]["step"] == 1 and 0 <= metrics[-1]["reward/mean"] <= 1
     assert samples and all((tmp_path / "run" / s["output"]).is_file() for s in samples)
+
+
+@pytest.mark.parametrize("method", ["peft", "lycoris"])
+def test_lora_on_the_language_model_and_generation_head(tok, method):
+    """finetune.method = peft / lycoris wraps Janus (AdaptedLM); the janus_image call reaches its
+    adapted modules: log-probs equal the sampler's, gradients reach the head's adapter (the
+    fused head path, which reads vision_head.weight alone, steps aside for an adapted head)."""
+    from grpo_ar.finetune import FinetuneConfig, build_finetune
+
+    targets = r"model\.(language_model\..*_proj|generation_head\.(proj_out|vision_head))"
+    cfg = FinetuneConfig(method=method, target_modules=(), target_regex=targets)
+    # fp64: with adapters this far from their start and CFG 5, fp32 rounding alone reaches 2e-5
+    ft = build_finetune(tiny_janus(seed=3).double(), cfg, need_reference=False)
+    ft.model.double()
+    ad = adapter(ft.model, tok, cfg_scale=5.0)
+    assert ad.model_call(ft.model).head_split() is None
+    with torch.no_grad():  # adapters away from their identity start, so they change logits
+        for name, p in ft.trainable().items():
+            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    assert all(p.dtype == torch.float64 for p in ft.model.parameters())
+    r = ad.sample(ft.model, ad.encode(entries()), 2, generator=torch.Generator().manual_seed(0))
+    logp, _ = ad.token_logprobs(ft.model.train(), r)
+    torch.testing.assert_close(logp.detach(), r.sampling_logp, atol=1e-10, rtol=0)
+    logp.sum().backward()
+    moved = {n for n, p in ft.trainable().items() if p.grad is not None and bool(p.grad.any())}
+    for layer in ("proj_out", "vision_head", "q_proj"):
+        assert any(layer in n for n in moved), (layer, sorted(moved))
