@@ -20,6 +20,8 @@ _PUBLIC = {
     "ClassCondition": "code_grid",
     "TextCondition": "code_grid",
     "VideoAdapter": "video",
+    "JanusT2IAdapter": "janus",
+    "JanusImageCall": "janus",
     "save_clip": "video",
     "save_clips": "video",
     "CodeLayout": "codes",

@@ -2,8 +2,8 @@
 
 Every method the trainer, the evaluation, the data-parallel wrappers and the CLI call is
 declared here, so none of them probes an adapter with `getattr`: `encode`, `sample`,
-`token_logprobs`, `decode`, `output_lengths`, `save_samples`, `save_tokenizer` and the
-`sampling` attribute. A new modality is a subclass that implements `encode` and `decode`;
+`token_logprobs`, `decode`, `output_lengths`, `save_samples`, `save_tokenizer`, `model_call` and
+the `sampling` attribute. A new modality is a subclass that implements `encode` and `decode`;
 sampling and teacher-forced log-probs come from the shared KV-cached sampler, under one logits
 transform, so that `token_logprobs` on a sampled rollout equals the rollout's `sampling_logp`
 (the invariant the trainer relies on). The other hooks have defaults that fit text.
@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from grpo_ar.generation.model_call import MODEL_CALLS, ModelCall
 from grpo_ar.generation.params import SamplingParams
 from grpo_ar.generation.sampler import sample
 from grpo_ar.generation.scoring import token_logprobs
@@ -34,8 +35,19 @@ class Adapter(ABC):
     sampling: SamplingParams
     """The logits transform and stopping rules of sampling (its pad id pads joined rollouts)."""
 
+    call_name: str = "causal_lm"
+    """The `MODEL_CALLS` entry this adapter's model runs through (`model_call`)."""
+
     def __init__(self, sampling: SamplingParams) -> None:
         self.sampling = sampling
+
+    def model_call(self, model: nn.Module) -> ModelCall:
+        """How sampling and scoring call `model` (generation/model_call.py): embed the ids, run
+        the transformer with its KV cache, map hidden states to logits. Default: the
+        `call_name` entry of `MODEL_CALLS` ("causal_lm": a transformers causal LM whose one
+        vocabulary holds every token); Janus image generation uses "janus_image". A ModelCall
+        passed in is used as it is."""
+        return model if isinstance(model, ModelCall) else MODEL_CALLS[self.call_name](model)
 
     @abstractmethod
     def encode(self, entries: Sequence[Entry]) -> PromptBatch:
@@ -56,19 +68,21 @@ class Adapter(ABC):
         """G completions per prompt, groups contiguous, with the sampler's log-probs recorded
         (as trees of shared segments under `[sampling.tree]`; greedy runs, and a group size the
         tree's leaves cannot fill, e.g. an evaluation's few samples, are sampled flat)."""
+        call = self.model_call(model)
         if self.sampling.spans:  # typed spans: each span under its own transform
-            return span_sample(model, prompts, group_size, self.sampling, generator, greedy)
+            return span_sample(call, prompts, group_size, self.sampling, generator, greedy)
         if self.sampling.tree.fills(group_size) and not greedy:
-            return tree_sample(model, prompts, group_size, self.sampling, generator=generator)
-        return sample(model, prompts, group_size, self.sampling, generator=generator, greedy=greedy)
+            return tree_sample(call, prompts, group_size, self.sampling, generator=generator)
+        return sample(call, prompts, group_size, self.sampling, generator=generator, greedy=greedy)
 
     def token_logprobs(
         self, model: nn.Module, rollout: Rollout, with_entropy: bool = False
     ) -> tuple[Tensor, Tensor | None]:
         """Teacher-forced (n, T) log-probs (and entropies) under the sampling transform."""
+        call = self.model_call(model)
         if self.sampling.spans:
-            return span_logprobs(model, rollout, self.sampling, with_entropy)
-        return token_logprobs(model, rollout, self.sampling, with_entropy=with_entropy)
+            return span_logprobs(call, rollout, self.sampling, with_entropy)
+        return token_logprobs(call, rollout, self.sampling, with_entropy=with_entropy)
 
     def output_lengths(self, rollout: Rollout) -> list[int]:
         """Completion length of each sample in tokens (for length-based rewards)."""

@@ -242,7 +242,7 @@ class CodeGridAdapter(Adapter):
                 "rollouts and training"
             )
         return token_logprobs(
-            model,
+            self.model_call(model),
             rollout,
             self.train_sampling,
             with_entropy=with_entropy,

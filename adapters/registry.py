@@ -35,6 +35,7 @@ from grpo_ar.errors import ConfigError
 
 from .base import Adapter
 from .vocab_sections import ChameleonT2IConfig, Emu3T2IConfig
+from .janus import JanusT2IConfig
 
 ENTRY_POINT_GROUP = "grpo_ar.adapters"
 
@@ -242,3 +243,14 @@ def build_code_grid(
         eof_token_id=sec.eof_token_id,
     )  # fmt: skip
     return model, adapter
+
+
+@register_adapter("janus_t2i", JanusT2IConfig)
+def build_janus(
+    config: Any, section: JanusT2IConfig, device: str, dtype: torch.dtype
+) -> tuple[Any, Adapter]:
+    """Janus-Pro text-to-image: JanusForConditionalGeneration and its tokenizer from model.path,
+    prompts, CFG and trained parts from [janus_t2i] (adapters/janus.py)."""
+    from .janus import build_janus_t2i
+
+    return build_janus_t2i(config, section, device, dtype)

@@ -40,7 +40,7 @@ def test_cli_trains_a_video_model(tmp_path):
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        (["model.adapter=audio"], "model.adapter=.audio.: use one of image, text, "),
+        (["model.adapter=audio"], "model.adapter=.audio.: use one of .*image, .*text, "),
         (["video.grid=[4, 4]"], r"give \[t, h, w\]"),
         (["video.per_frame=false"], "only runs per frame"),
         (["video.decoder=vidtok", "video.per_frame=true"], "VidTok is a 3D tokenizer"),

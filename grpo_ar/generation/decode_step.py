@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .model_call import forward, positions
+from .model_call import CausalLMCall, ModelCall, as_call, positions
 from .params import SamplingParams
 
 
@@ -70,7 +70,8 @@ def _layer_classes() -> tuple[type, type]:
 
 def new_cache(model: Any, capacity: int) -> Any:
     """A DynamicCache whose full-attention layers are preallocated for `capacity` tokens; any
-    other layer kind (sliding window, linear attention) keeps transformers' own class."""
+    other layer kind (sliding window, linear attention) keeps transformers' own class.
+    `model`: a model or a ModelCall (the layer kinds are read from its `config`)."""
     from transformers.cache_utils import DynamicLayer
 
     dynamic_cache, layer_cls = _layer_classes()
@@ -89,11 +90,13 @@ def new_cache(model: Any, capacity: int) -> Any:
 
 
 class Decoder:
-    """Prefill, then `step(tokens) -> next logits`, for R running rows (2N with CFG)."""
+    """Prefill, then `step(tokens) -> next logits`, for R running rows (2N with CFG).
+    `model`: a model (its "causal_lm" call) or a ModelCall; every model call goes through it."""
 
     def __init__(
         self, model: Any, params: SamplingParams, use_cache: bool = True, fast: bool = True
     ) -> None:
+        self.call: ModelCall = as_call(model)
         self.model, self.params, self.use_cache, self.allow_fast = model, params, use_cache, fast
         self.cache: Any = None
         self.fast: FastStep | None = None
@@ -110,15 +113,15 @@ class Decoder:
         if not self.use_cache:
             self.ids = ids[idx]
             return self._uncached()
-        self.cache = new_cache(self.model, width + self.params.max_new_tokens)
+        self.cache = new_cache(self.call, width + self.params.max_new_tokens)
         if self.allow_fast:
-            self.fast = fast_step_for(self.model, width + self.params.max_new_tokens)
+            self.fast = fast_step_for(self.call, width + self.params.max_new_tokens)
         if share_prefix:
-            out = forward(self.model, ids, mask, positions(mask), self.cache, keep=1)
+            out = self.call.forward(ids, mask, positions(mask), self.cache, 1)  # (P', 1, V)
             self.cache.batch_select_indices(idx)
-            return out.logits[:, -1][idx]
-        out = forward(self.model, ids[idx], mask[idx], positions(mask[idx]), self.cache, keep=1)
-        return out.logits[:, -1]
+            return out[:, -1][idx]
+        out = self.call.forward(ids[idx], mask[idx], positions(mask[idx]), self.cache, 1)
+        return out[:, -1]
 
     def step(self, tok: Tensor) -> Tensor:
         """(R,) tokens just sampled -> (R, V) logits of the next one."""
@@ -131,9 +134,7 @@ class Decoder:
         self.pos = self.pos + 1
         if self.fast is not None:
             return self.fast(tok, mask, pos, self.cache)
-        return forward(self.model, tok[:, None], mask, pos[:, None], self.cache, keep=1).logits[
-            :, -1
-        ]
+        return self.call.forward(tok[:, None], mask, pos[:, None], self.cache, 1, True)[:, -1]
 
     def select(self, keep: Tensor) -> None:
         """Keep only running rows `keep` (finished rows leave the batch)."""
@@ -144,8 +145,15 @@ class Decoder:
             self.ids = self.ids[keep]
 
     def _uncached(self) -> Tensor:
+        """The whole sequence again (prompt columns as prompt, the rest as sampled tokens)."""
         mask = self.mask[:, : self.length]
-        return forward(self.model, self.ids, mask, positions(mask), None, keep=1).logits[:, -1]
+        pos = positions(mask)
+        width = self.mask.shape[1] - self.params.max_new_tokens  # prompt columns
+        if isinstance(self.call, CausalLMCall) or width >= self.ids.shape[1]:
+            return self.call.forward(self.ids, mask, pos, None, 1)[:, -1]
+        prompt, new = self.ids[:, :width], self.ids[:, width:]
+        embeds = torch.cat([self.call.embed(prompt, False), self.call.embed(new, True)], 1)
+        return self.call.logits(self.call.run(embeds, mask, pos, None)[:, -1:])[:, -1]
 
 
 _FAST_OK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -158,13 +166,13 @@ def _rms(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return weight * h.to(x.dtype)
 
 
-def _llama_like(model: Any) -> bool:
-    """Llama-style decoder (Llama, Qwen2, Mistral, SmolLM2, ...): plain Linear projections,
-    SiLU gated MLP, RMSNorm, static RoPE tables, full attention, no q/k norms."""
-    body, head = getattr(model, "model", None), getattr(model, "lm_head", None)
+def _llama_like(body: Any) -> bool:
+    """Llama-style decoder body (Llama, Qwen2, Mistral, SmolLM2, Janus' language model, ...):
+    plain Linear projections, SiLU gated MLP, RMSNorm, static RoPE tables, full attention, no
+    q/k norms."""
     layers = getattr(body, "layers", None)
     rope = getattr(body, "rotary_emb", None)
-    if body is None or type(head) is not nn.Linear or layers is None or rope is None:
+    if body is None or layers is None or rope is None:
         return False
     if getattr(rope, "rope_type", "default") not in ("default", "linear", "llama3"):
         return False
@@ -182,13 +190,18 @@ def _llama_like(model: Any) -> bool:
             and not hasattr(attn, "q_norm")
         ):
             return False
-    return isinstance(body.embed_tokens, nn.Embedding) and norm(body.norm)
+    return isinstance(getattr(body, "embed_tokens", None), nn.Embedding) and norm(body.norm)
 
 
 class FastStep:
     """One decode step of a Llama-style model straight from its modules' weights (q/k/v and
     gate/up concatenated, RoPE tables built once) into the preallocated cache: the same math
-    as the HF forward without its per-call machinery (~20 Python-level ops per layer).
+    as the HF forward without its per-call machinery (~20 Python-level ops per layer). The
+    body, the embedding of sampled tokens and the output map come from the ModelCall's
+    `fast_parts` (a causal LM: `model.model`, `embed_tokens`, `lm_head`; Janus image
+    generation: its language model, generation embeddings + aligner, generation head). A
+    Linear output map is applied from transposed weights like the layers; any other module
+    (Janus' two-layer head) is called as it is.
 
     On CPU the step's weights are stored transposed ((in, out), contiguous): with the few rows
     of a decode step, `x @ Wt` ran 1.2-1.7x faster than `F.linear(x, W)` (MKL, SmolLM2 and the
@@ -201,23 +214,27 @@ class FastStep:
     """
 
     def __init__(self, model: Any, capacity: int) -> None:
-        body = model.model
-        self.embed, self.norm = body.embed_tokens, body.norm
-        device = self.embed.weight.device
+        parts = as_call(model).fast_parts()
+        if parts is None:
+            raise ValueError(f"{type(model).__name__} has no Llama-style body for FastStep")
+        body, self.embed, head = parts
+        self.norm = body.norm
+        x = body.embed_tokens.weight[:1]
+        device = x.device
         self.transposed = device.type == "cpu"
         self.dtype = (
             torch.get_autocast_dtype(device.type)
             if torch.is_autocast_enabled(device.type)
             else None
         )
-        self.head, self.layers = self._lin(model.lm_head), self.build_layers(model)
-        x = self.embed.weight[:1]
+        self.head: Any = self._lin(head) if type(head) is nn.Linear else head
+        self.layers = self.build_layers(body)
         cos, sin = body.rotary_emb(x, torch.arange(capacity, device=device)[None])
         self.cos, self.sin = cos[0], sin[0]  # (capacity, hd)
 
-    def build_layers(self, model: Any) -> list[tuple[Any, ...]]:
+    def build_layers(self, body: Any) -> list[tuple[Any, ...]]:
         layers = []
-        for layer in model.model.layers:
+        for layer in body.layers:
             a, m = layer.self_attn, layer.mlp
             layers.append(
                 (layer.input_layernorm, self._lin(a.q_proj, a.k_proj, a.v_proj),
@@ -268,7 +285,8 @@ class FastStep:
             x = x + lin(F.silu(gate) * up, down_w)
         for layer in cache.layers:
             layer.length = at + 1
-        return lin(_rms(x, self.norm.weight, self.norm.variance_epsilon), self.head)
+        x = _rms(x, self.norm.weight, self.norm.variance_epsilon)
+        return lin(x, self.head) if isinstance(self.head, tuple) else self.head(x)
 
 
 def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -278,34 +296,42 @@ def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 @torch.no_grad()
 def fast_step_for(model: Any, capacity: int) -> FastStep | None:
-    """A FastStep when the model is Llama-style and one step of it reproduces the HF forward
-    (checked once per model on a left-padded 2-row input), else None."""
-    ok = _FAST_OK.get(model) if isinstance(model, nn.Module) else False
+    """A FastStep when the model call has a Llama-style body (`ModelCall.fast_parts`) and one
+    step of it reproduces the call's own `forward` (checked once per model and kind of call on
+    a left-padded 2-row input), else None. `model`: a model or a ModelCall."""
+    call = as_call(model)
+    kind = (type(call), getattr(call, "hidden", False))
+    if not isinstance(call.module, nn.Module):
+        return None
+    seen = _FAST_OK.setdefault(call.module, {})
+    ok = seen.get(kind)
     if ok is None:
-        with torch.autocast(model.lm_head.weight.device.type, enabled=False):  # an fp32 check
-            ok = _llama_like(model) and _check(model)
-        _FAST_OK[model] = ok
-    return FastStep(model, capacity) if ok else None
+        parts = call.fast_parts()
+        ok = False
+        if parts is not None and _llama_like(parts[0]):
+            device = parts[0].norm.weight.device
+            with torch.autocast(device.type, enabled=False):  # an fp32 check
+                ok = _check(call)
+        seen[kind] = ok
+    return FastStep(call, capacity) if ok else None
 
 
-def _check(model: Any) -> bool:
+def _check(call: ModelCall) -> bool:
     try:
-        device = model.lm_head.weight.device
-        v = model.lm_head.out_features
+        device = next(call.module.parameters()).device
+        v = min(call.out_features, int(getattr(call.config, "vocab_size", 10)))
         ids = torch.tensor([[0, 5, 6], [7, 8, 9]], device=device) % v
         mask = torch.tensor([[0, 1, 1], [1, 1, 1]], device=device)
         full = torch.cat([mask, mask[:, :1] * 0 + 1], 1)
         tok, pos = torch.tensor([3, 4], device=device) % v, mask.sum(1)
         logits = []
         for fast in (False, True):
-            cache = new_cache(model, 6)
-            forward(model, ids, mask, positions(mask), cache, keep=1)
+            cache = new_cache(call, 6)
+            call.forward(ids, mask, positions(mask), cache, 1)
             if fast:
-                logits.append(FastStep(model, 6)(tok, full, pos, cache))
+                logits.append(FastStep(call, 6)(tok, full, pos, cache))
             else:
-                logits.append(
-                    forward(model, tok[:, None], full, pos[:, None], cache, 1).logits[:, -1]
-                )
+                logits.append(call.forward(tok[:, None], full, pos[:, None], cache, 1, True)[:, -1])
         want, got = (x.float() for x in logits)
         return bool(((got - want).abs() <= 1e-4 * (want.abs().max() + 1)).all())
     except Exception:

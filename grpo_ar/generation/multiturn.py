@@ -29,7 +29,6 @@ from torch import Tensor
 
 from ..types import PromptBatch, Rollout
 from .decode_step import Decoder, fast_step_for
-from .model_call import forward
 from .params import SamplingParams, transform_logits
 from .sampler import Draw
 
@@ -101,7 +100,7 @@ class TurnDecoder(Decoder):
         logits = self.prefill(ids, mask, group_size, share_prefix=True)
         if self.fast is not None and self.positions > self.params.max_new_tokens:
             # cache slots (holes included) may grow later; RoPE positions stop at the budget
-            self.fast = fast_step_for(self.model, ids.shape[1] + self.positions)
+            self.fast = fast_step_for(self.call, ids.shape[1] + self.positions)
         return logits
 
     def reserve(self, slots: int) -> None:
@@ -136,9 +135,7 @@ class TurnDecoder(Decoder):
         if self.fast is not None and store is not None and store.shape[-2] >= self.length:
             return self.fast(tok, mask, pos, self.cache)
         self._sync()
-        return forward(self.model, tok[:, None], mask, pos[:, None], self.cache, keep=1).logits[
-            :, -1
-        ]
+        return self.call.forward(tok[:, None], mask, pos[:, None], self.cache, 1, True)[:, -1]
 
     def extend(self, ids: Tensor, live: Tensor) -> Tensor:
         """(R, S) left-padded tokens, `live` 0 on the padding -> (R, V) logits after each row's
@@ -151,7 +148,7 @@ class TurnDecoder(Decoder):
         self.pos = self.pos + live.long().sum(1)
         mask = self.mask[:, : self.length]
         self._sync()
-        return forward(self.model, ids, mask, pos, self.cache, keep=1).logits[:, -1]
+        return self.call.forward(ids, mask, pos, self.cache, 1)[:, -1]  # observations: prompt-side
 
     def _sync(self) -> None:
         """Before a transformers forward: `FastStep` fills the preallocated storage and its

@@ -8,77 +8,40 @@ Three savings over `model(prompt + completion).logits -> log_softmax`:
 - no padding to the longest completion where the model takes a custom 4D mask: a prompt's
   completions run packed back to back after its cache (`generation.packing`, checked once per
   model);
-- the (N, T, V) logits never exist: where the model is `body + linear head` (HF `model.model`
-  and `lm_head`, checked once per model), the body's hidden states at the real completion tokens
-  (not the padding) go through `fused_head_logprobs`, which projects row chunks and recomputes
-  them in backward.
+- the (N, T, V) logits never exist: where the model call ends in a linear head
+  (`ModelCall.head_split`: HF `model.model` and `lm_head`, checked once per model; Janus'
+  generation head), its input features at the real completion tokens (not the padding) go
+  through `fused_head_logprobs`, which projects row chunks and recomputes them in backward.
 Models of any other structure take the logits path (chunked log-softmax, same results).
+Every model call goes through `generation.model_call` (prompt tokens embedded as prompt,
+completion tokens as generated ones).
 """
 
 from __future__ import annotations
 
-import contextlib
-import weakref
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..core.logprobs import fused_head_logprobs, logprobs_and_entropy
 from ..types import Rollout
-from .model_call import cache_kwarg, forward, positions, stack_cfg
+from .model_call import CausalLMCall, ModelCall, as_call, head_split, positions, stack_cfg
 from .packing import gather_rest, packed_rest, packing_ok
 from .params import SamplingParams, allowed_mask, cfg_combine, mask_logits, position_masks
 from .tree_scoring import tree_rest
 
-_SPLIT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def head_split(model: Any) -> tuple[nn.Module, nn.Linear] | None:
-    """(body, head) when `model(x).logits == head(body(x).last_hidden_state)` (checked once per
-    model on a 3-token input: logit soft-capping or scaling would fail it), else None."""
-    try:
-        return _SPLIT[model]
-    except (KeyError, TypeError):
-        pass
-    body = getattr(model, "model", None)
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else getattr(model, "lm_head", None)
-    split = None
-    if isinstance(body, nn.Module) and type(head) is nn.Linear and _same_logits(model, body, head):
-        split = (body, head)
-    with contextlib.suppress(TypeError):  # objects that cannot be weakly referenced
-        _SPLIT[model] = split
-    return split
-
-
-@torch.no_grad()
-def _same_logits(model: Any, body: nn.Module, head: nn.Linear) -> bool:
-    was_training = model.training
-    model.eval()
-    try:
-        ids = torch.tensor([[1, 2, 3]], device=head.weight.device) % head.out_features
-        want = model(input_ids=ids).logits.float()
-        got = head(body(input_ids=ids).last_hidden_state).float()
-        scale = float(want.abs().max()) + 1.0
-        return got.shape == want.shape and bool(((got - want).abs() <= 1e-4 * scale).all())
-    except Exception:  # any other calling convention: the logits path is always correct
-        return False
-    finally:
-        model.train(was_training)
+__all__ = ["completion_outputs", "can_share_prefix", "head_split", "token_logprobs"]
 
 
 def can_share_prefix(model: Any) -> bool:
     """A KV cache survives this forward (HF drops it under gradient checkpointing in training)."""
-    checkpointing = getattr(model, "is_activation_checkpointing", None)
+    call = as_call(model)
+    module = call.module
+    checkpointing = getattr(module, "is_activation_checkpointing", None)
     if checkpointing is None:  # transformers < 5 names it this way
-        checkpointing = getattr(model, "is_gradient_checkpointing", False)
-    cache = cache_kwarg(type(model))  # type: ignore[arg-type]  # a class is hashable
-    return cache is not None and not (model.training and checkpointing)
-
-
-def _out(out: Any, hidden: bool) -> Tensor:
-    return out.last_hidden_state if hidden else out.logits
+        checkpointing = getattr(module, "is_gradient_checkpointing", False)
+    return call.takes_cache() and not (module.training and checkpointing)
 
 
 def completion_outputs(
@@ -94,41 +57,48 @@ def completion_outputs(
     tree: Tensor | None = None,
 ) -> Tensor:
     """(P, L) prompts, (n,) prompt row per sample, (n, T) completions -> (n, T, X) outputs at
-    the positions predicting each completion token: hidden states (X = H) of a body when
-    `hidden`, else logits (X = V) of the whole model. With `share` and `pack` the completions
+    the positions predicting each completion token, of `net`: a ModelCall (its `forward`'s
+    outputs), or a module (hidden states (X = H) of a body when `hidden`, else logits (X = V)
+    of the whole model). Prompt tokens are embedded as prompt, completions as generated. With `share` and `pack` the completions
     run packed after the prompt cache (`generation.packing`; outputs past a completion's end are
     then 0 instead of the padded pass's values there). `tree` (n, T): the segment of each token
     of a tree rollout; packed, each shared token then runs once (`generation.tree_scoring`)."""
+    call = net if isinstance(net, ModelCall) else CausalLMCall(net, hidden)
     t = comp.shape[1]
-    keep = 0 if hidden else 1
     if not share:  # one pass over full sequences, the prompt repeated per sample
-        full = torch.cat([ids[idx], comp], 1)
-        full_mask = torch.cat([mask[idx].long(), comp_mask.long()], 1)
-        out = forward(net, full, full_mask, positions(full_mask), None, keep=0 if hidden else t + 1)
-        return _out(out, hidden)[:, -(t + 1) : -1]
+        p = ids.shape[1]
+        full_mask = torch.cat([mask[idx].long(), comp_mask.long()], 1)  # (n, L + T)
+        if p == 0 or isinstance(call, CausalLMCall):  # one vocabulary: one call (as before)
+            full = torch.cat([ids[idx], comp], 1)  # (n, L + T)
+            out = call.forward(full, full_mask, positions(full_mask), None, t + 1)
+            return out[:, -(t + 1) : -1]
+        embeds = torch.cat([call.embed(ids[idx], False), call.embed(comp, True)], 1)
+        hidden_states = call.run(embeds, full_mask, positions(full_mask), None)  # (n, L + T, H)
+        return call.logits(hidden_states[:, p - 1 : -1])
     from transformers import DynamicCache
 
     cache = DynamicCache()
-    first = _out(forward(net, ids, mask, positions(mask), cache, keep=keep), hidden)[:, -1:]
+    first = call.forward(ids, mask, positions(mask), cache, 1)[:, -1:]  # (P, 1, X)
     if t == 1:
         return first[idx]
     if pack:
 
         def run(tok: Tensor, mask4: Tensor, pos: Tensor, kv: Any) -> Tensor:
-            return _out(forward(net, tok, mask4, pos, kv, keep=0), hidden)
+            return call.forward(tok, mask4, pos, kv, 0, generated=True)  # (B, C, X)
 
+        net_ = call.attn_module
         packed = (
-            packed_rest(net, cache, mask, idx, comp, comp_mask, run)
+            packed_rest(net_, cache, mask, idx, comp, comp_mask, run)
             if tree is None
-            else tree_rest(net, cache, mask, idx, comp, comp_mask, tree, run)
+            else tree_rest(net_, cache, mask, idx, comp, comp_mask, tree, run)
         )
         if packed is not None:
             return gather_rest(first[idx], *packed)
     cache.batch_select_indices(idx)  # differentiable gather of the prompts' keys and values
-    rest_mask = torch.cat([mask[idx].long(), comp_mask[:, :-1].long()], 1)
-    pos = mask.long().sum(1)[idx, None] + torch.arange(t - 1, device=comp.device)
-    out = forward(net, comp[:, :-1], rest_mask, pos, cache, keep=0)
-    return torch.cat([first[idx], _out(out, hidden)], 1)
+    rest_mask = torch.cat([mask[idx].long(), comp_mask[:, :-1].long()], 1)  # (n, L + T - 1)
+    pos = mask.long().sum(1)[idx, None] + torch.arange(t - 1, device=comp.device)  # (n, T - 1)
+    out = call.forward(comp[:, :-1], rest_mask, pos, cache, 0, generated=True)  # (n, T - 1, X)
+    return torch.cat([first[idx], out], 1)
 
 
 def token_logprobs(
@@ -153,22 +123,24 @@ def token_logprobs(
     # a detached uncond branch must cut the head's gradient through W·u as well, which CFG on
     # hidden states cannot express: that case takes the logits path
     detached_cfg = params.uses_cfg and detach_uncond
-    split = head_split(model) if fused is not False and not detached_cfg else None
+    call = as_call(model)
+    split = call.head_split() if fused is not False and not detached_cfg else None
     if fused and split is None:
         why = "detach_uncond under CFG" if detached_cfg else "no plain `model.model` + `lm_head`"
-        raise ValueError(f"fused=True is not possible for {type(model).__name__}: {why}")
-    share = can_share_prefix(model) and len(idx) > len(prompts)
+        raise ValueError(f"fused=True is not possible for {type(call.module).__name__}: {why}")
+    share = can_share_prefix(call) and len(idx) > len(prompts)
     share = share if share_prefix is None else share_prefix
-    net = split[0] if split is not None else model
+    net = split[0] if split is not None else call
     ids, mask, idx2 = _prompt_rows(prompts, idx, params.uses_cfg)
     comp2 = torch.cat([comp, comp]) if params.uses_cfg else comp
     cmask2 = torch.cat([comp_mask, comp_mask]) if params.uses_cfg else comp_mask
     hidden = split is not None
     if pack is None:
-        pack = share and packing_ok(net, lambda m: _packing_matches(m, hidden))
+        pack = share and packing_ok(net.attn_module, lambda m: _packing_matches(net, hidden))
     tree = None if params.uses_cfg else rollout.data.get("tree_segments")  # tree sampling's
     out = completion_outputs(net, ids, mask, idx2, comp2, cmask2, share, hidden, pack, tree)
-    if params.uses_cfg:  # linear head: CFG on hidden states equals CFG on logits
+    # (2n or n, T, X): X = the head's input features (fused) or V
+    if params.uses_cfg:  # linear head: CFG on its input features equals CFG on logits
         out = cfg_combine(out[: len(comp)], out[len(comp) :], params.cfg_scale, detach_uncond)
     m = comp_mask.bool()
     if split is not None:  # the head runs on the real completion tokens only, not the padding
@@ -234,14 +206,17 @@ def _mask_fn(
 
 
 @torch.no_grad()
-def _packing_matches(net: Any, hidden: bool) -> bool:
+def _packing_matches(net: Any, hidden: bool = False) -> bool:
     """Packed equals padded outputs on a small input (2 prompts, 4 samples of unequal lengths,
-    one bin holding two completions), in eval mode."""
-    was_training = net.training
-    net.eval()
+    one bin holding two completions), in eval mode. `net`: a ModelCall, or a module called as
+    `completion_outputs` calls one (`hidden`: a body's hidden states)."""
+    call = net if isinstance(net, ModelCall) else CausalLMCall(net, hidden)
+    module = call.module
+    was_training = module.training
+    module.eval()
     try:
-        device = next(net.parameters()).device
-        vocab = int(getattr(net.config, "vocab_size", 16))
+        device = next(module.parameters()).device
+        vocab = min(int(getattr(call.config, "vocab_size", 16)), call.out_features)
         ids = torch.tensor([[0, 3, 4, 5], [6, 7, 8, 9]], device=device) % vocab
         mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]], device=device)
         idx = torch.tensor([0, 0, 0, 1], device=device)
@@ -249,13 +224,13 @@ def _packing_matches(net: Any, hidden: bool) -> bool:
         comp = comp % vocab
         cmask = torch.arange(4, device=device) < torch.tensor([[4], [2], [1], [3]], device=device)
         cmask = cmask.long()
-        got = completion_outputs(net, ids, mask, idx, comp, cmask, True, hidden, True)
-        want = completion_outputs(net, ids, mask, idx, comp, cmask, True, hidden, False)
+        got = completion_outputs(call, ids, mask, idx, comp, cmask, True, hidden, True)
+        want = completion_outputs(call, ids, mask, idx, comp, cmask, True, hidden, False)
         m = cmask.bool()
         got, want = got[m].float(), want[m].float()
-        tol = (1e-4 if next(net.parameters()).dtype == torch.float32 else 3e-2) * (
+        tol = (1e-4 if next(module.parameters()).dtype == torch.float32 else 3e-2) * (
             float(want.abs().max()) + 1.0
         )
         return got.shape == want.shape and bool(((got - want).abs() <= tol).all())
     finally:
-        net.train(was_training)
+        module.train(was_training)
