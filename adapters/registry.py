@@ -34,8 +34,8 @@ from grpo_ar.core.registry import Registry, same_definition
 from grpo_ar.errors import ConfigError
 
 from .base import Adapter
-from .vocab_sections import ChameleonT2IConfig, Emu3T2IConfig
 from .janus import JanusT2IConfig
+from .vocab_sections import ChameleonT2IConfig, Emu3T2IConfig
 
 ENTRY_POINT_GROUP = "grpo_ar.adapters"
 
