@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +67,37 @@ class TurnLimits:
             raise ValueError(f"max_turns must be >= 1, got {self.max_turns}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+
+
+# (respond, limits) -> the rollout of a batch's trajectories: `sample_turns` here, or a rollout
+# backend's own multi-turn loop (`generation.vllm_turns.engine_turns`)
+TurnSampler = Callable[[Respond, TurnLimits], Rollout]
+
+
+@runtime_checkable
+class Trajectories(Protocol):
+    """An adapter whose rollouts are multi-turn trajectories (adapters/multiturn.py): it owns the
+    environment, a rollout backend owns the sampling loop and passes it in as `turns`."""
+
+    def trajectories(self, prompts: PromptBatch, group_size: int, turns: TurnSampler) -> Rollout:
+        """G trajectories per prompt: episodes started, `turns(respond, limits)` run, the
+        environment's statistics added to the rollout."""
+        ...
+
+
+def turn_outcome(reply: Reply | None, turn: int, used: int, limits: TurnLimits) -> int | None:
+    """After a model turn: None when the trajectory goes on, else its `TRUNCATION` code (0: the
+    environment said done). `reply` is None for a turn cut by its length (not asked); `used`
+    counts the trajectory's tokens including this turn's (not yet the observation's)."""
+    if reply is None:  # cut by its length: by the budget, or by the turn limit
+        return TRUNCATION["token_budget" if used >= limits.max_tokens else "turn_length"]
+    if reply.done:
+        return TRUNCATION["none"]
+    if turn == limits.max_turns - 1:
+        return TRUNCATION["max_turns"]
+    if used + len(reply.tokens) + 1 > limits.max_tokens:  # no room for a model token after
+        return TRUNCATION["token_budget"]
+    return None
 
 
 def check_params(params: SamplingParams) -> None:
@@ -332,22 +363,16 @@ def _environment_turn(
     for i, r in enumerate(rows):
         used[r] += count_l[i]
         reply = reply_of.get(i)
-        if reply is None:  # cut by its length: by the budget, or by the turn limit
-            budget = used[r] >= limits.max_tokens
-            reason[r] = TRUNCATION["token_budget" if budget else "turn_length"]
+        if reply is not None:
+            grid.reward[r, last_l[i]] += float(reply.reward)
+        code = turn_outcome(reply, turn, used[r], limits)
+        if code is not None:
+            reason[r] = code
             continue
-        grid.reward[r, last_l[i]] += float(reply.reward)
-        if reply.done:
-            continue
-        tokens = list(reply.tokens)
-        if turn == limits.max_turns - 1:
-            reason[r] = TRUNCATION["max_turns"]
-        elif used[r] + len(tokens) + 1 > limits.max_tokens:  # no room for a model token after
-            reason[r] = TRUNCATION["token_budget"]
-        else:
-            used[r] += len(tokens)
-            go.append(i)
-            obs.append(tokens)
+        tokens = list(reply.tokens) if reply is not None else []
+        used[r] += len(tokens)
+        go.append(i)
+        obs.append(tokens)
     return go, obs
 
 
