@@ -55,6 +55,10 @@ class Trajectory(str):
         obj.env_reward, obj.stats = env_reward, dict(stats)
         return obj
 
+    def __getnewargs__(self) -> tuple[Any, ...]:  # type: ignore[override]
+        # pickling (outputs gathered over data-parallel ranks) rebuilds it through __new__
+        return (self.turns, self.transcript, self.env_reward, self.stats)
+
 
 class ChatRenderer:
     """First prompts and observations as the tokenizer's chat template writes them."""

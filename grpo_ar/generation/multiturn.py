@@ -31,7 +31,7 @@ from ..types import PromptBatch, Rollout
 from .decode_step import Decoder, fast_step_for
 from .model_call import forward
 from .params import SamplingParams, transform_logits
-from .sampler import Draw
+from .sampler import Draw, inverse_cdf
 
 # why a trajectory ended early (`data["truncation"]`); 0 = it ended by the environment's `done`
 TRUNCATION = {"none": 0, "turn_length": 1, "max_turns": 2, "token_budget": 3}
@@ -195,6 +195,36 @@ class TurnDecoder(Decoder):
                 layer.values = layer.v_store[:, :, : layer.length]
 
 
+class TurnDraw(Draw):
+    """`sampler.Draw` for trajectories: the uniforms of every row's model tokens are drawn up
+    front, (total, width) for the whole batch, and a row's j-th model token takes its j-th.
+    One uniform per step (Draw's) would tie a row's later turns to how many steps the other
+    rows' turns took, which differs between the whole batch and a rank's shard of it; this way
+    a shard samples exactly what its rows get in the whole batch."""
+
+    def __init__(
+        self, n: int, generator: torch.Generator | None, greedy: bool, offset: int, total: int,
+        width: int, device: torch.device,
+    ) -> None:  # fmt: skip
+        super().__init__(n, generator, greedy, offset, total)
+        self.u: Tensor | None = None
+        if not greedy:  # (total, width): the whole batch's, whatever the shard
+            u = torch.rand(self.total, width, generator=generator, device=device)
+            self.u = u[offset : offset + n]
+        self.taken = torch.zeros(n, dtype=torch.long, device=device)  # model tokens per row
+
+    def __call__(self, z: Tensor, rows: Tensor | None) -> tuple[Tensor, Tensor]:
+        if self.u is None:
+            return super().__call__(z, rows)
+        rows = torch.arange(self.n, device=z.device) if rows is None else rows
+        j = self.taken[rows].clamp(max=self.u.shape[1] - 1)  # rows past their turn: unused
+        return inverse_cdf(z, self.u[rows, j][:, None])
+
+    def advance(self, rows: Tensor, fed: Tensor) -> None:
+        """Rows `rows` whose token was real (`fed`) move on to their next uniform."""
+        self.taken[rows] += fed.long()
+
+
 class Grid:
     """Per-slot records of every row (slot = cache column after the prompt), holes included;
     `compact` drops the holes."""
@@ -246,7 +276,7 @@ def sample_turns(
     an EOS token, each answered by `respond` until it says done, `limits.max_turns` turns are
     spent (truncated) or the next model token would not fit in `limits.max_tokens` (truncated).
     A turn cut by its length is truncated without asking the environment. Draws are those of
-    `sampler.Draw` (one uniform per row per step, shard-aware). `capacity`: cache slots after
+    `TurnDraw` (one uniform per model token of a row, shard-aware). `capacity`: cache slots after
     the prompt allocated up front (default max_tokens + max_new_tokens); more are added as
     holes make trajectories' slots outgrow them."""
     check_params(params)
@@ -258,7 +288,7 @@ def sample_turns(
     grid = Grid(n, device, params.pad_token_id)
     eos = torch.tensor(params.eos_token_ids, dtype=torch.long, device=device)
     first, total = prompts.extras.get("shard", (0, len(prompts)))
-    draw = Draw(n, generator, greedy, offset=first * g, total=total * g)
+    draw = TurnDraw(n, generator, greedy, first * g, total * g, limits.max_tokens, device)
     rows = torch.arange(n, device=device)  # rollout row of each running row
     used = [0] * n  # trajectory tokens so far
     turns, reason = [0] * n, [TRUNCATION["none"]] * n
@@ -309,7 +339,7 @@ def _model_turn(
     logits: Tensor,
     rows: Tensor,
     caps: list[int],
-    draw: Draw,
+    draw: TurnDraw,
     eos: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One model turn of the R running rows -> (R, V) logits after each row's last token, (R,)
@@ -325,6 +355,7 @@ def _model_turn(
         z = transform_logits(logits, params, None, not draw.greedy)
         tok, lp = draw(z, None if k == n else rows)
         fed = in_turn  # the token is real for rows still in their turn
+        draw.advance(rows, fed)
         last = torch.where(fed, grid.width, last)
         grid.put(rows, tok[:, None], lp[:, None], fed[:, None], model=True)
         count = count + fed.long()
