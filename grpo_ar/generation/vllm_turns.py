@@ -28,7 +28,7 @@ from .vllm_engine import request_params
 TURN_SEED_STRIDE = 1_000_003
 
 
-class Trajectory:
+class Row:
     """One rollout row being built: tokens after the first prompt with their records."""
 
     def __init__(self) -> None:
@@ -57,7 +57,7 @@ def engine_turns(
         ids[m.bool()].tolist()
         for ids, m in zip(prompts.input_ids.cpu(), prompts.attention_mask.cpu())
     ]
-    rows = [Trajectory() for _ in range(n)]
+    rows = [Row() for _ in range(n)]
     used, turns, reason = [0] * n, [0] * n, [TRUNCATION["none"]] * n
     eos = set(params.eos_token_ids)
     base = request_params(params, greedy)
@@ -102,7 +102,7 @@ def engine_turns(
 
 
 def _rollout(
-    prompts: PromptBatch, g: int, rows: list[Trajectory], turns: list[int], reason: list[int],
+    prompts: PromptBatch, g: int, rows: list[Row], turns: list[int], reason: list[int],
     pad: int,
 ) -> Rollout:  # fmt: skip
     """The rows as the Rollout `sample_turns` returns (right-padded, the same `data` keys)."""
