@@ -5,7 +5,9 @@ engine's log-probs against grpo_ar's teacher-forced ones on the model's tokens (
 agree to ~1e-4), that environment tokens carry log-prob 0, the tool use, and seconds per
 rollout. Run it with the engine's environment:
 
-    GRPO_AR_SMOLLM2=runs/smollm2-135m-instruct .venv-vllm/bin/python benchmarks/bench_vllm_multiturn.py
+    .venv-vllm/bin/python benchmarks/bench_vllm_multiturn.py --threads 1
+
+RESULT `max_abs_dlogp` (≤ 1e-4), `env_logp_zero` (1), `rollout_s` (the median warm rollout).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import json
 import time
 
 import torch
-from common import ROOT, SMOLLM2
+from common import ROOT, header, median, need_smollm2, parse_args, run_result
 
 
 def main() -> None:
@@ -30,26 +32,30 @@ def main() -> None:
     from grpo_ar.train.tools import ToolEnvironment
     from grpo_ar.types import Entry
 
-    torch.set_num_threads(1)
+    args = parse_args(__doc__.split("\n\n")[0], repeats=3, quick_repeats=2)
+    header("bench_vllm_multiturn", args)
+    smollm2 = need_smollm2()
     path = ROOT / "examples" / "tool_calculator" / "run.py"
     spec = importlib.util.spec_from_file_location("tool_calculator", path)
     assert spec is not None and spec.loader is not None
     tc = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tc)
-    tok = AutoTokenizer.from_pretrained(SMOLLM2)
-    model = AutoModelForCausalLM.from_pretrained(SMOLLM2, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
     env = ToolEnvironment([tc.calculator], max_turns=2, max_tokens=120, timeout_s=2.0)
     adapter = MultiTurnAdapter(TextAdapter(tok, SamplingParams(max_new_tokens=40)), env)
     questions = ["312 * 471", "845 + 267", "903 - 458", "126 * 359"]
     prompts = adapter.encode([Entry(tc.chat_prompt(f"Calculate {q}."), ()) for q in questions])
     start = time.perf_counter()
-    engine = Engine(EngineSpec(str(SMOLLM2), dtype="float32", max_model_len=2048))
+    engine = Engine(EngineSpec(str(smollm2), dtype="float32", max_model_len=2048))
     out: dict = {"engine_start_s": round(time.perf_counter() - start, 1)}
     backend = VllmBackend(engine, adapter.sampling, adapter=adapter)
-    for rep in range(2):  # the second call runs on a warm engine
+    seconds = []
+    for rep in range(1 + args.repeats):  # the first call warms the engine up (not counted)
         start = time.perf_counter()
         r = backend.generate(model, prompts, 4, generator=torch.Generator().manual_seed(rep))
-        out[f"rollout_s_{rep}"] = round(time.perf_counter() - start, 2)
+        seconds.append(time.perf_counter() - start)
+    out["rollout_s"] = [round(x, 2) for x in seconds]
     own = r.model_mask.bool()
     with torch.no_grad():
         logp, _ = adapter.token_logprobs(model, r)
@@ -63,6 +69,10 @@ def main() -> None:
         **rollout_metrics(r),
     )
     print(json.dumps(out, indent=1))
+    run_result(
+        args, max_abs_dlogp=out["max_abs_dlogp"], env_logp_zero=int(out["env_logp_all_zero"]),
+        rollout_s=median(seconds[1:]), engine_start_s=out["engine_start_s"],
+    )  # fmt: skip
 
 
 if __name__ == "__main__":  # vLLM's engine needs the guard
