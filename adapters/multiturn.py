@@ -4,8 +4,10 @@
 The trainer needs no change: `sample` returns a rollout whose environment tokens are outside
 `Rollout.model_mask` (the trainer's loss mask), and `token_logprobs` is 0 there, so those tokens
 reach neither the loss, the KL, the entropy nor the gradient even under filters that exclude
-them. A rollout backend other than the built-in sampler (vLLM) plugs in at `sample_turns`: it
-must take the same `respond` callback and return the same rollout fields.
+them. A rollout backend other than the built-in sampler plugs in through `trajectories`
+(`generation.multiturn.Trajectories`): it passes its own turn loop, which takes the same
+`respond` callback and returns the same rollout fields (the vLLM backend's is
+`generation.vllm_turns.engine_turns`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from grpo_ar.generation.multiturn import Reply, check_params, sample_turns
+from grpo_ar.generation.multiturn import (
+    Reply,
+    Respond,
+    TurnLimits,
+    TurnSampler,
+    check_params,
+    sample_turns,
+)
 from grpo_ar.train.environments import Environment, Observation, stats_tensors
 from grpo_ar.types import Entry, PromptBatch, Rollout
 
@@ -45,6 +54,10 @@ class Trajectory(str):
         obj.turns, obj.transcript = tuple(turns), transcript
         obj.env_reward, obj.stats = env_reward, dict(stats)
         return obj
+
+    def __getnewargs__(self) -> tuple[Any, ...]:  # type: ignore[override]
+        # pickling (outputs gathered over data-parallel ranks) rebuilds it through __new__
+        return (self.turns, self.transcript, self.env_reward, self.stats)
 
 
 class ChatRenderer:
@@ -130,7 +143,19 @@ class MultiTurnAdapter(Adapter):
         self, model: Any, prompts: PromptBatch, group_size: int,
         generator: torch.Generator | None = None, greedy: bool = False,
     ) -> Rollout:  # fmt: skip
-        """G trajectories per prompt; `data["env/<stat>"]` from `Environment.stats`."""
+        """G trajectories per prompt, sampled by the built-in KV-cached sampler."""
+
+        def turns(respond: Respond, limits: TurnLimits) -> Rollout:
+            return sample_turns(
+                model, prompts, group_size, self.sampling, respond, limits,
+                generator=generator, greedy=greedy, fast=self.fast,
+            )  # fmt: skip
+
+        return self.trajectories(prompts, group_size, turns)
+
+    def trajectories(self, prompts: PromptBatch, group_size: int, turns: TurnSampler) -> Rollout:
+        """G trajectories per prompt drawn by `turns` (a sampler's turn loop), one episode of
+        the environment each; `data["env/<stat>"]` from `Environment.stats`."""
         n = len(prompts) * group_size
         states = [self.env.reset(prompts.entries[i // group_size]) for i in range(n)]
 
@@ -139,10 +164,7 @@ class MultiTurnAdapter(Adapter):
             obs = self.env.step_batch([states[r] for r in rows], texts, said)
             return [self.reply(o, s[-1]) for o, s in zip(obs, said)]
 
-        rollout = sample_turns(
-            model, prompts, group_size, self.sampling, respond, self.env.limits,
-            generator=generator, greedy=greedy, fast=self.fast,
-        )  # fmt: skip
+        rollout = turns(respond, self.env.limits)
         device = rollout.completion_ids.device
         rollout.data.update(stats_tensors([self.env.stats(s) for s in states], device))
         rollout.extras["credit"] = self.env.credit

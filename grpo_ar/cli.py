@@ -28,7 +28,8 @@ def _device(name: str) -> str:
 
 def build_model_and_adapter(cfg: Config) -> tuple[Any, Any]:
     """Load the configured model and its modality adapter: the builder `model.adapter` names in
-    `grpo_ar.adapters.ADAPTERS`, given the adapter's own section ([image], [video], ...)."""
+    `grpo_ar.adapters.ADAPTERS`, given the adapter's own section ([image], [video], ...); with
+    an [environment], the text adapter inside a `MultiTurnAdapter` with that environment."""
     import torch
 
     from .adapters.registry import ADAPTERS
@@ -37,9 +38,14 @@ def build_model_and_adapter(cfg: Config) -> tuple[Any, Any]:
         raise ConfigError(
             "model.path is empty: give a local folder or hub id of the model to train"
         )
+    env = cfg.environment.build() if cfg.environment.enabled else None  # before the model
     build = ADAPTERS[cfg.model.adapter].build
     dtype = getattr(torch, cfg.model.dtype)
     model, adapter = build(cfg, cfg.adapter_section, _device(cfg.model.device), dtype)
+    if env is not None:
+        from .adapters.multiturn import MultiTurnAdapter
+
+        adapter = MultiTurnAdapter(adapter, env)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model, adapter

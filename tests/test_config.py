@@ -230,8 +230,8 @@ def test_unknown_top_level_key_lists_the_sections():
     msg = str(e.value)
     assert "unknown key trainr" in msg
     assert (
-        "valid keys: algorithm, data, finetune, image, log, model, rollout, sampling, trainer, video"
-        in msg
+        "valid keys: algorithm, data, environment, finetune, image, log, model, rollout, sampling, "
+        "trainer, video" in msg
     )
 
 
@@ -475,6 +475,7 @@ def test_config_to_dict_is_plain():
         "finetune",
         "video",
         "rollout",
+        "environment",
     }
 
 

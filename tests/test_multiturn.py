@@ -187,3 +187,28 @@ def test_limits_and_params_are_validated(model):
         sample_turns(model, prompts([[5]]), 1, bad, Script(), TurnLimits())
     with pytest.raises(ValueError, match="eos_token_ids"):
         sample_turns(model, prompts([[5]]), 1, SamplingParams(), Script(), TurnLimits())
+
+
+def test_a_shard_samples_what_its_rows_get_in_the_whole_batch(model):
+    """Prompts 2..3 of 4 sampled alone (a rank's share under torchrun) give exactly the whole
+    batch's rows 4..7: a row's draws do not depend on how many steps other rows' turns took."""
+
+    def env(turn, rows, said):  # the same answer for every row: shard-local row ids differ
+        return [Reply([40 + turn, 41], reward=1.0, done=turn >= 2) for _ in rows]
+
+    p = prompts([[5, 6, 7], [3, 4, 5, 6, 7, 8, 9], [11, 12], [9, 8, 7, 6]])
+    params, limits = PARAMS[0], TurnLimits(3, 40)
+    full = sample_turns(model, p, 2, params, env, limits, torch.Generator().manual_seed(4))
+    part = PromptBatch(
+        p.input_ids[2:], p.attention_mask[2:], p.entries[2:], extras={"shard": (2, 4)}
+    )
+    sub = sample_turns(model, part, 2, params, env, limits, torch.Generator().manual_seed(4))
+    assert (full.data["turns"] > 1).sum() >= 4  # turns of different lengths before the last
+    for i in range(4):
+        t = int(sub.completion_mask[i].sum())
+        assert t == int(full.completion_mask[4 + i].sum())
+        assert torch.equal(sub.completion_ids[i, :t], full.completion_ids[4 + i, :t])
+        # the same tokens; their log-probs up to float noise (another batch, other kernels)
+        torch.testing.assert_close(
+            sub.sampling_logp[i, :t], full.sampling_logp[4 + i, :t], atol=1e-5, rtol=0
+        )

@@ -4,6 +4,7 @@ reference), garbage under them changes nothing, per-turn credit, dynamic samplin
 micro-batches work on trajectories."""
 
 import math
+import pickle
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from grpo_ar.config import load_config
 from grpo_ar.core.turns import per_turn_advantages, returns_to_go
 from grpo_ar.generation.params import SamplingParams
 from grpo_ar.io.data import load_rows
+from grpo_ar.io.run_files import append_samples
 from grpo_ar.train.environments import Environment, Observation, rollout_metrics
 from grpo_ar.train.step import StepStats
 from grpo_ar.train.trainer import Trainer
@@ -154,6 +156,12 @@ def test_a_training_step_logs_turn_metrics_and_decodes_trajectories(tmp_path):
         assert o.env_reward == pytest.approx(float(r.data["turn_reward"][i].sum()))
         assert str(o) == o.turns[-1] and len(o.turns) == int(r.data["turns"][i])
         assert all(f"={k}" in o.transcript for k in range(1, len(o.turns)))
+    # outputs gathered over data-parallel ranks are pickled: a Trajectory survives it
+    back = pickle.loads(pickle.dumps(out[0]))
+    assert type(back) is Trajectory and str(back) == str(out[0])
+    assert (back.turns, back.transcript, back.env_reward, back.stats) == (
+        out[0].turns, out[0].transcript, out[0].env_reward, out[0].stats
+    )  # fmt: skip
 
 
 def test_per_turn_credit_gives_token_advantages(tmp_path):
@@ -169,6 +177,11 @@ def test_per_turn_credit_gives_token_advantages(tmp_path):
     own = rollout.model_mask[row].bool()
     assert len(set(adv[row][own].tolist())) == int(rollout.data["turns"][row])
     tr.update(rollout, StepStats())  # token-level advantages train
+    # samples.jsonl shows a trajectory's mean advantage over the model's tokens
+    rows = append_samples(tmp_path, rollout, 1, 3)
+    own = rollout.model_mask
+    want = ((adv * own).sum(-1) / own.sum(-1))[:3]
+    assert [r["advantage"] for r in rows] == pytest.approx(want.tolist(), abs=1e-6)
 
 
 def test_per_turn_advantages_by_hand():

@@ -26,6 +26,7 @@ from ..errors import ConfigError, need
 from ..finetune.base import FinetuneConfig
 from ..generation.params import SamplingParams
 from .algorithm import AlgorithmConfig
+from .environment import EnvironmentConfig
 from .modality import ImageConfig, VideoConfig
 from .rollout import RolloutConfig
 
@@ -324,6 +325,7 @@ class Config:
     video: VideoConfig = field(default_factory=VideoConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    environment: EnvironmentConfig = field(default_factory=EnvironmentConfig)
     adapter_config: Any = None
     """The section of a registered adapter that has no field here (e.g. [tones]), parsed by
     its config class; written to config.yaml under the adapter's name."""
@@ -340,6 +342,27 @@ class Config:
                 self.sampling.tree.roots(self.algorithm.group_size)
             except ValueError as e:
                 raise ConfigError(f"{e} (algorithm.group_size)") from None
+        if self.environment.enabled:
+            self._check_multiturn()
+
+    def _check_multiturn(self) -> None:
+        """[environment] runs multi-turn text rollouts: a text model, sampling they support."""
+        from ..generation.multiturn import check_params
+
+        name = self.environment.name
+        if self.model.adapter != "text":
+            raise ConfigError(
+                f'environment.name={name!r} needs model.adapter = "text" (multi-turn rollouts '
+                f"are text), got {self.model.adapter!r}"
+            )
+        # the tokenizer's EOS ends a turn when sampling.eos_token_ids is empty
+        sampling = dataclasses.replace(
+            self.sampling, eos_token_ids=self.sampling.eos_token_ids or (0,)
+        )
+        try:
+            check_params(sampling)
+        except ValueError as e:
+            raise ConfigError(f"sampling: {e} (environment.name={name!r})") from None
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(Config) if f.name != "adapter_config")

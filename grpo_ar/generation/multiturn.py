@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,7 @@ from torch import Tensor
 from ..types import PromptBatch, Rollout
 from .decode_step import Decoder, fast_step_for
 from .params import SamplingParams, transform_logits
-from .sampler import Draw
+from .sampler import Draw, inverse_cdf
 
 # why a trajectory ended early (`data["truncation"]`); 0 = it ended by the environment's `done`
 TRUNCATION = {"none": 0, "turn_length": 1, "max_turns": 2, "token_budget": 3}
@@ -66,6 +66,37 @@ class TurnLimits:
             raise ValueError(f"max_turns must be >= 1, got {self.max_turns}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+
+
+# (respond, limits) -> the rollout of a batch's trajectories: `sample_turns` here, or a rollout
+# backend's own multi-turn loop (`generation.vllm_turns.engine_turns`)
+TurnSampler = Callable[[Respond, TurnLimits], Rollout]
+
+
+@runtime_checkable
+class Trajectories(Protocol):
+    """An adapter whose rollouts are multi-turn trajectories (adapters/multiturn.py): it owns the
+    environment, a rollout backend owns the sampling loop and passes it in as `turns`."""
+
+    def trajectories(self, prompts: PromptBatch, group_size: int, turns: TurnSampler) -> Rollout:
+        """G trajectories per prompt: episodes started, `turns(respond, limits)` run, the
+        environment's statistics added to the rollout."""
+        ...
+
+
+def turn_outcome(reply: Reply | None, turn: int, used: int, limits: TurnLimits) -> int | None:
+    """After a model turn: None when the trajectory goes on, else its `TRUNCATION` code (0: the
+    environment said done). `reply` is None for a turn cut by its length (not asked); `used`
+    counts the trajectory's tokens including this turn's (not yet the observation's)."""
+    if reply is None:  # cut by its length: by the budget, or by the turn limit
+        return TRUNCATION["token_budget" if used >= limits.max_tokens else "turn_length"]
+    if reply.done:
+        return TRUNCATION["none"]
+    if turn == limits.max_turns - 1:
+        return TRUNCATION["max_turns"]
+    if used + len(reply.tokens) + 1 > limits.max_tokens:  # no room for a model token after
+        return TRUNCATION["token_budget"]
+    return None
 
 
 def check_params(params: SamplingParams) -> None:
@@ -161,6 +192,36 @@ class TurnDecoder(Decoder):
                 layer.values = layer.v_store[:, :, : layer.length]
 
 
+class TurnDraw(Draw):
+    """`sampler.Draw` for trajectories: the uniforms of every row's model tokens are drawn up
+    front, (total, width) for the whole batch, and a row's j-th model token takes its j-th.
+    One uniform per step (Draw's) would tie a row's later turns to how many steps the other
+    rows' turns took, which differs between the whole batch and a rank's shard of it; this way
+    a shard samples exactly what its rows get in the whole batch."""
+
+    def __init__(
+        self, n: int, generator: torch.Generator | None, greedy: bool, offset: int, total: int,
+        width: int, device: torch.device,
+    ) -> None:  # fmt: skip
+        super().__init__(n, generator, greedy, offset, total)
+        self.u: Tensor | None = None
+        if not greedy:  # (total, width): the whole batch's, whatever the shard
+            u = torch.rand(self.total, width, generator=generator, device=device)
+            self.u = u[offset : offset + n]
+        self.taken = torch.zeros(n, dtype=torch.long, device=device)  # model tokens per row
+
+    def __call__(self, z: Tensor, rows: Tensor | None) -> tuple[Tensor, Tensor]:
+        if self.u is None:
+            return super().__call__(z, rows)
+        rows = torch.arange(self.n, device=z.device) if rows is None else rows
+        j = self.taken[rows].clamp(max=self.u.shape[1] - 1)  # rows past their turn: unused
+        return inverse_cdf(z, self.u[rows, j][:, None])
+
+    def advance(self, rows: Tensor, fed: Tensor) -> None:
+        """Rows `rows` whose token was real (`fed`) move on to their next uniform."""
+        self.taken[rows] += fed.long()
+
+
 class Grid:
     """Per-slot records of every row (slot = cache column after the prompt), holes included;
     `compact` drops the holes."""
@@ -212,7 +273,7 @@ def sample_turns(
     an EOS token, each answered by `respond` until it says done, `limits.max_turns` turns are
     spent (truncated) or the next model token would not fit in `limits.max_tokens` (truncated).
     A turn cut by its length is truncated without asking the environment. Draws are those of
-    `sampler.Draw` (one uniform per row per step, shard-aware). `capacity`: cache slots after
+    `TurnDraw` (one uniform per model token of a row, shard-aware). `capacity`: cache slots after
     the prompt allocated up front (default max_tokens + max_new_tokens); more are added as
     holes make trajectories' slots outgrow them."""
     check_params(params)
@@ -224,7 +285,7 @@ def sample_turns(
     grid = Grid(n, device, params.pad_token_id)
     eos = torch.tensor(params.eos_token_ids, dtype=torch.long, device=device)
     first, total = prompts.extras.get("shard", (0, len(prompts)))
-    draw = Draw(n, generator, greedy, offset=first * g, total=total * g)
+    draw = TurnDraw(n, generator, greedy, first * g, total * g, limits.max_tokens, device)
     rows = torch.arange(n, device=device)  # rollout row of each running row
     used = [0] * n  # trajectory tokens so far
     turns, reason = [0] * n, [TRUNCATION["none"]] * n
@@ -275,7 +336,7 @@ def _model_turn(
     logits: Tensor,
     rows: Tensor,
     caps: list[int],
-    draw: Draw,
+    draw: TurnDraw,
     eos: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One model turn of the R running rows -> (R, V) logits after each row's last token, (R,)
@@ -291,6 +352,7 @@ def _model_turn(
         z = transform_logits(logits, params, None, not draw.greedy)
         tok, lp = draw(z, None if k == n else rows)
         fed = in_turn  # the token is real for rows still in their turn
+        draw.advance(rows, fed)
         last = torch.where(fed, grid.width, last)
         grid.put(rows, tok[:, None], lp[:, None], fed[:, None], model=True)
         count = count + fed.long()
@@ -329,22 +391,16 @@ def _environment_turn(
     for i, r in enumerate(rows):
         used[r] += count_l[i]
         reply = reply_of.get(i)
-        if reply is None:  # cut by its length: by the budget, or by the turn limit
-            budget = used[r] >= limits.max_tokens
-            reason[r] = TRUNCATION["token_budget" if budget else "turn_length"]
+        if reply is not None:
+            grid.reward[r, last_l[i]] += float(reply.reward)
+        code = turn_outcome(reply, turn, used[r], limits)
+        if code is not None:
+            reason[r] = code
             continue
-        grid.reward[r, last_l[i]] += float(reply.reward)
-        if reply.done:
-            continue
-        tokens = list(reply.tokens)
-        if turn == limits.max_turns - 1:
-            reason[r] = TRUNCATION["max_turns"]
-        elif used[r] + len(tokens) + 1 > limits.max_tokens:  # no room for a model token after
-            reason[r] = TRUNCATION["token_budget"]
-        else:
-            used[r] += len(tokens)
-            go.append(i)
-            obs.append(tokens)
+        tokens = list(reply.tokens) if reply is not None else []
+        used[r] += len(tokens)
+        go.append(i)
+        obs.append(tokens)
     return go, obs
 
 

@@ -48,16 +48,21 @@ class Draw:
             return tok, z.gather(-1, tok[:, None]).squeeze(-1) - torch.logsumexp(z, -1)
         u = torch.rand(self.total, 1, generator=self.generator, device=z.device)
         u = u[self.offset : self.offset + self.n]
-        u = u if rows is None else u[rows]
-        probs = z.to(torch.promote_types(z.dtype, torch.float32)).softmax(-1)
-        cdf = probs.cumsum(-1)
-        mass = cdf[:, -1:].contiguous()
-        # the first token whose CDF exceeds u·mass; `right=True` never lands on a zero-probability
-        # token (a flat step of the CDF). u·mass may round up to mass: cap at the first token
-        # that reaches it (the last one with probability > 0).
-        tok = torch.searchsorted(cdf, u * mass, right=True)
-        tok = torch.minimum(tok, torch.searchsorted(cdf, mass)).squeeze(-1)
-        return tok, probs.gather(-1, tok[:, None]).squeeze(-1).log()
+        return inverse_cdf(z, u if rows is None else u[rows])
+
+
+def inverse_cdf(z: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+    """(R, V) transformed logits, (R, 1) uniforms -> (R,) tokens drawn from softmax(z) and their
+    log-probs."""
+    probs = z.to(torch.promote_types(z.dtype, torch.float32)).softmax(-1)
+    cdf = probs.cumsum(-1)
+    mass = cdf[:, -1:].contiguous()
+    # the first token whose CDF exceeds u·mass; `right=True` never lands on a zero-probability
+    # token (a flat step of the CDF). u·mass may round up to mass: cap at the first token
+    # that reaches it (the last one with probability > 0).
+    tok = torch.searchsorted(cdf, u * mass, right=True)
+    tok = torch.minimum(tok, torch.searchsorted(cdf, mass)).squeeze(-1)
+    return tok, probs.gather(-1, tok[:, None]).squeeze(-1).log()
 
 
 @torch.no_grad()

@@ -21,9 +21,11 @@ import torch
 
 from ..errors import ConfigError
 from ..types import PromptBatch, Rollout
+from .multiturn import Trajectories
 from .params import SamplingParams
 from .sampler import finish_rollout
 from .vllm_engine import SIGNATURE_KEYS, Engine, EngineSpec, request_params
+from .vllm_turns import engine_turns
 
 
 def draw_seed(generator: torch.Generator | None) -> int:
@@ -99,12 +101,17 @@ def engine_model_dir(rcfg: Any, cfg: Any, model: Any, finetune: Any) -> str:
 
 
 class VllmBackend:
-    """Rollouts from a vLLM engine (an in-process `Engine` or a `ServerClient`)."""
+    """Rollouts from a vLLM engine (an in-process `Engine` or a `ServerClient`); with a
+    multi-turn `adapter` (`multiturn.Trajectories`), trajectories turn by turn
+    (`vllm_turns.engine_turns`) with the adapter's environment answering each turn."""
 
     name = "vllm"
 
-    def __init__(self, engine: Any, params: SamplingParams, finetune: Any = None) -> None:
+    def __init__(
+        self, engine: Any, params: SamplingParams, finetune: Any = None, adapter: Any = None
+    ) -> None:
         self.engine, self.params, self.finetune = engine, params, finetune
+        self.turns = adapter if isinstance(adapter, Trajectories) else None
         self.version = -1  # the policy version the engine holds; -1: its start-up weights
 
     def check(self, params: SamplingParams) -> None:
@@ -121,6 +128,14 @@ class VllmBackend:
     ) -> Rollout:
         """`generate` with the engine seed given (what a prefetch for a later step uses)."""
         p = self.params
+        if self.turns is not None:
+            return self.turns.trajectories(
+                prompts,
+                group_size,
+                lambda respond, limits: engine_turns(
+                    self.engine, prompts, group_size, p, respond, limits, seed, greedy
+                ),
+            )
         rows = [
             ids[m.bool()].tolist()
             for ids, m in zip(prompts.input_ids.cpu(), prompts.attention_mask.cpu())
@@ -163,7 +178,7 @@ def build_vllm_backend(rcfg: Any, adapter: Any, model: Any, finetune: Any, cfg: 
 
         client = ServerClient(rcfg.host, rcfg.port, rcfg.timeout_s)
         client.check_model(model_signature(base_module(model)), dtype)
-        return VllmBackend(client, params, finetune)
+        return VllmBackend(client, params, finetune, adapter)
     try:
         import vllm  # noqa: F401
     except ImportError:
@@ -181,4 +196,4 @@ def build_vllm_backend(rcfg: Any, adapter: Any, model: Any, finetune: Any, cfg: 
         max_model_len=rcfg.max_model_len,
         seed=cfg.trainer.seed,
     )
-    return VllmBackend(Engine(spec), params, finetune)
+    return VllmBackend(Engine(spec), params, finetune, adapter)

@@ -96,16 +96,23 @@ class Engine:
         self.version = -1  # the policy version whose weights it holds (-1: those of model_dir)
 
     def generate(
-        self, prompts: list[list[int]], n: int, kw: dict[str, Any], seed: int
+        self,
+        prompts: list[list[int]],
+        n: int,
+        kw: dict[str, Any] | list[dict[str, Any]],
+        seed: int,
     ) -> list[tuple[list[int], list[float]]]:
-        """Each prompt's `n` completions, prompt-major: (token ids, processed log-probs)."""
+        """Each prompt's `n` completions, prompt-major: (token ids, processed log-probs). `kw`:
+        one request's `vllm.SamplingParams` keywords for all prompts, or one per prompt (a
+        multi-turn trajectory's turn is capped by its remaining token budget)."""
         from vllm import SamplingParams as VllmParams
         from vllm.inputs import TokensPrompt
 
+        kws = kw if isinstance(kw, list) else [kw] * len(prompts)
         # one seed per prompt: a request's draws do not depend on the batch it shares
         sps = [
-            VllmParams(n=n, seed=seed + i, logprobs=0, detokenize=False, **kw)
-            for i in range(len(prompts))
+            VllmParams(n=n, seed=seed + i, logprobs=0, detokenize=False, **k)
+            for i, k in enumerate(kws)
         ]
         reqs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
         outs = self.llm.generate(reqs, sps, use_tqdm=False)

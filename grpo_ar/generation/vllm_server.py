@@ -139,7 +139,7 @@ class ServerClient:
                 f"asks {dtype}; restart it with --dtype {dtype} or set rollout.dtype"
             )
 
-    def generate(self, prompts: list, n: int, kw: dict, seed: int) -> list:
+    def generate(self, prompts: list, n: int, kw: dict | list[dict], seed: int) -> list:
         return self.call("generate", prompts, n, kw, seed)
 
     def load_weights(self, items: list[tuple[str, torch.Tensor]], version: int) -> None:

@@ -106,6 +106,10 @@ def append_samples(
         paths = save(outputs, run_dir / "samples" / f"step_{step:06d}")
         if paths is not None:  # None: the adapter writes no files (Adapter.save_samples)
             shown = [str(Path(p).relative_to(run_dir)) for p in paths]
+    adv = rollout.data["adv"]
+    if adv.dim() == 2:  # token advantages (per-turn credit): their mean over the model's tokens
+        own = rollout.model_mask.to(adv)
+        adv = (adv * own).sum(-1) / own.sum(-1).clamp(min=1)
     rows = []
     for i in range(k):
         used = [j for j in range(len(result.names)) if bool(result.used[i, j])]
@@ -119,7 +123,7 @@ def append_samples(
                 "rewards": {
                     result.names[j]: jsonable(float(result.components[i, j])) for j in used
                 },
-                "advantage": float(rollout.data["adv"][i]),
+                "advantage": float(adv[i]),
             }
         )
     with open(run_dir / "samples.jsonl", "a", encoding="utf-8") as f:

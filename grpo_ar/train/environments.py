@@ -119,28 +119,38 @@ def assign_credit(rollout: Rollout, adv: Tensor, group_size: int) -> Tensor:
     return per_turn_advantages(adv, reward, group_size) * rollout.model_mask.to(adv)
 
 
-def rollout_metrics(rollout: Rollout) -> dict[str, float]:
-    """Trajectory metrics of a multi-turn rollout (none for a single-turn one): turns, the share
-    of environment tokens, truncation causes, `env/<stat>` means and the tool metrics."""
+def rollout_sums(rollout: Rollout) -> dict[str, tuple[Tensor, Tensor]]:
+    """Trajectory metrics of a multi-turn rollout as (Σ, count) pairs, summed over ranks before
+    they are divided (a rank's shard alone is not the batch): turns, the share of environment
+    tokens, truncation causes, `env/<stat>` means and the tool metrics. Empty for a single-turn
+    rollout."""
     if "model_mask" not in rollout.data:
         return {}
     data = rollout.data
-    n_tok = float(rollout.completion_mask.sum())
+    # kept on the rollout's device: StepStats.summary reads every sum in one transfer
+    rows = torch.tensor(float(rollout.completion_ids.shape[0]), device=data["turns"].device)
+    per_row = lambda x: (x.float().sum(), rows)  # noqa: E731  (a mean over trajectories)
+    tokens = rollout.completion_mask.float().sum()
     out = {
-        "turns/mean": float(data["turns"].float().mean()),
-        "turns/env_token_frac": 1.0 - float(rollout.model_mask.sum()) / max(n_tok, 1.0),
+        "turns/mean": per_row(data["turns"]),
+        "turns/env_token_frac": (tokens - rollout.model_mask.float().sum(), tokens),
     }
     for name, code in TRUNCATION.items():
         if code:
-            out[f"turns/truncated_{name}"] = float((data["truncation"] == code).float().mean())
+            out[f"turns/truncated_{name}"] = per_row(data["truncation"] == code)
     for key, value in data.items():
         if key.startswith("env/"):
-            out[key] = float(value.float().mean())
+            out[key] = per_row(value)
     if "env/tool_calls" in data:  # TRL's names: calls per trajectory, failed share of calls
         calls, failed = data["env/tool_calls"].sum(), data["env/tool_failures"].sum()
-        out["tools/call_frequency"] = float(data["env/tool_calls"].float().mean())
-        out["tools/failure_frequency"] = float(failed / calls.clamp(min=1))
+        out["tools/call_frequency"] = per_row(data["env/tool_calls"])
+        out["tools/failure_frequency"] = (failed.float(), calls.float())
     return out
+
+
+def rollout_metrics(rollout: Rollout) -> dict[str, float]:
+    """`rollout_sums` of one process's rollout as means (an empty count gives 0)."""
+    return {k: float(s / n.clamp(min=1)) for k, (s, n) in rollout_sums(rollout).items()}
 
 
 def stats_tensors(stats: Sequence[Mapping[str, float]], device: Any) -> dict[str, Tensor]:

@@ -185,6 +185,13 @@ class StepStats:
         if terms.is_weight is not None:
             self.add_tokens("is_weight", terms.is_weight.expand_as(mask), mask)
 
+    def add_sums(self, name: str, total: Tensor, count: Tensor) -> None:
+        """A ratio Σ / count whose two sums add up over micro-batches and ranks (e.g. failed
+        tool calls / calls)."""
+        acc = self.token_sums[name]
+        acc[0] = acc[0] + total.float()
+        acc[1] = acc[1] + count.float()
+
     def add_scalar(self, name: str, x: Tensor | float) -> None:
         self.scalars[name].append(float(x))
 

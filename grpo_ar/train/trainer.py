@@ -42,7 +42,7 @@ from ..rewards import RewardComputer, RewardContext, build_rewards, reward_metri
 from ..rewards.base import RewardResult
 from ..types import Entry, PromptBatch, Rollout
 from .dynamic_sampling import fill_batch
-from .environments import assign_credit, rollout_metrics
+from .environments import assign_credit, rollout_sums
 from .evaluation import evaluate_rewards, reward_context
 from .precision import Precision
 from .preflight import clear_run, refuse_held_run
@@ -172,7 +172,8 @@ class Trainer:
         rollout.data.update(adv=adv, valid=valid)
         rollout.extras["reward"] = result
         stats.update(reward_metrics(result))
-        stats.update(rollout_metrics(rollout))  # turns and tool use of multi-turn rollouts
+        for name, (total, count) in rollout_sums(rollout).items():  # turns, tool use
+            stats.add_sums(name, total, count)  # summed over ranks: the global batch's
         stats.update({"reward/zero_std_groups": zero_std_fraction(result.total, a.group_size)})
         return rollout
 

@@ -134,3 +134,44 @@ def test_one_step_async_learns_with_stale_rollouts(engine, tmp_path):
     # stale rollouts: the trainer's first-pass log-probs differ from the sampler's
     assert max(h["sampling/logp_diff/max"] for h in hist[1:]) > 1e-3
     assert all(0 < h["is_weight"] <= 3.0 for h in hist)
+
+
+def test_multiturn_adapter_with_rollout_backend_vllm_in_the_config(bf16_server, tmp_path):
+    """`rollout.backend = "vllm"` (server mode) with a multi-turn adapter: build_backend hands
+    the adapter to the vLLM backend, which samples trajectories (not single completions) that
+    the run trains on; the environment's tokens are outside the gap metrics' mask."""
+    from test_vllm_multiturn import Counter
+
+    from grpo_ar.adapters.multiturn import MultiTurnAdapter
+
+    tok = char_tokenizer()
+    cfg = load_config(
+        None,
+        [
+            "sampling.max_new_tokens=6",
+            f"sampling.eos_token_ids={list(range(2, 24))}",
+            "trainer.steps=2",
+            "trainer.batch_size=2",
+            "algorithm.group_size=4",
+            "data.rewards=[{name: environment}]",
+            f"log.run_dir={tmp_path}",
+            "log.progress=false",
+            "rollout.backend=vllm",
+            "rollout.vllm_mode=server",
+            f"rollout.port={bf16_server}",
+            "rollout.dtype=bfloat16",
+        ],
+    )
+    adapter = MultiTurnAdapter(TextAdapter(tok, cfg.sampling), Counter(max_turns=3, max_tokens=40))
+    entries = load_rows(
+        [{"prompt": f"{i}+{i}="} for i in range(4)], default_rewards=cfg.data.rewards
+    )
+    tr = Trainer(cfg, tiny_vllm_llama(len(tok)), adapter, entries)
+    assert tr.backend.name == "vllm" and tr.backend.turns is adapter
+    hist = tr.train()
+    r = tr.last_rollout
+    assert r is not None and (r.data["turns"] > 1).any()
+    assert (r.sampling_logp[~r.model_mask.bool()] == 0).all()
+    for h in hist:
+        assert h["turns/mean"] > 1.0 and 0 < h["turns/env_token_frac"] < 1
+        assert 1e-3 < h["sampling/logp_diff/mean"] < 1.0  # bf16 engine, fp32 trainer
