@@ -4,6 +4,7 @@ objective (a naive per-token reference); the held-out protocol; a 2-step smoke r
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -220,3 +221,38 @@ def test_scores_read_the_plan_and_the_judged_image():
     assert s["consistency"].tolist() == [1, 0, 0, 1]  # a malformed plan is never consistent
     assert s["plan_valid"].tolist() == [1, 1, 0, 0]
     assert s["reward"].tolist() == [3, 1, 1, 2]
+
+
+TINY = [
+    "data.n_train=96", "vq.steps=2", "vq.channels=[8, 8]", "cls.steps=2", "cls.batch_size=16",
+    "cls.n_test=16", "rcls.steps=2", "rcls.batch_size=16", "rcls.n_train=64", "rcls.n_test=16",
+    "prior.steps=2", "prior.batch_size=8", "prior.hidden=32", "prior.layers=1", "prior.n_train=64",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_example_runs_two_steps_per_variant_on_training_prompts_only(tmp_path, capsys):
+    from plan_then_image import run
+
+    argv = ["--base", str(tmp_path / "base"), "--eval-samples", "2", "--ablation"]
+    argv += [x for kv in TINY for x in ("--pretrain-set", kv)]
+    sets = ["trainer.steps=2", "trainer.batch_size=2", "trainer.warmup_steps=0",
+            "algorithm.group_size=2", f"log.run_dir={tmp_path / 'run'}",
+            "log.samples_per_step=100"]  # fmt: skip
+    res = run.main(argv + [x for kv in sets for x in ("--set", kv)])
+    train, held = plans.prompt_split()
+    assert res["heldout_prompts"] == held and set(res["after"]) == {"full", "plan_weight0"}
+    for name, weights in (("full", [1.0, 1.0]), ("plan_weight0", [0.0, 1.0])):
+        (r,) = res["runs"][name]
+        assert r["steps"] == 2 and r["plan_loss_weight"] == weights
+        assert all(0.0 <= r["after"][k] <= 1.0 for k in ("constraint", "consistency", "aesthetic"))
+        rows = [json.loads(x) for x in
+                (tmp_path / "run" / f"{name}_seed0" / "samples.jsonl").read_text().splitlines()]  # fmt: skip
+        assert len(rows) == 2 * 2 * 2  # every training sample of both steps
+        assert {row["prompt"] for row in rows} <= set(train)  # GRPO never sees a held-out prompt
+        assert all(
+            Path(tmp_path / "run" / f"{name}_seed0" / row["output"]).exists() for row in rows
+        )
+    assert res["before"]["kl/image"] == 0.0 and res["before"]["kl/plan"] == 0.0
+    assert (tmp_path / "run" / "results.json").exists() and Path(res["grid"]).exists()
+    assert "held-out before GRPO" in capsys.readouterr().out
