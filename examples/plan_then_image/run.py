@@ -22,6 +22,7 @@ import os
 import statistics
 import sys
 import time
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -106,7 +107,17 @@ def one_run(cfg: Config, pre: dict[str, Any], args: Any, plan_weight: float | No
         "train_reward_first": history[0]["reward/mean"],
         "train_reward_last5": sum(h["reward/mean"] for h in history[-5:]) / len(history[-5:]),
         "steps": len(history), "seconds_grpo": seconds,
+        "plans_after": plan_counts(plans_after, held, args.eval_samples),
     }  # fmt: skip
+
+
+def plan_counts(plans: list[str], prompts: list[str], samples: int) -> dict[str, dict[str, int]]:
+    """Held-out prompt -> {plan: how many of its `samples` completions wrote it}, most first."""
+    out = {}
+    for i, p in enumerate(prompts):
+        got = Counter(plans[i * samples : (i + 1) * samples])
+        out[p] = dict(got.most_common())
+    return out
 
 
 def summary(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -137,7 +148,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     root = Path(cfg.log.run_dir)
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = [("full", None)] + ([("plan_weight0", 0.0)] if args.ablation else [])
-    before, results = None, {}
+    before: Any = None  # measured in the first run, shared by all (same model, same seed)
+    results: dict[str, list[dict[str, Any]]] = {}
     for name, weight in variants:
         runs = []
         for seed in seeds:
@@ -155,6 +167,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     strip = lambda r: {k: v for k, v in r.items() if k not in ("images", "before")}  # noqa: E731
     result = {
         "before": before["metrics"],
+        "plans_before": plan_counts(before["plans"], prompt_split()[1], args.eval_samples),
         "after": {n: summary(rs) for n, rs in results.items()},
         "runs": {n: [strip(r) for r in rs] for n, rs in results.items()},
         "grid": str(grid), "grid_plans": {"before": _grid_plans(before["plans"], args),
