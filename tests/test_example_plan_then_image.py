@@ -242,7 +242,8 @@ def test_example_runs_two_steps_per_variant_on_training_prompts_only(tmp_path, c
     res = run.main(argv + [x for kv in sets for x in ("--set", kv)])
     train, held = plans.prompt_split()
     assert res["heldout_prompts"] == held and set(res["after"]) == {"full", "plan_weight0"}
-    for name, weights in (("full", [1.0, 1.0]), ("plan_weight0", [0.0, 1.0])):
+    plan_w = run.load_config(run.CONFIG, []).sampling.spans[0].loss_weight  # config.toml's
+    for name, weights in (("full", [plan_w, 1.0]), ("plan_weight0", [0.0, 1.0])):
         (r,) = res["runs"][name]
         assert r["steps"] == 2 and r["plan_loss_weight"] == weights
         assert all(0.0 <= r["after"][k] <= 1.0 for k in ("constraint", "consistency", "aesthetic"))
