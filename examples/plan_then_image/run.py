@@ -80,7 +80,8 @@ def measure(model: Any, adapter: Any, start: Any, prompts: list[str], samples: i
 def one_run(cfg: Config, pre: dict[str, Any], args: Any, plan_weight: float | None,
             before: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
     """GRPO from the pre-trained prior under `cfg` (the plan span's loss weight replaced by
-    `plan_weight` unless None); the held-out metrics before (measured once, shared) and after."""
+    `plan_weight` unless None); the metrics before (measured once, shared) and after, on the
+    held-out prompts and, with the same fixed seed, on the training prompts (in distribution)."""
     if plan_weight is not None:
         spans = tuple(replace(s, loss_weight=plan_weight) if s.name == "plan" else s
                       for s in cfg.sampling.spans)  # fmt: skip
@@ -90,17 +91,18 @@ def one_run(cfg: Config, pre: dict[str, Any], args: Any, plan_weight: float | No
     trainer = Trainer(cfg, model, adapter, entries(train_prompts))
     start = pre["prior"]
 
-    def evaluate() -> tuple[dict[str, float], Tensor, list[str]]:
-        return measure(model, adapter, start, held, args.eval_samples, args.eval_seed,
+    def evaluate(prompts: list[str]) -> tuple[dict[str, float], Tensor, list[str]]:
+        return measure(model, adapter, start, prompts, args.eval_samples, args.eval_seed,
                        pre["classifier"], pre["reward_classifier"])  # fmt: skip
 
     if before is None:
-        m, img, plans = evaluate()
-        before = {"metrics": m, "images": img, "plans": plans}
+        m, img, plans = evaluate(held)
+        before = {"metrics": m, "images": img, "plans": plans,
+                  "train_prompts": evaluate(train_prompts)[0]}  # fmt: skip
     t0 = time.perf_counter()
     history = trainer.train()
     seconds = time.perf_counter() - t0
-    after, img_after, plans_after = evaluate()
+    after, img_after, plans_after = evaluate(held)
     return {
         "seed": cfg.trainer.seed, "plan_loss_weight": [s.loss_weight for s in cfg.sampling.spans],
         "before": before, "after": after, "images": img_after, "plans": plans_after,
@@ -108,6 +110,7 @@ def one_run(cfg: Config, pre: dict[str, Any], args: Any, plan_weight: float | No
         "train_reward_last5": sum(h["reward/mean"] for h in history[-5:]) / len(history[-5:]),
         "steps": len(history), "seconds_grpo": seconds,
         "plans_after": plan_counts(plans_after, held, args.eval_samples),
+        "after_train_prompts": evaluate(train_prompts)[0],
     }  # fmt: skip
 
 
@@ -120,11 +123,11 @@ def plan_counts(plans: list[str], prompts: list[str], samples: int) -> dict[str,
     return out
 
 
-def summary(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Per metric: mean, min and max after GRPO over the runs (seeds)."""
+def summary(runs: list[dict[str, Any]], key: str = "after") -> dict[str, dict[str, float]]:
+    """Per metric: mean, min and max of `r[key]` (after GRPO) over the runs (seeds)."""
     out = {}
     for k in KEYS:
-        v = [r["after"][k] for r in runs]
+        v = [r[key][k] for r in runs]
         out[k] = {"mean": statistics.fmean(v), "min": min(v), "max": max(v)}
     return out
 
@@ -157,7 +160,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         log=replace(cfg.log, run_dir=str(root / f"{name}_seed{seed}")))  # fmt: skip
             r = one_run(c, pre, args, weight, before)
             before = r["before"]
-            print(f"[{name} seed {seed}] {_fmt(r['after'])}; GRPO {r['seconds_grpo']:.0f}s",
+            print(f"[{name} seed {seed}] held-out: {_fmt(r['after'])}; training prompts: "
+                  f"{_fmt(r['after_train_prompts'])}; GRPO {r['seconds_grpo']:.0f}s",
                   flush=True)  # fmt: skip
             runs.append(r)
         results[name] = runs
@@ -169,6 +173,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "before": before["metrics"],
         "plans_before": plan_counts(before["plans"], prompt_split()[1], args.eval_samples),
         "after": {n: summary(rs) for n, rs in results.items()},
+        "before_train_prompts": before["train_prompts"],
+        "after_train_prompts": {n: summary(rs, "after_train_prompts") for n, rs in results.items()},
         "runs": {n: [strip(r) for r in rs] for n, rs in results.items()},
         "grid": str(grid), "grid_plans": {"before": _grid_plans(before["plans"], args),
                                           "after": _grid_plans(first["plans"], args)},
@@ -178,7 +184,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "loadavg_1min": {"start": load0[0], "end": load1[0]}, "date": time.strftime("%Y-%m-%d"),
     }  # fmt: skip
     (root / "results.json").write_text(json.dumps(result, indent=2))
-    print(f"held-out before GRPO: {_fmt(before['metrics'])}")
+    print(f"held-out before GRPO: {_fmt(before['metrics'])}\n"
+          f"training prompts before GRPO: {_fmt(before['train_prompts'])}")  # fmt: skip
     for n, s in result["after"].items():
         print(f"after ({n}, seeds {args.seeds}): " + "; ".join(
             f"{k} {v['mean']:.3f} [{v['min']:.3f}, {v['max']:.3f}]" for k, v in s.items()))  # fmt: skip
