@@ -283,5 +283,8 @@ def code_sampling(sampling: SamplingParams, layout: CodeLayout, kind: str) -> Sa
             "eos_token_ids": ((), f"fixed-length {noun} generation (no EOS)"),
             "allowed_ranges": (((lo, hi),), f"the codebook range [{lo}, {hi})"),
             "position_ranges": (layout.position_ranges, "the EOL/EOF layout tokens' positions"),
+            # its scorer recomputes log-probs under one transform: spans would be trained on the
+            # wrong distribution (a span-aware adapter, e.g. examples/plan_then_image, wraps it)
+            "spans": ((), f"one {noun} span (this adapter's scorer has no typed spans)"),
         }
     )

@@ -120,6 +120,11 @@ def test_bad_prompts_and_settings_rejected(vq, tok):
         class_adapter(vq, sampling=params(allowed_ranges=((0, 24),)))
     with pytest.raises(ValueError, match="min_new_tokens=3 conflicts with fixed-length image"):
         class_adapter(vq, sampling=params(min_new_tokens=3))
+    # typed spans would be sampled per span but scored under one transform: refused
+    from grpo_ar.generation.params import Span
+
+    with pytest.raises(ValueError, match=r"sampling.spans=.* conflicts with one image span"):
+        class_adapter(vq, sampling=params(spans=(Span("image", length=N_TOK, temperature=0.5),)))
     with pytest.raises(ValueError, match="cfg_train='both'"):
         class_adapter(vq, cfg_train="both")
     with pytest.raises(ValueError, match="only its 4×4 grid"):
