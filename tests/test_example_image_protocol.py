@@ -1,0 +1,135 @@
+"""The image example's evaluation is independent of its training (issue 23, item 5): held-out
+prompts are never drawn for training, evaluation seeds are never a random stream training draws
+from, and another evaluation seed changes the sampled images but not the protocol (same
+prompts, same counts, same training). Tiny pre-training, real Trainer, real sampler."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from example_modules import example_module
+
+TINY = [
+    "data.n_train=96", "cls.n_test=32", "vq.steps=2", "vq.codebook=32", "vq.channels=[8, 8]",
+    "cls.steps=2", "cls.batch_size=16", "prior.steps=2", "prior.batch_size=8", "prior.hidden=32",
+    "prior.layers=1", "rcls.steps=2", "rcls.batch_size=16", "rcls.n_train=64", "rcls.n_test=32",
+]  # fmt: skip
+
+
+class RecordingGenerator(torch.Generator):
+    """A real torch generator that remembers every seed it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seeds: list[int] = []
+
+    def manual_seed(self, seed: int) -> torch.Generator:  # type: ignore[override]
+        self.seeds.append(int(seed))
+        return super().manual_seed(seed)
+
+
+def _argv(tmp: Path, run: str, *extra: str) -> list[str]:
+    sets = ["trainer.steps=2", "trainer.batch_size=2", "trainer.warmup_steps=0",
+            "algorithm.group_size=2", "log.samples_per_step=4", f"log.run_dir={tmp / run}"]  # fmt: skip
+    argv = ["--base", str(tmp / "base"), "--eval-samples", "2"]
+    argv += [x for kv in TINY for x in ("--pretrain-set", kv)]
+    return argv + [x for kv in sets for x in ("--set", kv)] + list(extra)  # extra --set wins
+
+
+def _training_rows(lines: list[str]) -> list[dict]:
+    """metrics.jsonl rows without the wall-clock timings."""
+    rows = [json.loads(x) for x in lines]
+    return [
+        {k: v for k, v in r.items() if not k.startswith(("time/", "tokens_per_s"))} for r in rows
+    ]
+
+
+@pytest.fixture(scope="module")
+def example(tmp_path_factory):
+    """(run.py as a module, a folder holding the tiny pre-training cache)."""
+    tmp = tmp_path_factory.mktemp("image_protocol")
+    saved = sys.modules.get("pretrain")  # another example's `pretrain` must not be picked up
+    sys.modules["pretrain"] = types.ModuleType("pretrain")
+    try:
+        with example_module("image_aesthetic", "run") as run:
+            args = run.parse_args(_argv(tmp, "unused"))
+            run.pretrain(tmp / "base", verbose=False, **run.parse_overrides(args.pretrain_set))
+            yield run, tmp
+    finally:
+        if saved is None:
+            sys.modules.pop("pretrain", None)
+        else:
+            sys.modules["pretrain"] = saved
+
+
+@pytest.mark.slow
+def test_training_never_draws_heldout_prompts_or_evaluation_seeds(example):
+    run, tmp = example
+    from ar_common.seeds import EVAL_SEEDS, training_streams
+
+    from grpo_ar.cli import build_model_and_adapter
+    from grpo_ar.parallel.ddp import derive_seed
+
+    # 10 steps of 2 prompts: one whole epoch of the 20 training prompts, every sample logged
+    args = run.parse_args(_argv(tmp, "train", "--set", "trainer.steps=10"))
+    cfg, _, _, specs = run.setup(args, tmp / "base")
+    start, adapter = build_model_and_adapter(cfg)
+    train, held = run.prompt_split()
+    trainer = run.make_trainer(cfg, 0, start, adapter, run.entries(train, specs))
+    trainer.generator = RecordingGenerator()
+    history = trainer.train()
+    assert len(history) == 10 and "reward/prompt_fidelity/mean" in history[0]
+    rows = (tmp / "train" / "seed0" / "samples.jsonl").read_text().splitlines()
+    drawn = {json.loads(r)["prompt"] for r in rows}
+    assert len(rows) == 40 and drawn == set(train) and not drawn & set(held)
+    # the streams the check assumes are the ones the Trainer really seeded
+    used = set(trainer.generator.seeds)
+    assert used <= training_streams(0, 10) and derive_seed(0, 9, 0) in used
+    assert not used & set(EVAL_SEEDS)
+    # a clash is refused before any training, naming the seeds
+    clash = derive_seed(1, 1, 0)
+    with pytest.raises(SystemExit, match=rf"evaluation seed\(s\) \[{clash}\] are random streams"):
+        run.main(_argv(tmp, "clash", "--seeds", "1", "--eval-seeds", "777", str(clash)))
+    assert not (tmp / "clash").exists()
+
+
+@pytest.mark.slow
+def test_other_evaluation_seed_changes_images_not_protocol(example):
+    run, tmp = example
+    from grpo_ar.cli import build_model_and_adapter
+
+    a = run.main(_argv(tmp, "a", "--seeds", "0", "--eval-seeds", "5", "6"))
+    b = run.main(_argv(tmp, "b", "--seeds", "0", "--eval-seed", "6", "7"))
+    # the same protocol: prompts, counts, training (metrics of every step), settings
+    for key in ("heldout_prompts", "eval_samples", "seeds", "settings", "rewards"):
+        assert a[key] == b[key]
+    metrics = [(tmp / r / "seed0" / "metrics.jsonl").read_text().splitlines() for r in "ab"]
+    assert _training_rows(metrics[0]) == _training_rows(metrics[1])
+    assert [c["eval_seed"] for c in a["cells"]] == [5, 6] and len(b["cells"]) == 2
+    # eval seed 6 measures the same in both runs, whatever else was evaluated
+    assert a["cells"][1]["before"] == b["cells"][0]["before"]
+    assert a["cells"][1]["after"] == b["cells"][0]["after"]
+    # and other seeds sample other images (grids) and other tokens from the same model
+    from PIL import Image
+
+    grid = lambda c: np.asarray(Image.open(c["grid"]))  # noqa: E731
+    assert grid(a["cells"][0]).shape == grid(a["cells"][1]).shape
+    assert not np.array_equal(grid(a["cells"][0]), grid(a["cells"][1]))
+    args = run.parse_args(_argv(tmp, "unused"))
+    cfg, _, scorers, _ = run.setup(args, tmp / "base")
+    model, adapter = build_model_and_adapter(cfg)
+    pre = run.pretrain(tmp / "base", verbose=False, **run.parse_overrides(args.pretrain_set))
+    _, held = run.prompt_split()
+    outs = [run.measure(model, adapter, model, held, 2, s, pre["classifier"], scorers)
+            for s in (5, 6, 5)]  # fmt: skip
+    (m5, x5, t5), (m6, x6, t6), (_, x5b, t5b) = outs
+    assert t5.shape == t6.shape == (len(held) * 2, 64) and x5.shape == x6.shape
+    assert torch.equal(t5, t5b) and torch.equal(x5, x5b)  # a seed is a fixed protocol
+    assert (t5 != t6).float().mean() > 0.5  # most tokens differ
+    assert m5.keys() == m6.keys()
