@@ -133,3 +133,30 @@ def test_other_evaluation_seed_changes_images_not_protocol(example):
     assert torch.equal(t5, t5b) and torch.equal(x5, x5b)  # a seed is a fixed protocol
     assert (t5 != t6).float().mean() > 0.5  # most tokens differ
     assert m5.keys() == m6.keys()
+
+
+def test_seed_summary_by_hand():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    try:
+        from ar_common.seeds import check_eval_seeds, pm, summarise, training_streams
+    finally:
+        sys.path.pop(0)
+    cells = [  # 2 training seeds x 2 evaluation seeds of one metric
+        {"train_seed": 0, "eval_seed": 7, "before": {"m": 0.5}, "after": {"m": 0.6}},
+        {"train_seed": 0, "eval_seed": 8, "before": {"m": 0.7}, "after": {"m": 0.6}},
+        {"train_seed": 1, "eval_seed": 7, "before": {"m": 0.5}, "after": {"m": 0.8}},
+        {"train_seed": 1, "eval_seed": 8, "before": {"m": 0.7}, "after": {"m": 0.7}},
+    ]
+    s = summarise(cells, ["m"])["m"]
+    # changes +.1, -.1, +.3, 0: mean .075, sample std sqrt(((.025)^2+(.175)^2+(.225)^2+(.075)^2)/3)
+    assert s["change"]["mean"] == pytest.approx(0.075, abs=1e-12)
+    assert s["change"]["std"] == pytest.approx((0.0875 / 3) ** 0.5, abs=1e-12)
+    assert (s["change"]["min"], s["change"]["max"]) == pytest.approx((-0.1, 0.3), abs=1e-12)
+    assert s["change_by_eval_seed"] == pytest.approx({"7": 0.2, "8": -0.05}, abs=1e-12)
+    assert s["before"]["mean"] == pytest.approx(0.6, abs=1e-12) and s["after"]["n"] == 4
+    assert pm(s["after"]) == "0.675 ± 0.096 (0.600..0.800)"
+    # seed 3, 2 steps, 1 round: {3} and 3 + 1_000_003·s + r for s in 0..2, r in {0, -1}
+    assert training_streams(3, 2) == {2, 3, 1_000_005, 1_000_006, 2_000_008, 2_000_009}
+    check_eval_seeds([12345], [3], steps=2)
+    with pytest.raises(SystemExit, match=r"evaluation seed\(s\) \[1000006\]"):
+        check_eval_seeds([12345, 1_000_006], [3], steps=2)

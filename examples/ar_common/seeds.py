@@ -88,10 +88,8 @@ def summarise(cells: Sequence[dict[str, Any]], keys: Sequence[str]) -> dict[str,
 
 def pm(s: dict[str, float], digits: int = 3) -> str:
     """'mean ± std (min..max)'."""
-    f = f"{{:.{digits}f}}"
-    return (
-        f"{f.format(s['mean'])} ± {f.format(s['std'])} ({f.format(s['min'])}..{f.format(s['max'])})"
-    )
+    mean, std, lo, hi = (f"{s[k]:.{digits}f}" for k in ("mean", "std", "min", "max"))
+    return f"{mean} ± {std} ({lo}..{hi})"
 
 
 def table(summary: dict[str, Any], labels: dict[str, str], digits: int = 3) -> str:

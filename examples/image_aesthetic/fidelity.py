@@ -10,8 +10,10 @@ config.toml puts it next to the aesthetic reward; per entry it reads the row's `
 `shape` indices, run-level it needs `path` (run.py passes the cached file):
 
     [data]
-    rewards = [{name = "aesthetic_proxy"},
-               {name = "prompt_fidelity", weight = 0.5, args = {colour = "$colour", shape = "$shape"}}]
+    rewards = [
+      { name = "aesthetic_proxy" },
+      { name = "prompt_fidelity", weight = 0.5, args = { colour = "$colour", shape = "$shape" } },
+    ]
 """
 
 from __future__ import annotations
