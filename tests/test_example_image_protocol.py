@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from example_modules import example_module
+from example_modules import example_module, load_example
 
 TINY = [
     "data.n_train=96", "cls.n_test=32", "vq.steps=2", "vq.codebook=32", "vq.channels=[8, 8]",
@@ -160,3 +160,30 @@ def test_seed_summary_by_hand():
     check_eval_seeds([12345], [3], steps=2)
     with pytest.raises(SystemExit, match=r"evaluation seed\(s\) \[1000006\]"):
         check_eval_seeds([12345, 1_000_006], [3], steps=2)
+
+
+def test_tradeoff_row_reads_a_results_file(tmp_path):
+    tradeoff = load_example("image_aesthetic", "tradeoff")
+
+    def metric(before: float, after: float, by_eval: dict[str, float]) -> dict:
+        return {"before": {"mean": before}, "after": {"mean": after},
+                "change": {"mean": after - before}, "change_by_eval_seed": by_eval}  # fmt: skip
+
+    result = {
+        "reward": "aesthetic_proxy", "seeds": [0, 1, 2], "eval_seeds": [5, 6], "eval_samples": 32,
+        "rewards": [{"name": "aesthetic_proxy"}, {"name": "prompt_fidelity", "weight": 0.5}],
+        "settings": {"beta": 0.15}, "relative_gain": {"mean": 0.2},
+        "summary": {
+            "score/aesthetic_proxy": metric(0.5, 0.6, {"5": 0.1, "6": 0.1}),
+            "fidelity/both": metric(0.6, 0.62, {"5": 0.03, "6": 0.01}),
+            "fidelity/shape": metric(0.7, 0.69, {"5": 0.0, "6": -0.02}),
+            "kl_to_start/per_image": metric(0.0, 4.26, {"5": 4.2, "6": 4.32}),
+        },
+    }  # fmt: skip
+    (tmp_path / "r.json").write_text(json.dumps(result))
+    out = tradeoff.main([str(tmp_path / "r.json")]).splitlines()
+    assert len(out) == 3
+    assert out[2] == (
+        "| 0.5 | 0.15 | 3 × 2 × 32 | 0.500 → 0.600 (+20.0%) | +0.020 (+0.010) | "
+        "-0.010 (-0.020) | 4.3 |"
+    )
