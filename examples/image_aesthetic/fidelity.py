@@ -12,7 +12,7 @@ config.toml puts it next to the aesthetic reward; per entry it reads the row's `
     [data]
     rewards = [
       { name = "aesthetic_proxy" },
-      { name = "prompt_fidelity", weight = 0.5, args = { colour = "$colour", shape = "$shape" } },
+      { name = "prompt_fidelity", weight = 1.0, args = { colour = "$colour", shape = "$shape" } },
     ]
 """
 
