@@ -16,7 +16,7 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "image_aesthetic"
 TINY = [
     "data.n_train=96", "data.n_test=32", "vq.steps=2", "vq.codebook=32", "vq.channels=[8, 8]",
     "cls.steps=2", "cls.batch_size=16", "prior.steps=2", "prior.batch_size=8", "prior.hidden=32",
-    "prior.layers=1",
+    "prior.layers=1", "rcls.steps=2", "rcls.batch_size=16", "rcls.n_train=64", "rcls.n_test=32",
 ]  # fmt: skip
 
 
@@ -29,7 +29,8 @@ def _load(name: str):
 
 def _run(tmp_path: Path, *extra: str) -> dict:
     run = _load("run")
-    argv = ["--base", str(tmp_path / "base"), "--eval-samples", "2", *extra]
+    argv = ["--base", str(tmp_path / "base"), "--eval-samples", "2", "--seeds", "0",
+            "--eval-seeds", "12345", *extra]  # fmt: skip
     argv += [x for kv in TINY for x in ("--pretrain-set", kv)]
     sets = [
         "trainer.steps=2", "trainer.batch_size=2", "trainer.warmup_steps=0",
@@ -46,30 +47,32 @@ def test_example_runs_two_steps_and_caches_pretraining(tmp_path, capsys, monkeyp
     first = capsys.readouterr().out
     again = _run(tmp_path)  # the second run reuses every pre-trained stage
     second = capsys.readouterr().out
-    assert "held-out before GRPO" in first and "held-out after  GRPO" in first
+    assert "held-out before GRPO, eval seed 12345" in first
+    assert "training seed 0, eval seed 12345, after GRPO" in first
     assert "reusing" not in first
-    assert all(f"reusing {s} from" in second for s in ("vq", "cls", "prior"))
+    assert all(f"reusing {s} from" in second for s in ("vq", "cls", "prior", "rcls"))
     for res in (out, again):
-        assert res["reward"] == "aesthetic_proxy" and res["steps"] == 2
+        assert res["reward"] == "aesthetic_proxy" and res["runs"][0]["steps"] == 2
+        assert [r["name"] for r in res["rewards"]] == ["aesthetic_proxy", "prompt_fidelity"]
+        (cell,) = res["cells"]
         for when in ("before", "after"):
-            m = res[when]
+            m = cell[when]
             assert 0.0 <= m["score/aesthetic_proxy"] <= 1.0
             assert 0.0 <= m["fidelity/both"] <= 1.0
-        assert res["before"]["kl_to_start/per_image"] == 0.0  # the start model is the policy
+        assert cell["before"]["kl_to_start/per_image"] == 0.0  # the start model is the policy
     # identical seeds and cached models: the two runs measure exactly the same numbers
-    assert out["after"] == again["after"]
-    steps = [
-        json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    ]
+    assert out["cells"][0]["after"] == again["cells"][0]["after"]
+    metrics = (tmp_path / "run" / "seed0" / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(x)["step"] for x in metrics]
     assert steps == [1, 2]  # the rerun started over (the example sets log.overwrite)
     from PIL import Image
 
-    grid = Image.open(out["grid"])
+    grid = Image.open(out["cells"][0]["grid"])
     held = len(out["heldout_prompts"])  # 2 samples per prompt, 2 rows, 16x16 at 4x, 2px gaps
     assert grid.size == (2 + held * 2 * 66, 2 + 2 * 66)
     assert (tmp_path / "run" / "results.json").exists()
     # training samples are written as PNGs (config.toml log.samples_per_step)
-    assert list((tmp_path / "run" / "samples" / "step_000001").glob("*.png"))
+    assert list((tmp_path / "run" / "seed0" / "samples" / "step_000001").glob("*.png"))
 
 
 def test_procedural_images_and_prompt_split():
@@ -118,9 +121,9 @@ def _tiny_clip_and_head(d: Path) -> tuple[Path, Path]:
 def test_example_trains_on_aesthetic_laion_given_clip_and_head(tmp_path, capsys):
     clip, head = _tiny_clip_and_head(tmp_path)
     out = _run(tmp_path, "--clip", str(clip), "--mlp", str(head))
-    assert "aesthetic_laion held-out" in capsys.readouterr().out
+    assert "| aesthetic_laion | " in capsys.readouterr().out  # the summary table's row
     assert out["reward"] == "aesthetic_laion"
     for when in ("before", "after"):  # the proxy is still reported beside the GRPO reward
-        assert set(out[when]) >= {"score/aesthetic_laion", "score/aesthetic_proxy"}
-    metrics = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+        assert set(out["cells"][0][when]) >= {"score/aesthetic_laion", "score/aesthetic_proxy"}
+    metrics = (tmp_path / "run" / "seed0" / "metrics.jsonl").read_text().splitlines()
     assert "reward/aesthetic_laion/mean" in json.loads(metrics[-1])

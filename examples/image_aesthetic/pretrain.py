@@ -3,7 +3,9 @@
     vq/          diffusers VQModel, 16×16 RGB -> 8×8 codes (factor 2), trained on the shapes
     prior/       LlamaForCausalLM over [BOS, colour, shape, 64 codes] + its word-level tokenizer
     classifier.safetensors   tiny CNN (colour head, shape head) on VQ reconstructions: the
-                 "still looks like its prompt" check
+                 "still looks like its prompt" check (the held-out judge)
+    reward_classifier.safetensors   a second, independent CNN of the same kind (other images,
+                 other seed, only the GRPO training prompts): the `prompt_fidelity` reward
     meta.json    the settings of every stage (the cache key) and their measurements
 
 Each stage is reused when meta.json holds the same settings for it and everything before it.
@@ -37,13 +39,15 @@ from ar_common.pretraining import (  # noqa: E402
     vq_stage,
 )
 from ar_common.pretraining import settings as stage_settings  # noqa: E402
-from image_aesthetic.shapes import COLOURS, SHAPES, make_images  # noqa: E402
+from image_aesthetic.shapes import COLOURS, SHAPES, make_images, prompt_split  # noqa: E402
 
 from grpo_ar.testing import word_level_tokenizer  # noqa: E402
 
 VQ = {"steps": 800, "batch_size": 32, "lr": 2e-3, "codebook": 256, "channels": [16, 32]}
 PRIOR = {"steps": 1200, "batch_size": 32, "lr": 3e-3, "hidden": 96, "layers": 3, "p_uncond": 0.1}
 CLS = {"steps": 500, "batch_size": 128, "lr": 3e-3, "n_test": 2000}
+# the reward's classifier: its own images (another seed, GRPO training prompts only) and init
+RCLS = {"steps": 500, "batch_size": 128, "lr": 3e-3, "n_train": 6000, "n_test": 2000, "seed": 7}
 DATA = {"n_train": 12000, "size": 16, "seed": 0}
 WORDS = ("<pad>", "<bos>", "<eos>", *COLOURS, *SHAPES)  # 14 ids, under CODE_OFFSET
 
@@ -133,13 +137,16 @@ def prompt_ids(tokenizer: Any, data: dict[str, Tensor]) -> Tensor:
 
 # ------------------------------------------------------------------------------------ pipeline
 def settings(**overrides: Any) -> dict[str, dict[str, Any]]:
-    """Stage settings (the cache key): {"data", "vq", "cls", "prior"}, each updated by overrides."""
-    return stage_settings({"data": DATA, "vq": VQ, "cls": CLS, "prior": PRIOR}, **overrides)
+    """Stage settings (the cache key): {"data", "vq", "cls", "prior", "rcls"}, each updated by
+    overrides."""
+    base = {"data": DATA, "vq": VQ, "cls": CLS, "prior": PRIOR, "rcls": RCLS}
+    return stage_settings(base, **overrides)
 
 
 def pretrain(out_dir: str | Path, threads: int = 1, verbose: bool = True,
              **overrides: Any) -> dict[str, Any]:  # fmt: skip
-    """Train (or reuse) VQ, classifier and prior; returns paths, meta and the loaded models."""
+    """Train (or reuse) VQ, judge classifier, prior and reward classifier; returns paths, meta and
+    the loaded models."""
     from safetensors.torch import load_file, save_file
 
     cache = StageCache(out_dir, settings(**overrides), verbose, threads)
@@ -165,7 +172,15 @@ def pretrain(out_dir: str | Path, threads: int = 1, verbose: bool = True,
         return prior, tok, measured
 
     prior, tok = prior_stage(cache, new_prior)
-    return cache.ready(vq=vq, classifier=cls, prior=prior, tokenizer=tok)
+    if cache.reusable("rcls", "reward_classifier.safetensors", after=("vq",)):
+        rcls = ShapeClassifier()
+        rcls.load_state_dict(load_file(cache.out / "reward_classifier.safetensors"))
+        rcls.eval()
+    else:
+        rcls, measured = reward_classifier(vq, st, verbose)
+        save_file(rcls.state_dict(), cache.out / "reward_classifier.safetensors")
+        cache.record("rcls", measured)
+    return cache.ready(vq=vq, classifier=cls, prior=prior, tokenizer=tok, reward_classifier=rcls)
 
 
 def check_classifier(vq: Any, data: dict[str, Tensor], st: dict[str, dict[str, Any]],
@@ -183,6 +198,27 @@ def check_classifier(vq: Any, data: dict[str, Tensor], st: dict[str, dict[str, A
         "acc_vq": cls.accuracy(rec_test, test["colour"], test["shape"]),
     }
     log(verbose, f"classifier accuracy on fresh images (pixels / VQ): {measured}")
+    return cls, measured
+
+
+def reward_classifier(vq: Any, st: dict[str, dict[str, Any]],
+                      verbose: bool) -> tuple[ShapeClassifier, dict]:  # fmt: skip
+    """The `prompt_fidelity` reward's classifier: the judge's recipe on other images (seed
+    `rcls.seed`, only GRPO's training prompts) from another init, so that GRPO optimising it
+    does not optimise the held-out judge itself. Measured on fresh VQ-reconstructed images of
+    the training and of the held-out prompts."""
+    r, size = st["rcls"], st["data"]["size"]
+    train_prompts, held = prompt_split()
+    data = make_images(r["n_train"], r["seed"], size, prompts=train_prompts)
+    rec = {**data, "images": vq_decode(vq, vq_codes(vq, data["images"]))}
+    kw = {k: r[k] for k in ("steps", "batch_size", "lr")}
+    cls = train_classifier(rec, seed=r["seed"], verbose=verbose, **kw)
+    measured = {}
+    for name, prompts in (("acc_vq_train_prompts", train_prompts), ("acc_vq_heldout", held)):
+        test = make_images(r["n_test"], r["seed"] + 1, size, prompts=prompts)
+        rec_test = vq_decode(vq, vq_codes(vq, test["images"]))
+        measured[name] = cls.accuracy(rec_test, test["colour"], test["shape"])
+    log(verbose, f"reward classifier accuracy on fresh VQ-reconstructed images: {measured}")
     return cls, measured
 
 

@@ -1,15 +1,20 @@
 """AR image aesthetic example: GRPO makes a tiny text-to-image AR model's pictures score higher.
 
-1. Pre-train (or reuse the cached) tiny VQModel, prompt classifier and Llama prior over VQ codes
-   on procedural "colour shape" images (pretrain.py, shapes.py).
+1. Pre-train (or reuse the cached) tiny VQModel, two prompt classifiers (the held-out judge and
+   the reward's) and Llama prior over VQ codes on procedural "colour shape" images (pretrain.py,
+   shapes.py).
 2. Build model + ImageAdapter from config.toml through the library (`grpo_ar.cli`'s builder:
    the same path as `grpo-ar train`), CFG on, text prompts as prefix tokens.
-3. Measure on held-out prompts (never trained on by GRPO) with fixed sampling seeds: aesthetic
-   score, prompt fidelity (the classifier recognises colour and shape), KL to the start model.
-4. GRPO with `aesthetic_proxy` (or `aesthetic_laion` given --clip and --mlp) on the other prompts.
-5. Measure again; print before -> after; write a before/after image grid PNG.
+3. Measure on held-out prompts (never trained on by GRPO) with each evaluation seed: aesthetic
+   score, prompt fidelity (the judge classifier recognises colour and shape), KL to the start.
+4. GRPO, once per training seed, on the other prompts with the reward ensemble of config.toml:
+   `aesthetic_proxy` (or `aesthetic_laion` given --clip and --mlp) + `prompt_fidelity`
+   (fidelity.py: the reward classifier, not the judge).
+5. Measure again with every evaluation seed; print each (training seed, evaluation seed) cell
+   and the mean ± std (min..max) over them; write before/after image grids.
 
-`python examples/image_aesthetic/run.py [--set key=value ...] [--clip DIR --mlp FILE]`
+`python examples/image_aesthetic/run.py [--seeds 0 1 2] [--eval-seeds 12345 777 2024]
+[--fidelity-weight W] [--set key=value ...] [--clip DIR --mlp FILE]`
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ar_common.runs import parse_overrides, run_parser  # noqa: E402
+from ar_common.seeds import add_seed_options, check_eval_seeds, summarise, table  # noqa: E402
+from image_aesthetic import fidelity  # noqa: E402, F401  (registers the prompt_fidelity reward)
 from image_aesthetic.pretrain import pretrain  # noqa: E402
 from image_aesthetic.shapes import image_grid, parse_prompt, prompt_split  # noqa: E402
 
@@ -41,23 +48,52 @@ from grpo_ar.rewards.image import PROXY_COMPONENTS, aesthetic_proxy_score, proxy
 from grpo_ar.train.trainer import Trainer  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parent / "config.toml"
+# what the summary reports, with its label in the printed table
+HEADLINE = {
+    "score/{reward}": "{reward}",
+    "fidelity/both": "fidelity: colour and shape",
+    "fidelity/shape": "fidelity: shape",
+    "fidelity/colour": "fidelity: colour",
+    "kl_to_start/per_image": "KL to start, nats/image",
+}
 
 
-def entries(prompts: list[str], reward: str) -> list:
-    return load_rows([{"prompt": p} for p in prompts], default_rewards=[{"name": reward}])
+def entries(prompts: list[str], rewards: list[dict]) -> list:
+    """Rows {prompt, colour, shape} under the reward specs (their "$colour" reads the row)."""
+    rows = [dict(zip(("colour", "shape"), parse_prompt(p)), prompt=p) for p in prompts]
+    return load_rows(rows, default_rewards=rewards)
+
+
+def reward_specs(cfg: Any, aesthetic: str, fidelity_weight: float | None) -> list[dict]:
+    """config.toml's ensemble with the aesthetic reward named `aesthetic` and, given
+    `fidelity_weight`, prompt_fidelity at that weight (0 drops it)."""
+    specs = []
+    for spec in cfg.data.rewards:
+        spec = dict(spec)
+        if spec["name"] == "aesthetic_proxy":
+            spec["name"] = aesthetic
+        if spec["name"] == "prompt_fidelity" and fidelity_weight is not None:
+            if fidelity_weight == 0:
+                continue
+            spec["weight"] = fidelity_weight
+        specs.append(spec)
+    return specs
 
 
 @torch.no_grad()
-def measure(trainer: Trainer, ref: Any, prompts: list[str], samples: int, seed: int,
-            classifier: Any, scorers: dict[str, Any]) -> tuple[dict[str, float], Tensor]:  # fmt: skip
-    """Held-out metrics over `samples` images per prompt, sampled with a fixed seed (the same
-    images before and after training differ only by the model): scores, classifier accuracy,
-    KL(policy || ref) per image (sum over its tokens, Monte Carlo over the policy's samples)."""
-    model, adapter = trainer.model, trainer.adapter
+def measure(model: Any, adapter: Any, ref: Any, prompts: list[str], samples: int, seed: int,
+            classifier: Any, scorers: dict[str, Any]) -> tuple[dict, Tensor, Tensor]:  # fmt: skip
+    """Held-out metrics over `samples` images per prompt, sampled with a generator of its own
+    seeded `seed` (the same noise before and after training: images differ only by the model):
+    scores, judge-classifier accuracy, KL(policy || ref) per image (sum over its tokens, Monte
+    Carlo over the policy's samples). -> (metrics, images, sampled token ids)."""
     model.eval()
-    ents = entries(prompts, "aesthetic_proxy")
-    gen = torch.Generator(device=trainer.device).manual_seed(seed)
-    ro = adapter.sample(model, adapter.encode(ents).to(trainer.device), samples, generator=gen)
+    device = next(model.parameters()).device
+    ents = load_rows(
+        [{"prompt": p} for p in prompts], default_rewards=[{"name": "aesthetic_proxy"}]
+    )
+    gen = torch.Generator(device=device).manual_seed(seed)
+    ro = adapter.sample(model, adapter.encode(ents).to(device), samples, generator=gen)
     x = adapter.decode_pixels(ro).cpu()  # (P·G, 3, H, W) in [0, 1], prompt-major
     target = torch.tensor([parse_prompt(p) for p in prompts]).repeat_interleave(samples, 0)
     out = {f"score/{k}": float(fn(x).mean()) for k, fn in scorers.items()}
@@ -70,78 +106,145 @@ def measure(trainer: Trainer, ref: Any, prompts: list[str], samples: int, seed: 
     diff = ((logp - ref_logp) * ro.completion_mask).sum(-1)
     out["kl_to_start/per_image"] = float(diff.mean())
     out["kl_to_start/per_token"] = float(diff.mean() / ro.completion_mask.sum(-1).mean())
-    return out, x
+    return out, x, ro.completion_ids.cpu()
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = run_parser(__doc__, "runs/image_aesthetic_base", "data vq cls prior", "images")
+def parse_args(argv: list[str] | None) -> Any:
+    ap = run_parser(__doc__, "runs/image_aesthetic_base", "data vq cls prior rcls", "images")
+    add_seed_options(ap)
+    # 320 images per evaluation: a fidelity fraction near .7 then has a standard error of .026
+    ap.set_defaults(eval_samples=32)
+    ap.add_argument("--fidelity-weight", type=float, default=None,
+                    help="weight of prompt_fidelity in the reward ensemble (default: "
+                    "config.toml's; 0 = aesthetic reward alone)")  # fmt: skip
     ap.add_argument("--clip", help="local CLIPModel folder: reward = aesthetic_laion (with --mlp)")
     ap.add_argument("--mlp", help="LAION aesthetic predictor v2 weights (.pth or .safetensors)")
     args = ap.parse_args(argv)
     if bool(args.clip) != bool(args.mlp):
         raise SystemExit("aesthetic_laion needs both --clip DIR and --mlp FILE")
-    t0, load0 = time.perf_counter(), os.getloadavg()
-    base = Path(args.base)
-    pre = pretrain(base, **parse_overrides(args.pretrain_set))
-    t_pre = time.perf_counter() - t0
+    return args
 
+
+def setup(args: Any, base: Path) -> tuple[Any, str, dict[str, Any], list[dict]]:
+    """-> (config, GRPO's aesthetic reward name, scorers of held-out images, reward specs)."""
     cfg = load_config(
         CONFIG, [f"model.path={base / 'prior'}", f"image.decoder_path={base / 'vq'}", *args.set]
     )
     scorers = {"aesthetic_proxy": lambda x: aesthetic_proxy_score(x, torch.ones(5))}
     reward = "aesthetic_proxy"
+    reward_setup = {"prompt_fidelity": {"path": str(base / "reward_classifier.safetensors")}}
     if args.clip:
         from grpo_ar.rewards.image import LaionAesthetic
 
         reward = "aesthetic_laion"
-        setup = {"clip_path": args.clip, "mlp_path": args.mlp, "device": "cpu"}
-        cfg = replace(cfg, data=replace(cfg.data, reward_setup={reward: setup}))
-        laion = LaionAesthetic(**setup)
-        scorers[reward] = laion.score_images
-    model, adapter = build_model_and_adapter(cfg)
-    train_prompts, held_prompts = prompt_split()
-    trainer = Trainer(cfg, model, adapter, entries(train_prompts, reward))
-    start = copy.deepcopy(model).eval()  # the pre-trained model, for the KL and the grid
+        reward_setup[reward] = {"clip_path": args.clip, "mlp_path": args.mlp, "device": "cpu"}
+        scorers[reward] = LaionAesthetic(**reward_setup[reward]).score_images
+    specs = reward_specs(cfg, reward, args.fidelity_weight)
+    cfg = replace(
+        cfg, data=replace(cfg.data, reward_setup={**cfg.data.reward_setup, **reward_setup})
+    )
+    return cfg, reward, scorers, specs
 
-    def evaluate() -> tuple[dict[str, float], Tensor]:
-        return measure(trainer, start, held_prompts, args.eval_samples, args.eval_seed,
-                       pre["classifier"], scorers)  # fmt: skip
 
-    before, img_before = evaluate()
-    print(f"held-out before GRPO ({len(held_prompts)} prompts x {args.eval_samples}): "
-          + _fmt(before, reward))  # fmt: skip
-    t1 = time.perf_counter()
-    history = trainer.train()
-    t_grpo = time.perf_counter() - t1
-    after, img_after = evaluate()
-    print("held-out after  GRPO: " + _fmt(after, reward))
-    gain = after[f"score/{reward}"] / before[f"score/{reward}"] - 1
-    grid = _write_grid(Path(cfg.log.run_dir) / "grid.png", img_before, img_after, args.eval_samples)
+def make_trainer(cfg: Any, seed: int, start: Any, adapter: Any, train: list) -> Trainer:
+    """A Trainer of a copy of `start` on `train` entries with training seed `seed`, writing
+    under run_dir/seed<seed>/."""
+    run_dir = str(Path(cfg.log.run_dir) / f"seed{seed}")
+    cfg = replace(
+        cfg, trainer=replace(cfg.trainer, seed=seed), log=replace(cfg.log, run_dir=run_dir)
+    )
+    return Trainer(cfg, copy.deepcopy(start), adapter, train)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    t0, load0 = time.perf_counter(), os.getloadavg()
+    base = Path(args.base)
+    pre = pretrain(base, **parse_overrides(args.pretrain_set))
+    t_pre = time.perf_counter() - t0
+    cfg, reward, scorers, specs = setup(args, base)
+    check_eval_seeds(args.eval_seeds, args.seeds, cfg.trainer.steps,
+                     cfg.algorithm.dynamic_sampling_max_rounds)  # fmt: skip
+    start, adapter = build_model_and_adapter(cfg)
+    start.eval()  # the pre-trained model: the KL's reference and every run's starting point
+    train_prompts, held = prompt_split()
+    run_dir = Path(cfg.log.run_dir)
+
+    def evaluate(model: Any, seed: int) -> tuple[dict[str, float], Tensor, Tensor]:
+        return measure(model, adapter, start, held, args.eval_samples, seed, pre["classifier"],
+                       scorers)  # fmt: skip
+
+    before = {e: evaluate(start, e) for e in args.eval_seeds}
+    for e, (m, _, _) in before.items():
+        print(f"held-out before GRPO, eval seed {e} ({len(held)} prompts x {args.eval_samples}): "
+              + _fmt(m, reward), flush=True)  # fmt: skip
+    runs, cells, t_grpo = {}, [], []
+    for seed in args.seeds:
+        trainer = make_trainer(cfg, seed, start, adapter, entries(train_prompts, specs))
+        t1 = time.perf_counter()
+        history = trainer.train()
+        t_grpo.append(time.perf_counter() - t1)
+        runs[seed] = _train_summary(history, t_grpo[-1])
+        for e in args.eval_seeds:
+            after, img, _ = evaluate(trainer.model, e)
+            grid = _write_grid(run_dir / f"grid_seed{seed}_eval{e}.png", before[e][1], img,
+                               args.eval_samples)  # fmt: skip
+            cells.append({"train_seed": seed, "eval_seed": e, "before": before[e][0],
+                          "after": after, "grid": str(grid)})  # fmt: skip
+            print(f"training seed {seed}, eval seed {e}, after GRPO: " + _fmt(after, reward),
+                  flush=True)  # fmt: skip
+    labels = {k.format(reward=reward): v.format(reward=reward) for k, v in HEADLINE.items()}
+    summary = summarise(cells, list(cells[0]["after"]))
     load1 = os.getloadavg()
     result = {
-        "reward": reward, "before": before, "after": after, "relative_gain": gain,
-        "train_reward_first": history[0]["reward/mean"],
-        "train_reward_last5": sum(h["reward/mean"] for h in history[-5:]) / len(history[-5:]),
-        "kl_last_step": history[-1].get("kl", 0.0), "steps": len(history),
+        "reward": reward, "rewards": specs, "seeds": args.seeds, "eval_seeds": args.eval_seeds,
+        "settings": _settings(cfg), "cells": cells, "summary": summary, "runs": runs,
+        "relative_gain": _gain(summary, f"score/{reward}"), "heldout_prompts": held,
+        "eval_samples": args.eval_samples, "date": time.strftime("%Y-%m-%d"),
         "seconds": {"pretrain": t_pre, "grpo": t_grpo, "total": time.perf_counter() - t0},
-        "loadavg_1min": {"start": load0[0], "end": load1[0]}, "grid": str(grid),
-        "heldout_prompts": held_prompts, "date": time.strftime("%Y-%m-%d"),
-        "seed": cfg.trainer.seed,
+        "loadavg_1min": {"start": load0[0], "end": load1[0]},
     }  # fmt: skip
-    (Path(cfg.log.run_dir) / "results.json").write_text(json.dumps(result, indent=2))
-    s = result["seconds"]
-    print(
-        f"{reward} held-out {before[f'score/{reward}']:.3f} -> {after[f'score/{reward}']:.3f} "
-        f"({gain:+.1%}); prompt fidelity {before['fidelity/both']:.3f} -> "
-        f"{after['fidelity/both']:.3f}; KL to the start model {after['kl_to_start/per_image']:.2f} "
-        f"nats/image ({after['kl_to_start/per_token']:.4f}/token)\n"
-        f"GRPO: {len(history)} steps in {s['grpo']:.0f}s, train reward "
-        f"{result['train_reward_first']:.3f} -> {result['train_reward_last5']:.3f} (last 5), k3 KL "
-        f"of the last step {result['kl_last_step']:.4f}; pre-training {s['pretrain']:.0f}s; total "
-        f"{s['total']:.0f}s; load average {load0[0]:.1f} -> {load1[0]:.1f}\n"
-        f"grid (row 1 before, row 2 after; held-out prompts {', '.join(held_prompts)}): {grid}"
-    )
+    (run_dir / "results.json").write_text(json.dumps(result, indent=2))
+    _report(result, table(summary, labels), reward)
     return result
+
+
+def _settings(cfg: Any) -> dict[str, Any]:
+    a, t = cfg.algorithm, cfg.trainer
+    return {"beta": a.beta, "loss_args": dict(a.loss_args), "steps": t.steps, "lr": t.lr,
+            "batch_size": t.batch_size, "group_size": a.group_size}  # fmt: skip
+
+
+def _train_summary(history: list[dict[str, float]], seconds: float) -> dict[str, float]:
+    last = history[-5:]
+    out = {"steps": len(history), "seconds": seconds, "kl_last_step": history[-1].get("kl", 0.0)}
+    for k in ("reward/mean", *(k for k in history[0] if k.startswith("reward/") and
+                               k.endswith("/mean"))):  # fmt: skip
+        out[f"{k} first"] = history[0][k]
+        out[f"{k} last5"] = sum(h[k] for h in last) / len(last)
+    return out
+
+
+def _gain(summary: dict[str, Any], key: str) -> dict[str, float]:
+    """Relative gain of the mean score over all cells."""
+    return {"mean": summary[key]["after"]["mean"] / summary[key]["before"]["mean"] - 1}
+
+
+def _report(result: dict[str, Any], tab: str, reward: str) -> None:
+    s, n = result["seconds"], len(result["cells"])
+    rewards = " + ".join(f"{r.get('weight', 1.0):g}·{r['name']}" for r in result["rewards"])
+    st = result["settings"]
+    print(
+        f"\nreward {rewards}; beta {st['beta']}, {st['steps']} steps, lr {st['lr']}, "
+        f"loss args {st['loss_args'] or 'default'}\n"
+        f"held-out ({len(result['heldout_prompts'])} prompts x {result['eval_samples']} images), "
+        f"training seeds {result['seeds']} x eval seeds {result['eval_seeds']} = {n} cells, "
+        f"mean ± std (min..max) over the cells:\n{tab}\n"
+        f"{reward} relative gain of the mean: {result['relative_gain']['mean']:+.1%}\n"
+        f"GRPO {', '.join(f'{x:.0f}' for x in s['grpo'])}s per training seed; pre-training "
+        f"{s['pretrain']:.0f}s; total {s['total']:.0f}s; load average "
+        f"{result['loadavg_1min']['start']:.1f} -> {result['loadavg_1min']['end']:.1f}"
+    )
 
 
 def _fmt(m: dict[str, float], reward: str) -> str:
@@ -149,7 +252,8 @@ def _fmt(m: dict[str, float], reward: str) -> str:
                     and k != f"score/{reward}")  # fmt: skip
     return (
         f"{reward} {m[f'score/{reward}']:.3f}{extra}; fidelity colour {m['fidelity/colour']:.3f} "
-        f"shape {m['fidelity/shape']:.3f} both {m['fidelity/both']:.3f}"
+        f"shape {m['fidelity/shape']:.3f} both {m['fidelity/both']:.3f}; KL "
+        f"{m['kl_to_start/per_image']:.2f}"
     )
 
 
