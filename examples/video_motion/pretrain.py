@@ -47,7 +47,7 @@ DATA = {"n_train": 4000, "mislabel": 0.6, "seed": 0}
 VQ = {"steps": 1200, "batch_size": 64, "lr": 2e-3, "codebook": 128, "channels": [16, 32, 32]}
 PRIOR = {"steps": 1500, "batch_size": 32, "lr": 2e-3, "hidden": 96, "layers": 3,
          "p_uncond": 0.1, "input_noise": 0.05}  # fmt: skip
-JUDGE = {"steps": 600, "batch_size": 64, "lr": 2e-3, "width": 12, "test_seed": 1}
+JUDGE = {"steps": 400, "batch_size": 64, "lr": 2e-3, "width": 12, "test_seed": 1}
 WORDS = ("<pad>", "<bos>", "<eos>", *COLOURS, *SHAPES, "moves", *DIRECTIONS)  # 14 ids
 PROMPT_LEN = 5  # <bos> colour shape moves direction
 
