@@ -55,10 +55,13 @@ def test_samples_are_codes_and_teacher_forcing_matches_the_sampler():
 
 
 def test_the_example_trains_a_few_steps(tmp_path):
-    out = run.main(["--warmup-steps", "3", "--grpo-steps", "2", "--run-dir", str(tmp_path)])
-    assert 0 <= out["eval/greedy/reward/after"] <= 1
-    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) >= 2 and (tmp_path / "checkpoints" / "latest").exists()
+    argv = ["--warmup-steps", "3", "--grpo-steps", "2", "--run-dir", str(tmp_path),
+            "--seeds", "0", "--eval-seeds", "12345", "--eval-samples", "2"]  # fmt: skip
+    out = run.main(argv)
+    assert 0 <= out["after"][0][12345]["eval/greedy/reward"] <= 1
+    lines = (tmp_path / "seed0" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) >= 2 and (tmp_path / "seed0" / "checkpoints" / "latest").exists()
+    assert json.loads((tmp_path / "results.json").read_text())["protocol"]["eval_seeds"] == [12345]
 
 
 def tones_config(tmp_path, **extra_model):

@@ -50,30 +50,45 @@ def test_clips_move_as_labelled_and_captions_are_noisy(example):
     assert {p.split()[-1] for p in held} == set(clips.DIRECTIONS)
 
 
+TINY = [
+    "data.n_train=16", "vq.steps=3", "vq.codebook=16", "vq.channels=[8, 8, 8]",
+    "prior.steps=3", "prior.hidden=32", "prior.layers=1", "judge.steps=3", "judge.width=4",
+]  # fmt: skip
+
+
+def tiny_argv(tmp_path, *extra: str) -> list[str]:
+    """The example at tiny sizes: 2 GRPO steps of 2 prompts x 2 clips, 2 clips per prompt."""
+    return [
+        "--base", str(tmp_path / "base"), "--eval-samples", "2",
+        *(a for t in TINY for a in ("--pretrain-set", t)),
+        *(a for s in ("trainer.steps=2", "trainer.batch_size=2", "algorithm.group_size=2",
+                      f"log.run_dir={tmp_path / 'run'}") for a in ("--set", s)),
+        *extra,
+    ]  # fmt: skip
+
+
 @pytest.mark.slow
 def test_example_runs_two_grpo_steps(tmp_path, capsys, example):
     run, _ = example
-    tiny = [
-        "data.n_train=16", "vq.steps=3", "vq.codebook=16", "vq.channels=[8, 8, 8]",
-        "prior.steps=3", "prior.hidden=32", "prior.layers=1",
-    ]  # fmt: skip
-    argv = [
-        "--base", str(tmp_path / "base"), "--eval-samples", "2",
-        *(a for t in tiny for a in ("--pretrain-set", t)),
-        *(a for s in ("trainer.steps=2", "trainer.batch_size=2", "algorithm.group_size=2",
-                      f"log.run_dir={tmp_path / 'run'}") for a in ("--set", s)),
-    ]  # fmt: skip
-    out = run.main(argv)
+    out = run.main(tiny_argv(tmp_path, "--seeds", "0", "--eval-seeds", "12345"))
     text = capsys.readouterr().out
-    assert "held-out before GRPO" in text and "held-out after  GRPO" in text
-    for m in (out["before"], out["after"]):
+    assert "held-out before GRPO" in text and "held-out after GRPO" in text
+    before, after = out["before"][12345], out["after"][0][12345]
+    for m in (before, after):
         assert 0 <= m["accuracy/motion"] <= 1 and 0 <= m["accuracy/colour"] <= 1
+        assert 0 <= m["judge/motion"] <= 1 and 0 <= m["judge/still"] <= 1
         assert -1 <= m["reward/motion"] <= 1 and m["reward/temporal_consistency"] <= 1
-    assert out["before"]["kl_to_start/per_clip"] == pytest.approx(0.0, abs=1e-5)
-    assert out["steps"] == 2
+    assert before["kl_to_start/per_clip"] == pytest.approx(0.0, abs=1e-5)
+    assert out["runs"][0]["steps"] == 2
+    # one cell: the spread over training seeds is 0, the mean is the cell
+    row = out["summary"]["judge/motion"]
+    assert row["after"]["mean"] == after["judge/motion"] and row["after"]["sd"] == 0
+    assert row["gain"]["mean"] == pytest.approx(after["judge/motion"] - before["judge/motion"])
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["protocol"]["eval_seeds"] == [12345] and saved["protocol"]["train_seeds"] == [0]
     steps = [
         json.loads(line)["step"]
-        for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+        for line in (tmp_path / "run" / "seed0" / "metrics.jsonl").read_text().splitlines()
     ]
     assert steps == [1, 2]
     gifs = sorted((tmp_path / "run" / "clips").glob("*.gif"))
@@ -85,7 +100,7 @@ def test_example_runs_two_grpo_steps(tmp_path, capsys, example):
     assert Image.open(tmp_path / "run" / "before_after.png").size[0] == 4 * (8 * 16 + 7)
     # the pre-trained models are cached: a second pre-training call reuses them
     meta = json.loads((tmp_path / "base" / "meta.json").read_text())
-    assert set(meta["settings"]) == {"data", "vq", "prior"}
-    run.pretrain(tmp_path / "base", **run.parse_overrides(tiny))
+    assert set(meta["settings"]) == {"data", "vq", "prior", "judge"}
+    run.pretrain(tmp_path / "base", **run.parse_overrides(TINY))
     text = capsys.readouterr().out
-    assert "reusing vq" in text and "reusing prior" in text
+    assert "reusing vq" in text and "reusing prior" in text and "reusing judge" in text

@@ -86,10 +86,12 @@ def tone_pitch(wave: np.ndarray, *, pitch: int, tolerance: int = 4) -> float:
     return max(0.0, 1.0 - abs(peak - PITCHES[pitch]) / tolerance)
 
 
-def tone_rows(n: int, seed: int = 0) -> list[dict]:
-    """Dataset rows: a pitch prompt and the reward that checks it."""
+def tone_rows(n: int, seed: int = 0, pitches: tuple[int, ...] | None = None) -> list[dict]:
+    """Dataset rows: a pitch prompt (drawn from `pitches`, default all) and the reward that
+    checks it."""
     rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(PITCHES), n).tolist()
+    pool = np.arange(len(PITCHES)) if pitches is None else np.asarray(pitches)
+    picks = pool[rng.integers(0, len(pool), n)].tolist()
     return [{"prompt": p, "rewards": {"tone_pitch": {"pitch": p}}} for p in picks]
 
 

@@ -5,6 +5,8 @@
              by frame (grpo_ar.adapters.vq.PerFrameVQ): 8 frames = 128 codes
     prior/   LlamaForCausalLM over [<bos> colour shape moves direction | 128 codes] + its
              word-level tokenizer, trained on clips whose captions are partly wrong (`mislabel`)
+    judge.safetensors  the held-out judge of motion-following (judge.py): a tiny 3D CNN that
+             names a clip's direction, trained on VQ-decoded clips with their true directions
     meta.json  the settings of every stage (the cache key) and their measurements
 
 Each stage is reused when meta.json holds the same settings for it and everything before it.
@@ -28,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # as video_motion.
 from ar_common.pretraining import (  # noqa: E402
     StageCache,
     decode_codes,
+    log,
     main,
     prior_stage,
     train_prior,
@@ -35,7 +38,8 @@ from ar_common.pretraining import (  # noqa: E402
     vq_stage,
 )
 from ar_common.pretraining import settings as stage_settings  # noqa: E402
-from video_motion.clips import COLOURS, DIRECTIONS, SHAPES, make_clips  # noqa: E402
+from video_motion.clips import COLOURS, DIRECTIONS, SHAPES, make_clips, prompt_split  # noqa: E402
+from video_motion.judge import DirectionJudge, measure_judge, train_judge  # noqa: E402
 
 from grpo_ar.testing import word_level_tokenizer  # noqa: E402
 
@@ -43,6 +47,7 @@ DATA = {"n_train": 4000, "mislabel": 0.6, "seed": 0}
 VQ = {"steps": 1200, "batch_size": 64, "lr": 2e-3, "codebook": 128, "channels": [16, 32, 32]}
 PRIOR = {"steps": 1500, "batch_size": 32, "lr": 2e-3, "hidden": 96, "layers": 3,
          "p_uncond": 0.1, "input_noise": 0.05}  # fmt: skip
+JUDGE = {"steps": 400, "batch_size": 64, "lr": 2e-3, "width": 12, "test_seed": 1}
 WORDS = ("<pad>", "<bos>", "<eos>", *COLOURS, *SHAPES, "moves", *DIRECTIONS)  # 14 ids
 PROMPT_LEN = 5  # <bos> colour shape moves direction
 
@@ -96,8 +101,9 @@ def caption_ids(tokenizer: Any, data: dict[str, Tensor]) -> Tensor:
 
 # ------------------------------------------------------------------------------------ pipeline
 def settings(**overrides: Any) -> dict[str, dict[str, Any]]:
-    """Stage settings (the cache key): {"data", "vq", "prior"}, each updated by overrides."""
-    return stage_settings({"data": DATA, "vq": VQ, "prior": PRIOR}, **overrides)
+    """Stage settings (the cache key): {"data", "vq", "prior", "judge"}, each updated by
+    overrides."""
+    return stage_settings({"data": DATA, "vq": VQ, "prior": PRIOR, "judge": JUDGE}, **overrides)
 
 
 def pretrain(out_dir: str | Path, threads: int = 1, verbose: bool = True,
@@ -119,7 +125,30 @@ def pretrain(out_dir: str | Path, threads: int = 1, verbose: bool = True,
         return prior, tok, measured
 
     prior, tok = prior_stage(cache, new_prior)
-    return cache.ready(vq=vq, prior=prior, tokenizer=tok)
+    judge = judge_stage(cache, vq, data, verbose)
+    return cache.ready(vq=vq, prior=prior, tokenizer=tok, judge=judge)
+
+
+def judge_stage(cache: StageCache, vq: Any, data: Any, verbose: bool) -> DirectionJudge:
+    """The judge saved in the cache (judge.safetensors), or trained on the VQ-decoded training
+    clips (their true directions) and measured on fresh clips of render seed `test_seed`."""
+    from safetensors.torch import load_file, save_file
+
+    st = cache.st["judge"]
+    if cache.reusable("judge", "judge.safetensors", after=("vq",)):
+        judge = DirectionJudge(st["width"])
+        judge.load_state_dict(load_file(cache.out / "judge.safetensors"))
+        return judge.eval()
+    decode = lambda x: clip_decode(vq, clip_codes(vq, x))  # noqa: E731
+    kw = {k: v for k, v in st.items() if k != "test_seed"}
+    judge, measured = train_judge(decode(data()["clips"]), data()["direction"],
+                                  seed=cache.st["data"]["seed"], verbose=verbose, **kw)  # fmt: skip
+    make = lambda n, seed, prompts: make_clips(n, seed, prompts=prompts)  # noqa: E731
+    measured["accuracy"] = measure_judge(judge, make, decode, st["test_seed"], prompt_split()[1])
+    log(verbose, f"judge accuracy on fresh clips: {measured['accuracy']}")
+    save_file(judge.state_dict(), cache.out / "judge.safetensors")
+    cache.record("judge", measured)
+    return judge
 
 
 if __name__ == "__main__":

@@ -2,16 +2,20 @@
 
 1. Pre-train (or reuse the cached) per-frame VQModel tokenizer and Llama prior over its codes on
    procedural clips whose captions are partly wrong (pretrain.py, clips.py): the prior knows
-   every prompt but follows its direction word only weakly.
+   every prompt but follows its direction word only weakly; and the judge (judge.py), a tiny 3D
+   CNN that names a clip's direction, trained on VQ-decoded real clips.
 2. Build a `VideoAdapter` (PerFrameVQ, text condition, CFG) and the unchanged `Trainer`
    through the Python API; rewards `motion` (direction from the prompt) + `temporal_consistency`.
-3. Measure on held-out prompts (never trained on by GRPO) with fixed sampling seeds: reward,
-   motion-following accuracy (`estimate_motion` -> `motion_label` vs the prompted direction),
+3. Measure on held-out prompts (never drawn by GRPO), for every evaluation seed (sampling seeds
+   that training never draws from, checked): motion-following by the judge (the independent
+   figure) and by the reward's own estimator (`estimate_motion` -> `motion_label`), the reward,
    temporal consistency, colour fidelity, KL to the start model.
-4. GRPO on the other prompts; measure again; print before -> after; write before/after GIFs and
-   one frame-strip PNG of the same held-out prompts and sampling seeds.
+4. GRPO on the other prompts, once per training seed; measure again; print before -> after per
+   run and mean ± spread over the grid; write results.json, and before/after GIFs and a
+   frame-strip PNG of the first training seed at the first evaluation seed.
 
-`python examples/video_motion/run.py [--set key=value ...] [--pretrain-set stage.key=value ...]`
+`python examples/video_motion/run.py [--seeds 0 1 2] [--eval-seeds 12345 23456 34567]
+[--set key=value ...] [--pretrain-set stage.key=value ...]`
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # as video_motion.
 
 from ar_common.pretraining import CODE_OFFSET  # noqa: E402
 from ar_common.runs import parse_overrides, run_parser  # noqa: E402
+from ar_common.seed_grid import add_seed_args, check_disjoint, grid_summary, summary_line  # noqa: E402
 from video_motion.clips import CLIP, DIRECTIONS, RGB, parse_prompt, prompt_split  # noqa: E402
 from video_motion.pretrain import pretrain  # noqa: E402
 
@@ -85,10 +90,12 @@ def colour_of(x: Tensor, threshold: float = 0.45) -> list[int]:
 
 
 @torch.no_grad()
-def measure(trainer: Trainer, ref: Any, held: list, samples: int, seed: int) -> tuple[dict, Tensor]:
-    """Held-out metrics over `samples` clips per prompt, sampled with a fixed seed (before and
-    after training the clips differ only by the model): the run's reward (total and parts),
-    motion-following accuracy, colour fidelity, KL(policy || start) per clip (sum over its
+def measure(trainer: Trainer, ref: Any, judge: Any, held: list, samples: int,
+            seed: int) -> tuple[dict, Tensor]:  # fmt: skip
+    """Metrics over `samples` clips per prompt of `held`, sampled from one generator seeded with
+    `seed` (before and after training the clips differ only by the model): the run's reward
+    (total and parts), motion-following by the judge (`judge/...`) and by the reward's own
+    estimator (`accuracy/motion...`), colour fidelity, KL(policy || start) per clip (sum over its
     tokens, Monte Carlo over the policy's samples)."""
     model, adapter = trainer.model, trainer.adapter
     model.eval()
@@ -101,15 +108,12 @@ def measure(trainer: Trainer, ref: Any, held: list, samples: int, seed: int) -> 
     res = trainer.rewards(clips, ctx)
     out = {"reward": float(res.total.mean())}
     out.update({f"reward/{n}": float(res.components[:, k].mean()) for k, n in enumerate(res.names)})
-    want = [parse_prompt(e.prompt) for e in ents]
-    labels = motion_label(estimate_motion(x)[0])
-    hits = [lab == DIRECTIONS[w[2]] for lab, w in zip(labels, want)]
-    out["accuracy/motion"] = sum(hits) / len(x)
-    for d, name in enumerate(DIRECTIONS):  # per prompted direction
-        mine = [h for h, w in zip(hits, want) if w[2] == d]
-        out[f"accuracy/motion/{name}"] = sum(mine) / max(len(mine), 1)
-    out["accuracy/still"] = labels.count("none") / len(x)
-    out["accuracy/colour"] = sum(c == w[0] for c, w in zip(colour_of(x), want)) / len(x)
+    want = [DIRECTIONS[parse_prompt(e.prompt)[2]] for e in ents]
+    out.update(following("judge", judge.labels(x), want))
+    out.update(following("accuracy", motion_label(estimate_motion(x)[0]), want))
+    out["accuracy/colour"] = sum(
+        c == parse_prompt(e.prompt)[0] for c, e in zip(colour_of(x), ents)
+    ) / len(x)
     logp = adapter.token_logprobs(model, ro)[0]
     diff = ((logp - adapter.token_logprobs(ref, ro)[0]) * ro.completion_mask).sum(-1)
     out["kl_to_start/per_clip"] = float(diff.mean())
@@ -117,90 +121,160 @@ def measure(trainer: Trainer, ref: Any, held: list, samples: int, seed: int) -> 
     return out, x
 
 
+def following(name: str, labels: list[str], want: list[str]) -> dict[str, float]:
+    """`name`/motion: the share of clips labelled with the prompted direction, per direction
+    too; `name`/still: the share labelled "none"."""
+    hits = [a == w for a, w in zip(labels, want)]
+    out = {f"{name}/motion": sum(hits) / len(hits)}
+    for d in DIRECTIONS:
+        mine = [h for h, w in zip(hits, want) if w == d]
+        out[f"{name}/motion/{d}"] = sum(mine) / max(len(mine), 1)
+    out[f"{name}/still"] = labels.count("none") / len(labels)
+    return out
+
+
+def protocol(held: list, train: list, samples: int) -> dict[str, Any]:
+    """What an evaluation measures, whatever its seed: the prompts and clips per prompt."""
+    return {"heldout_prompts": [e.prompt for e in held], "train_prompts": [e.prompt for e in train],
+            "clips_per_heldout_prompt": samples, "clips_per_train_prompt": max(samples // 4, 1)}  # fmt: skip
+
+
+def evaluate(trainer: Trainer, start: Any, judge: Any, held: list, train: list, samples: int,
+             seed: int) -> tuple[dict[str, float], Tensor]:  # fmt: skip
+    """Held-out metrics, and the same on GRPO's own prompts (`train_prompts/...`, a quarter of
+    the clips), at evaluation seed `seed`."""
+    out, x = measure(trainer, start, judge, held, samples, seed)
+    seen, _ = measure(trainer, start, judge, train, max(samples // 4, 1), seed)
+    out.update({f"train_prompts/{k}": v for k, v in seen.items()})
+    return out, x
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = run_parser(__doc__, "runs/video_motion_base", "data vq prior", "clips")
-    ap.add_argument(
-        "--consistency-weight",
-        type=float,
-        default=1.0,
-        help="weight of temporal_consistency beside motion (weight 1)",
-    )
+    ap = run_parser(__doc__, "runs/video_motion_base", "data vq prior judge", "clips")
+    ap.set_defaults(eval_seed=None)  # --eval-seed N: the same as --eval-seeds N
+    add_seed_args(ap)
+    ap.add_argument("--consistency-weight", type=float, default=1.0,
+                    help="weight of temporal_consistency beside motion (weight 1)")  # fmt: skip
     args = ap.parse_args(argv)
+    args.eval_seeds = args.eval_seeds if args.eval_seed is None else [args.eval_seed]
     t0, load0 = time.perf_counter(), os.getloadavg()
     cfg = load_config(CONFIG, args.set)
+    check_disjoint({e: [e] for e in args.eval_seeds}, args.seeds, cfg.trainer.steps)
     pre = pretrain(args.base, threads=cfg.trainer.threads, **parse_overrides(args.pretrain_set))
     t_pre = time.perf_counter() - t0
-
-    model = pre["prior"]
-    adapter = build_adapter(pre, cfg.sampling)
     train_prompts, held_prompts = prompt_split()
     held = entries(held_prompts, args.consistency_weight)
     train = entries(train_prompts, args.consistency_weight)
-    trainer = Trainer(cfg, model, adapter, train)
-    start = copy.deepcopy(model).eval()  # the pre-trained model, for the KL
-
-    def evaluate() -> tuple[dict[str, float], Tensor]:
-        out, x = measure(trainer, start, held, args.eval_samples, args.eval_seed)
-        seen, _ = measure(trainer, start, train, max(args.eval_samples // 4, 1), args.eval_seed)
-        out.update({f"train_prompts/{k}": v for k, v in seen.items()})
-        return out, x
-
-    before, x_before = evaluate()
-    print(f"held-out before GRPO ({len(held)} prompts x {args.eval_samples}): {_fmt(before)}")
-    t1 = time.perf_counter()
-    history = trainer.train()
-    t_grpo = time.perf_counter() - t1
-    after, x_after = evaluate()
-    print(f"held-out after  GRPO: {_fmt(after)}")
-    print(
-        f"GRPO's own training prompts ({len(train)} x {max(args.eval_samples // 4, 1)}): "
-        f"accuracy {before['train_prompts/accuracy/motion']:.3f} -> "
-        f"{after['train_prompts/accuracy/motion']:.3f}, reward "
-        f"{before['train_prompts/reward']:.3f} -> {after['train_prompts/reward']:.3f}"
-    )
     run_dir = Path(cfg.log.run_dir)
-    pick = [p * args.eval_samples + j for p in range(len(held)) for j in range(min(2, args.eval_samples))]  # fmt: skip
+    grid = Grid(pre, held, train, args.eval_samples, args.eval_seeds)
+    proto = {**protocol(held, train, args.eval_samples), "train_seeds": args.seeds,
+             "eval_seeds": args.eval_seeds, "judge": pre["meta"].get("judge", {})}  # fmt: skip
+    runs: list[dict[str, Any]] = []
+    for t in args.seeds:  # results.json after every run: a long grid keeps what it finished
+        runs.append(grid.run(args.set, t, run_dir, pictures=t == args.seeds[0]))
+        result = {
+            "protocol": {**proto, "train_seeds_done": [r["seed"] for r in runs]},
+            "summary": grid_summary(grid.before, grid.after), "before": grid.before,
+            "after": grid.after, "runs": runs,
+            "seconds": {"pretrain": t_pre, "total": time.perf_counter() - t0},
+            "loadavg_1min": {"start": load0[0], "end": os.getloadavg()[0]}, **grid.pictures,
+            "date": time.strftime("%Y-%m-%d"),
+        }  # fmt: skip
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "results.json").write_text(json.dumps(result, indent=2))
+        _print_summary(result)
+    return result
+
+
+class Grid:
+    """GRPO runs (one per training seed) from the same pre-trained prior, each measured at every
+    evaluation seed; the start model is measured once per evaluation seed."""
+
+    def __init__(self, pre: dict[str, Any], held: list, train: list, samples: int,
+                 eval_seeds: list[int]) -> None:  # fmt: skip
+        self.pre, self.held, self.train = pre, held, train
+        self.n, self.eval_seeds = samples, eval_seeds
+        self.start = copy.deepcopy(pre["prior"]).eval()  # the pre-trained model, for the KL
+        self.before: dict[int, dict[str, float]] = {}
+        self.after: dict[int, dict[int, dict[str, float]]] = {}
+        self.x_before: dict[int, Tensor] = {}
+        self.pictures: dict[str, Any] = {}
+
+    def evaluate(self, trainer: Trainer, seed: int) -> tuple[dict[str, float], Tensor]:
+        return evaluate(trainer, self.start, self.pre["judge"], self.held, self.train, self.n, seed)
+
+    def run(self, overrides: list[str], seed: int, run_dir: Path, pictures: bool) -> dict[str, Any]:
+        """GRPO with trainer.seed = `seed` (its files under run_dir/seed<seed>/), measured at
+        every evaluation seed before (once) and after."""
+        sets = [*overrides, f"trainer.seed={seed}", f"log.run_dir={run_dir / f'seed{seed}'}"]
+        cfg = load_config(CONFIG, sets)
+        adapter = build_adapter(self.pre, cfg.sampling)
+        trainer = Trainer(cfg, copy.deepcopy(self.pre["prior"]), adapter, self.train)
+        for e in self.eval_seeds:  # the start model is the same for every training seed
+            if e not in self.before:
+                self.before[e], self.x_before[e] = self.evaluate(trainer, e)
+                print(f"held-out before GRPO, eval seed {e} ({len(self.held)} prompts x {self.n}): "
+                      f"{_fmt(self.before[e])}", flush=True)  # fmt: skip
+        t1 = time.perf_counter()
+        history = trainer.train()
+        t_grpo = time.perf_counter() - t1
+        self.after[seed] = {}
+        for e in self.eval_seeds:
+            self.after[seed][e], x = self.evaluate(trainer, e)
+            print(f"held-out after GRPO, trainer.seed {seed}, eval seed {e}: "
+                  f"{_fmt(self.after[seed][e])}", flush=True)  # fmt: skip
+            if pictures and e == self.eval_seeds[0]:
+                self.pictures = _pictures(run_dir, self.x_before[e], x, len(self.held), self.n)
+        last = history[-min(5, len(history)) :]
+        out = {"seed": seed, "steps": len(history), "grpo_seconds": t_grpo,
+               "train_reward_first": history[0]["reward/mean"],
+               "train_reward_last5": sum(h["reward/mean"] for h in last) / len(last),
+               "kl_k3_last_step": history[-1].get("kl", 0.0), "load_end": os.getloadavg()[0]}  # fmt: skip
+        print(f"GRPO trainer.seed {seed}: {len(history)} steps in {t_grpo:.0f}s, train reward "
+              f"{out['train_reward_first']:.3f} -> {out['train_reward_last5']:.3f} (last 5), "
+              f"load {out['load_end']:.1f}", flush=True)  # fmt: skip
+        return out
+
+
+SHOWN = {"judge/motion": "motion-following, judge", "accuracy/motion": "motion-following, reward's estimator",
+         "judge/still": "still (judge)", "reward": "reward", "reward/motion": "reward: motion",
+         "reward/temporal_consistency": "temporal consistency", "accuracy/colour": "colour fidelity",
+         "kl_to_start/per_clip": "KL to start, nats/clip",
+         "train_prompts/judge/motion": "GRPO's own prompts: motion-following, judge"}  # fmt: skip
+
+
+def _print_summary(result: dict[str, Any]) -> None:
+    p, s = result["protocol"], result["seconds"]
+    print(f"held-out: {len(p['heldout_prompts'])} prompts x {p['clips_per_heldout_prompt']} clips; "
+          f"training seeds {p['train_seeds_done']} x eval seeds {p['eval_seeds']}; mean ± sd over "
+          "training seeds (each the mean over eval seeds); before: over eval seeds")  # fmt: skip
+    for key, name in SHOWN.items():
+        print(summary_line(name, result["summary"][key], 2 if key.startswith("kl") else 3))
+    acc = p["judge"].get("accuracy", {})
+    if acc:
+        print(
+            f"judge on fresh decoded real clips: {acc['all/vq']}, held-out prompts {acc['heldout/vq']}"
+        )
+    print(f"total {s['total']:.0f}s (pre-training {s['pretrain']:.0f}s); load average "
+          f"{result['loadavg_1min']['start']:.1f} -> {result['loadavg_1min']['end']:.1f}; "
+          f"clips and frame strips: {result['strip']}")  # fmt: skip
+
+
+def _pictures(run_dir: Path, x_before: Tensor, x_after: Tensor, prompts: int, n: int) -> dict:
+    """GIFs (2 per held-out prompt, before_*/after_*) and the frame-strip PNG."""
+    pick = [p * n + j for p in range(prompts) for j in range(min(2, n))]
     gifs = save_clips(list(x_before[pick]), run_dir / "clips", "before", scale=4)
     gifs += save_clips(list(x_after[pick]), run_dir / "clips", "after", scale=4)
     strip = _write_strips(run_dir / "before_after.png", x_before[pick], x_after[pick])
-    load1 = os.getloadavg()
-    last = history[-min(5, len(history)) :]
-    result = {
-        "before": before, "after": after,
-        "train_reward_first": history[0]["reward/mean"],
-        "train_reward_last5": sum(h["reward/mean"] for h in last) / len(last),
-        "kl_k3_last_step": history[-1].get("kl", 0.0), "steps": len(history),
-        "seconds": {"pretrain": t_pre, "grpo": t_grpo, "total": time.perf_counter() - t0},
-        "loadavg_1min": {"start": load0[0], "end": load1[0]}, "strip": str(strip),
-        "gifs": [str(p) for p in gifs], "heldout_prompts": held_prompts,
-        "date": time.strftime("%Y-%m-%d"), "seed": cfg.trainer.seed,
-    }  # fmt: skip
-    (run_dir / "results.json").write_text(json.dumps(result, indent=2))
-    s = result["seconds"]
-    print(
-        f"motion-following accuracy (held-out) {before['accuracy/motion']:.3f} -> "
-        f"{after['accuracy/motion']:.3f} ({after['accuracy/motion'] - before['accuracy/motion']:+.3f}); "
-        f"reward {before['reward']:.3f} -> {after['reward']:.3f}; temporal consistency "
-        f"{before['reward/temporal_consistency']:.3f} -> {after['reward/temporal_consistency']:.3f}; "
-        f"colour fidelity {before['accuracy/colour']:.3f} -> {after['accuracy/colour']:.3f}; "
-        f"KL to the start model {after['kl_to_start/per_clip']:.2f} nats/clip "
-        f"({after['kl_to_start/per_token']:.4f}/token)\n"
-        f"GRPO: {len(history)} steps in {s['grpo']:.0f}s, train reward "
-        f"{result['train_reward_first']:.3f} -> {result['train_reward_last5']:.3f} (last 5), k3 KL "
-        f"of the last step {result['kl_k3_last_step']:.4f}; pre-training {s['pretrain']:.0f}s; "
-        f"total {s['total']:.0f}s; load average {load0[0]:.1f} -> {load1[0]:.1f}\n"
-        f"clips (before_*/after_*, 2 per held-out prompt: {', '.join(held_prompts)}): "
-        f"{run_dir / 'clips'}; frame strips: {strip}"
-    )
-    return result
+    return {"strip": str(strip), "gifs": [str(g) for g in gifs]}
 
 
 def _fmt(m: dict[str, float]) -> str:
     return (
-        f"reward {m['reward']:.3f} (motion {m['reward/motion']:.3f}, temporal_consistency "
-        f"{m['reward/temporal_consistency']:.3f}); motion-following accuracy "
-        f"{m['accuracy/motion']:.3f} (still {m['accuracy/still']:.3f}); colour fidelity "
-        f"{m['accuracy/colour']:.3f}; KL to start {m['kl_to_start/per_clip']:.2f} nats/clip"
+        f"judge {m['judge/motion']:.3f} (still {m['judge/still']:.3f}); estimator "
+        f"{m['accuracy/motion']:.3f}; reward {m['reward']:.3f} (motion {m['reward/motion']:.3f}, "
+        f"temporal_consistency {m['reward/temporal_consistency']:.3f}); colour "
+        f"{m['accuracy/colour']:.3f}; KL {m['kl_to_start/per_clip']:.2f} nats/clip"
     )
 
 
