@@ -31,7 +31,7 @@ from janus_t2i.scorer import load_scorer, train_scorer  # noqa: E402
 from grpo_ar.adapters.vq import JanusVQ, to_unit  # noqa: E402
 
 VQ = {"steps": 400, "batch_size": 32, "lr": 2e-3, "codebook": 128, "channels": 32, "dim": 8}
-JANUS = {"steps": 450, "batch_size": 32, "lr": 3e-3, "hidden": 96, "layers": 3, "p_uncond": 0.1}
+JANUS = {"steps": 900, "batch_size": 32, "lr": 3e-3, "hidden": 96, "layers": 3, "p_uncond": 0.1}
 CLS = {"steps": 400, "batch_size": 128, "lr": 3e-3}
 SCORER = {"steps": 800, "batch_size": 64, "lr": 2e-3, "hidden": 64, "pref_weight": 1.0}
 DATA = {"n_train": 8000, "size": 16, "seed": 0}
