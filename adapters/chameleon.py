@@ -37,7 +37,7 @@ from grpo_ar.types import PromptBatch, Rollout
 
 from .code_grid import TextCondition
 from .image import ImageAdapter
-from .mapped_codes import ImageStartCondition, MappedLayout, token_id
+from .mapped_codes import ImageStartCondition, MappedLayout, codes_in_order, token_id
 from .vq import VQDecoder
 
 BOI, EOI = "<racm3:break>", "<eoss>"
@@ -88,11 +88,7 @@ def image_code_ids(vocabulary_map: Mapping[str, int]) -> list[int]:
     from transformers.models.chameleon.modeling_chameleon import ChameleonImageVocabularyMapping
 
     img2bpe = ChameleonImageVocabularyMapping(dict(vocabulary_map)).img2bpe
-    if sorted(img2bpe) != list(range(len(img2bpe))):
-        raise ValueError(
-            f"the vocabulary's {len(img2bpe)} IMGIMG…Z tokens do not name codes 0..{len(img2bpe) - 1}"
-        )
-    return [img2bpe[c] for c in range(len(img2bpe))]
+    return codes_in_order(img2bpe, "IMGIMG…Z tokens")
 
 
 # -- the VQGAN -----------------------------------------------------------------------------------

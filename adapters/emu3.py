@@ -30,7 +30,7 @@ from grpo_ar.generation.params import SamplingParams
 
 from .code_grid import TextCondition
 from .image import ImageAdapter
-from .mapped_codes import MappedLayout, token_id
+from .mapped_codes import MappedLayout, codes_in_order, token_id
 from .vq import Emu3VQ, VQDecoder
 
 BOI, IMAGE_WRAPPER, EOI = "<|image start|>", "<|image token|>", "<|image end|>"
@@ -42,11 +42,7 @@ def visual_code_ids(vocabulary_map: Mapping[str, int]) -> list[int]:
     from transformers.models.emu3.modeling_emu3 import Emu3ImageVocabularyMapping
 
     img2bpe = Emu3ImageVocabularyMapping(dict(vocabulary_map)).img2bpe
-    if sorted(img2bpe) != list(range(len(img2bpe))):
-        raise ValueError(
-            f"the vocabulary's {len(img2bpe)} visual tokens do not name codes 0..{len(img2bpe) - 1}"
-        )
-    return [img2bpe[c] for c in range(len(img2bpe))]
+    return codes_in_order(img2bpe, "visual tokens")
 
 
 def emu3_layout(vocabulary_map: Mapping[str, int], grid: Sequence[int], eos: int) -> MappedLayout:

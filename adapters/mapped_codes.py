@@ -32,6 +32,16 @@ def token_id(vocab: Mapping[str, int], name: str, what: str) -> int:
     return int(vocab[name])
 
 
+def codes_in_order(img2bpe: Mapping[int, int], what: str) -> list[int]:
+    """LM token id of each VQ code, by code index, from a family's `img2bpe` (code -> BPE id);
+    refuses a mapping whose codes are not exactly 0..n-1 (`what` names the tokens)."""
+    if sorted(img2bpe) != list(range(len(img2bpe))):
+        raise ValueError(
+            f"the vocabulary's {len(img2bpe)} {what} do not name codes 0..{len(img2bpe) - 1}"
+        )
+    return [img2bpe[c] for c in range(len(img2bpe))]
+
+
 @dataclass(frozen=True)
 class MappedLayout(CodeLayout):
     """A code grid whose code i is LM token `code_ids[i]`, wrapped in forced layout tokens:
