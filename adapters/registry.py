@@ -35,6 +35,7 @@ from grpo_ar.errors import ConfigError
 
 from .base import Adapter
 from .janus import JanusT2IConfig
+from .janus_reason import JanusReasonConfig
 from .vocab_sections import ChameleonT2IConfig, Emu3T2IConfig
 
 ENTRY_POINT_GROUP = "grpo_ar.adapters"
@@ -254,3 +255,14 @@ def build_janus(
     from .janus import build_janus_t2i
 
     return build_janus_t2i(config, section, device, dtype)
+
+
+@register_adapter("janus_reason_t2i", JanusReasonConfig)
+def build_janus_reason(
+    config: Any, section: JanusReasonConfig, device: str, dtype: torch.dtype
+) -> tuple[Any, Adapter]:
+    """Janus-Pro T2I-R1 style: a text plan, then the image, in one completion of typed spans;
+    model and tokenizer from model.path, options from [janus_reason_t2i] (adapters/janus_reason.py)."""
+    from .janus_reason import build_janus_reason as build
+
+    return build(config, section, device, dtype)
