@@ -201,9 +201,12 @@ class JanusReasonT2IAdapter(Adapter):
         reward_input: Literal["plan_image", "image"] = "plan_image",
         decode_batch_size: int = 0,
     ) -> None:
-        ids = [token_id(tokenizer, t, k) for t, k in ((boi_token, "boi_token"),
-                                                      (plan_close_token or boi_token, "plan_close_token"))]  # fmt: skip
-        self.boi, close = ids
+        self.boi = token_id(tokenizer, boi_token, "boi_token")
+        close = (
+            token_id(tokenizer, plan_close_token, "plan_close_token")
+            if plan_close_token
+            else self.boi
+        )
         if sampling.uses_cfg:
             raise ConfigError(
                 f"sampling.cfg_scale={sampling.cfg_scale}: janus_reason_t2i samples its typed "

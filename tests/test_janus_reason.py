@@ -374,3 +374,15 @@ def test_cli_trains_janus_reason_from_a_config_file(tmp_path, tok):
     metrics, samples = run_records(tmp_path / "run")
     assert [m["step"] for m in metrics][-1] == 2
     assert samples and all((tmp_path / "run" / s["output"]).is_file() for s in samples)
+
+
+def test_example_config_loads():
+    """examples/janus_t2i/reason.toml: Janus-Pro-1B settings, EOS-closed plan, the budget for
+    a 256-token plan + <begin_of_image> + 576 codes, no CFG."""
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).parents[1] / "examples/janus_t2i/reason.toml")
+    sec = cfg.adapter_section
+    assert isinstance(sec, JanusReasonConfig) and sec.plan_close_token == "<｜end▁of▁sentence｜>"
+    assert sec.train == ["language_model", "text_embeddings", "lm_head"]
+    assert cfg.sampling.max_new_tokens == 256 + 1 + 24 * 24 and not cfg.sampling.uses_cfg

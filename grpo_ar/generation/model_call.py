@@ -9,8 +9,9 @@ apart. The sampler (prefill, steps, CFG rows), scoring (shared prefix, packing, 
 multi-turn decoder and `decode_step.FastStep` call only this interface.
 
 Implementations are registered by name in `MODEL_CALLS`: "causal_lm" (the default: a
-transformers causal LM, one HF call per forward, exactly the call made before the seam) and
-"janus_image" (adapters/janus.py). An adapter chooses its call with `Adapter.model_call`;
+transformers causal LM, one HF call per forward, exactly the call made before the seam),
+"janus_image" (adapters/janus.py) and "janus_interleaved" (Janus' text and image vocabularies
+in one id space, for a text plan then the image: adapters/janus_reason.py). An adapter chooses its call with `Adapter.model_call`;
 generation functions take either a model (wrapped as "causal_lm") or a ModelCall.
 """
 
