@@ -278,7 +278,7 @@ class JanusReasonT2IAdapter(Adapter):
         """(N, 3, H, W) float pixels in [0, 1]; black where the image span is incomplete (the
         plan used the budget: a low image reward then teaches shorter plans, as T2I-R1's cut)."""
         codes, complete = self.image_codes(rollout)
-        unit = self.image.decode_codes(self.image.layout.to_codes(codes.cpu()))
+        unit = self.image.decode_codes(self.image.layout.to_codes(codes))
         return unit * complete.to(unit.device)[:, None, None, None]
 
     def decode(self, rollout: Rollout) -> list[Any]:
