@@ -297,10 +297,14 @@ class JanusReasonT2IAdapter(Adapter):
         return self.image.summarize(output)
 
     def save_samples(self, outputs: Sequence[Any], directory: str | Path) -> list[Path]:
-        """The images as PNGs (`sample_{i:03d}.png`); plans stay in samples.jsonl's rows."""
-        return self.image.save_samples(
-            [o["image"] if isinstance(o, dict) else o for o in outputs], directory
-        )
+        """The images as PNGs (`sample_{i:03d}.png`, the paths samples.jsonl shows) and each
+        plan beside its image as `sample_{i:03d}.txt` (outputs of reward_input = "plan_image")."""
+        images = [o["image"] if isinstance(o, dict) else o for o in outputs]
+        paths = self.image.save_samples(images, directory)
+        for path, o in zip(paths, outputs):
+            if isinstance(o, dict):
+                path.with_suffix(".txt").write_text(o["plan"] + "\n", encoding="utf-8")
+        return paths
 
     def save_tokenizer(self, directory: Any) -> None:
         self.tokenizer.save_pretrained(directory)

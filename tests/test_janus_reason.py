@@ -269,6 +269,8 @@ def test_decode_gives_plans_and_images_and_blanks_cut_rows(model, tok):
     plan_ids = r.completion_ids[i][(r.span_ids[i] == 0) & r.completion_mask[i].bool()][:-1]
     assert out[i]["plan"] == tok.decode(plan_ids.tolist()) and "<begin" not in out[i]["plan"]
     assert ad.summarize(out[i]) == {"plan": out[i]["plan"], "image": [2 * SIDE, 2 * SIDE]}
+    alone = adapter(model, tok, budget=N + 6, output="float", reward_input="image").decode(r)
+    assert torch.equal(torch.stack(alone), images)  # the image alone, for built-in rewards
 
 
 def test_bad_settings_refused(model, tok):
@@ -343,7 +345,7 @@ def test_trainer_moves_only_the_named_parts(tmp_path, tok):
 
 def test_cli_trains_janus_reason_from_a_config_file(tmp_path, tok):
     """`grpo-ar train` of a TOML naming janus_reason_t2i with [[sampling.spans]]: two steps,
-    images written as sample files, plans in samples.jsonl."""
+    images written as sample files, each plan in a text file beside its image."""
     from grpo_ar.cli import main
 
     path, data = tmp_path / "janus", tmp_path / "train.jsonl"
@@ -374,6 +376,8 @@ def test_cli_trains_janus_reason_from_a_config_file(tmp_path, tok):
     metrics, samples = run_records(tmp_path / "run")
     assert [m["step"] for m in metrics][-1] == 2
     assert samples and all((tmp_path / "run" / s["output"]).is_file() for s in samples)
+    plans = [(tmp_path / "run" / s["output"]).with_suffix(".txt").read_text() for s in samples]
+    assert all(set(p.strip()) <= set("0123456789+-*=?") for p in plans)  # the plan span's ids
 
 
 def test_example_config_loads():
