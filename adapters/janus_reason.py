@@ -133,9 +133,9 @@ def reason_spans(
 ) -> tuple[Span, ...]:  # fmt: skip
     """The default spans: "plan" (text, closed by `close`), a forced `<begin_of_image>` when
     `close` is another token, then "image" (n codes at ids [V, V + K))."""
-    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-    plan = Span("plan", close_token=close, allowed_ranges=((0, text_vocab),), **kw)  # type: ignore[arg-type]
-    image = Span("image", length=n, allowed_ranges=((text_vocab, text_vocab + codes),), **kw)  # type: ignore[arg-type]
+    kw: dict[str, Any] = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    plan = Span("plan", close_token=close, allowed_ranges=((0, text_vocab),), **kw)
+    image = Span("image", length=n, allowed_ranges=((text_vocab, text_vocab + codes),), **kw)
     if close == boi:
         return plan, image
     forced = Span("boi", length=1, allowed_ranges=((boi, boi + 1),), loss_weight=0, kl_weight=0)
@@ -167,7 +167,8 @@ def check_spans(spans: Sequence[Span], text_vocab: int, codes: int, n: int, boi:
                 f"lm_head alone, give ranges inside [0, {lo}), e.g. allowed_ranges = [[0, {lo}]]"
             )
     last = text[-1]
-    if last.close_token != boi and not (last.length == 1 and last.allowed_ranges == ((boi, boi + 1),)):  # fmt: skip
+    forced = last.length == 1 and last.allowed_ranges == ((boi, boi + 1),)
+    if last.close_token != boi and not forced:
         raise ConfigError(
             f"span {last.name!r} is followed by the image: close it with close_token = {boi} "
             f"(<begin_of_image>), or add a span of length = 1, allowed_ranges = "
