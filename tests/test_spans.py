@@ -137,3 +137,14 @@ def test_trainer_runs_typed_spans_from_the_config(tmp_path):
     assert [h["step"] for h in history] == [1, 2]
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
     assert "plan" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_an_fp64_model_samples_spans_and_scores_them_in_fp64():
+    ids = torch.tensor([[0, 1, 5, 6]])
+    prompts = PromptBatch(ids, (ids != 0).long(), [Entry("a", ())])
+    net = tiny_llama(V, seed=2).double()
+    r = span_sample(net, prompts, 4, PARAMS, torch.Generator().manual_seed(0))
+    logp, _ = span_logprobs(net, r, PARAMS)
+    assert r.sampling_logp.dtype == torch.float64  # as the plain sampler keeps them
+    torch.testing.assert_close(logp, r.sampling_logp, atol=1e-10, rtol=0)
+    assert bool((r.completion_mask.sum(-1) > 0).all())

@@ -46,14 +46,15 @@ def span_sample(
     )
     length = torch.tensor([s.length for s in spans], device=device)
     tokens = torch.full((n, width), params.pad_token_id, dtype=torch.long, device=device)
-    logps = torch.zeros(n, width, dtype=torch.float32, device=device)
+    wide = torch.promote_types(logits.dtype, torch.float32)  # fp32, or an fp64 model's fp64
+    logps = torch.zeros(n, width, dtype=wide, device=device)
     span_ids = torch.zeros(n, width, dtype=torch.long, device=device)
     ends = torch.full((n,), width, dtype=torch.long, device=device)  # completion length
     rows = torch.arange(n, device=device)
     span = torch.zeros(n, dtype=torch.long, device=device)
     count = torch.zeros(n, dtype=torch.long, device=device)
     for t in range(width):
-        z = torch.empty(logits.shape, dtype=torch.float32, device=device)
+        z = torch.empty(logits.shape, dtype=wide, device=device)
         for k in span.unique().tolist():  # each span's rows under that span's transform
             sel = span == k
             z[sel] = transform_logits(logits[sel], sp[k], allowed[k])
@@ -97,7 +98,8 @@ def span_token_logprobs(
     `log_softmax(transform_logits(logits[i, t], spans[span_ids[i, t]]))[token]`; entropies are
     those of each token's transformed distribution."""
     m = rollout.completion_mask.bool()
-    out = torch.zeros(m.shape, dtype=torch.float32, device=logits.device)
+    wide = torch.promote_types(logits.dtype, torch.float32)  # fp32, or an fp64 model's fp64
+    out = torch.zeros(m.shape, dtype=wide, device=logits.device)
     ent = torch.zeros_like(out) if with_entropy else None
     vocab = logits.shape[-1]
     for k, s in enumerate(spans):
