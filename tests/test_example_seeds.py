@@ -18,7 +18,6 @@ from ar_common.seeds import (  # noqa: E402
     grid_cells,
     line,
     summarise,
-    training_streams,
 )
 
 # the start model at eval seeds 7 and 8; after GRPO with training seeds 0 and 1
@@ -62,19 +61,19 @@ def test_one_cell_has_no_spread():
 
 
 def test_check_refuses_an_evaluation_whose_draws_are_training_streams():
-    # training seed 3, 2 steps: streams 3 + 1_000_003·s + r; the check covers s <= 3, r in -1..7
-    check_eval_seeds([12345], [3], steps=2)
-    with pytest.raises(SystemExit, match=r"evaluation seed\(s\) \[10\] are random streams"):
-        check_eval_seeds([10], [3], steps=2)  # round 7 of step 0: beyond `rounds`, still refused
-    with pytest.raises(SystemExit, match=r"\[3000012\]"):
-        check_eval_seeds([3_000_012], [3], steps=2)  # step 3: one past the prefetch
-    check_eval_seeds([11, 3_000_020], [3], steps=2)  # round 8 is not a stream
-    assert {10, 3_000_012} <= training_streams(3, 3, 8) and 11 not in training_streams(3, 3, 8)
+    # training seed 3, 2 steps: streams 3 + 1_000_003·s + r for s in 0..2 (2: the prefetch),
+    # sampling rounds r in 0..rounds-1 and the update's r = -1
+    check_eval_seeds([12345, 4, 3_000_012], [3], steps=2)
+    with pytest.raises(SystemExit, match=r"evaluation seed\(s\) \[2000009\] are random streams"):
+        check_eval_seeds([12345, 2_000_009], [3], steps=2)  # the prefetch of step 2
+    with pytest.raises(SystemExit, match=r"\[6\] are random streams of training seeds \[3\]"):
+        check_eval_seeds([6], [3], steps=2, rounds=4)  # round 3 under dynamic sampling
+    check_eval_seeds([7], [3], steps=2, rounds=4)
     # an evaluation at seed 50 that draws from 50 + 999_956: training seed 3's step 1, round 0
     draws = lambda e: [e + 999_956]  # noqa: E731
     with pytest.raises(SystemExit, match=r"\[50\] .*draws from generator seeds \[\[1000006\]\]"):
         check_eval_seeds([50], [3], steps=2, draws=draws)
-    check_eval_seeds([59], [3], steps=2, draws=draws)
+    check_eval_seeds([1_000_006], [3], steps=2, draws=draws)  # a stream, but never drawn from
     # more ranks: the update's stream of rank 1 (-2) is refused only when there are 2 ranks
     check_eval_seeds([1_000_004], [3], steps=2)
     with pytest.raises(SystemExit):

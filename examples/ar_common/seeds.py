@@ -20,9 +20,6 @@ from grpo_ar.parallel.ddp import derive_seed
 
 TRAIN_SEEDS = (0, 1, 2)
 EVAL_SEEDS = (12345, 777, 2024)
-CHECKED_ROUNDS = 8
-"""check_eval_seeds covers at least this many sampling rounds per step: more than dynamic
-sampling's default cap (4), so a caller that forgets `rounds` is still covered."""
 
 
 def add_seed_options(ap: argparse.ArgumentParser, train: Sequence[int] = TRAIN_SEEDS,
@@ -52,12 +49,12 @@ def check_eval_seeds(eval_seeds: Iterable[int], train_seeds: Iterable[int], step
                      rounds: int = 1, *, draws: Callable[[int], Iterable[int]] | None = None,
                      world_size: int = 1) -> None:  # fmt: skip
     """SystemExit if an evaluation seed, or a generator seed its evaluation draws from
-    (`draws(eval_seed)`, default the seed itself), is one training draws from: the held-out
-    samples would repeat the noise of a training step. Covers max(rounds, CHECKED_ROUNDS)
-    sampling rounds and one step past the prefetch: a margin costs nothing, a miss is silent."""
+    (`draws(eval_seed)`, default the seed itself: an evaluation through `evaluate_rewards`
+    draws from `eval_generator_seeds`, not from its seed), is one training draws from: the
+    held-out samples would repeat the noise of a training step. `rounds`: the most sampling
+    rounds a step may take (`algorithm.dynamic_sampling_max_rounds` covers every config)."""
     train = list(train_seeds)
-    covered = max(rounds, CHECKED_ROUNDS)
-    used = set().union(*(training_streams(s, steps + 1, covered, world_size) for s in train))
+    used = set().union(*(training_streams(s, steps, rounds, world_size) for s in train))
     hits = {e: sorted(set(draws(e) if draws else [e]) & used) for e in eval_seeds}
     clash = sorted(e for e, hit in hits.items() if hit)
     if clash:
@@ -176,7 +173,6 @@ def table(summary: dict[str, Any], labels: dict[str, str], digits: int = 3) -> s
 
 
 __all__ = [
-    "CHECKED_ROUNDS",
     "EVAL_SEEDS",
     "TRAIN_SEEDS",
     "add_seed_options",

@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="audio_tones_"))
     held = load_rows(tone_rows(64, 10**6, HELDOUT_PITCHES))
     train = load_rows(tone_rows(256, 0, TRAIN_PITCHES))
-    check_eval_seeds(args.eval_seeds, args.seeds, args.grpo_steps,
+    rounds = load_config(None, [*DEFAULTS, *args.set]).algorithm.dynamic_sampling_max_rounds
+    check_eval_seeds(args.eval_seeds, args.seeds, args.grpo_steps, rounds,
                      draws=lambda e: eval_draws(e, len(held)))  # fmt: skip
     model = tiny_model(args.warmup_seed)
     warm_up(model, args.warmup_steps, args.warmup_seed)

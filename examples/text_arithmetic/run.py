@@ -73,11 +73,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def measure(trainer: Trainer, heldout: list, samples: int, eval_seeds: list[int]) -> dict:
-    """{eval seed: {"greedy", "sampled"}} held-out accuracy of the trainer's model. Greedy is
-    computed once (its generators are the first eval seed's, unused): it draws nothing, so
-    every evaluation seed would give the same value;
-    sampled: `samples` answers per problem at the config's temperature, drawn from the
-    generators of `eval_generator_seeds(eval seed, ...)`."""
+    """{eval seed: {"greedy", "sampled"}} held-out accuracy of the trainer's model. Sampled:
+    `samples` answers per problem at the config's temperature from the generators of
+    `eval_generator_seeds(eval seed, ...)`. Greedy is measured once (with the first eval seed's
+    generators, unused): it draws nothing, so every evaluation seed would give the same value."""
     m, ad, rw = trainer.model, trainer.adapter, trainer.rewards
     greedy = evaluate_rewards(m, ad, rw, heldout, greedy=True, batch_size=EVAL_BATCH,
                               seed=eval_seeds[0])  # fmt: skip

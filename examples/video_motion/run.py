@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     t0, load0 = time.perf_counter(), os.getloadavg()
     cfg = load_config(CONFIG, args.set)
-    check_eval_seeds(args.eval_seeds, args.seeds, cfg.trainer.steps)
+    check_eval_seeds(args.eval_seeds, args.seeds, cfg.trainer.steps,
+                     cfg.algorithm.dynamic_sampling_max_rounds)  # fmt: skip
     pre = pretrain(args.base, threads=cfg.trainer.threads, **parse_overrides(args.pretrain_set))
     t_pre = time.perf_counter() - t0
     train_prompts, held_prompts = prompt_split()
