@@ -27,17 +27,23 @@ def test_demo_runs_two_steps(tmp_path, capsys):
                 f"log.run_dir={tmp_path / 'run'}",
                 "--set",
                 "log.progress=false",
+                "--seeds",
+                "0",
+                "--eval-seeds",
+                "5",
             ]
         )
     text = capsys.readouterr().out
     assert "held-out accuracy before GRPO" in text and "held-out accuracy after  GRPO" in text
-    assert set(out) == {"greedy_before", "greedy_after", "sampled_before", "sampled_after"}
-    assert all(0.0 <= v <= 1.0 for v in out.values())
+    (cell,) = out["cells"]
+    assert (cell["train_seed"], cell["eval_seed"]) == (0, 5)
+    assert all(0.0 <= v <= 1.0 for m in (cell["before"], cell["after"]) for v in m.values())
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["cells"] == [cell]
     steps = [
         json.loads(line)["step"]
-        for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+        for line in (tmp_path / "run" / "seed0" / "metrics.jsonl").read_text().splitlines()
     ]
     assert steps == [1, 2]
-    assert (tmp_path / "run" / "checkpoints" / "latest").exists()
+    assert (tmp_path / "run" / "seed0" / "checkpoints" / "latest").exists()
     # the pre-trained start is cached: a second call reuses it instead of training again
     assert (tmp_path / "base" / "meta.json").exists()

@@ -19,7 +19,7 @@ sys.path.insert(0, str(EXAMPLES / "audio_tones"))
 
 import run  # noqa: E402
 import tones  # noqa: E402
-from ar_common.seed_grid import training_draws  # noqa: E402  (run.py put examples/ on the path)
+from ar_common.seeds import training_streams  # noqa: E402  (run.py put examples/ on the path)
 
 EVAL_SEEDS = (777, 778)
 
@@ -99,8 +99,9 @@ def test_training_never_draws_from_an_evaluation_seed(recorded):
     want = {d for e in EVAL_SEEDS for d in run.eval_draws(e, 64)} | set(EVAL_SEEDS)
     assert rec.seeds["eval"] and rec.seeds["eval"] <= want
     assert not (rec.seeds["grpo"] | rec.seeds["other"]) & want
-    assert rec.seeds["grpo"] <= training_draws(0, 2) | training_draws(1, 2)
-    with pytest.raises(SystemExit, match="training seed 0 also uses"):
+    assert rec.seeds["grpo"] <= training_streams(0, 2) | training_streams(1, 2)
+    # an eval seed whose first batch draws from step 1's sampling stream of training seed 0
+    with pytest.raises(SystemExit, match=r"draws from generator seeds \[\[1000003\]\]"):
         run.main(["--seeds", "0", "--eval-seeds", str(1_000_003 - 7919), "--grpo-steps", "2"])
 
 

@@ -13,13 +13,15 @@ def test_rng_example_runs_three_steps(tmp_path, capsys):
         out = run.main(
             ["--base", str(tmp_path / "base"), "--pretrain-steps", "5", "--eval-n", "10",
              "--set", "trainer.steps=3", "--set", "trainer.batch_size=2",
-             "--set", f"log.run_dir={tmp_path / 'run'}", "--set", "log.progress=false"]
+             "--set", f"log.run_dir={tmp_path / 'run'}", "--set", "log.progress=false",
+             "--seeds", "0", "--eval-seeds", "777"]
         )  # fmt: skip
     assert "held-out before GRPO" in capsys.readouterr().out
-    for stats in out.values():
+    (cell,) = out["cells"]
+    for stats in (cell["before"], cell["after"]):
         assert 0.0 <= stats["entropy"] <= 1.0 + 1e-9 and 0.0 <= stats["chi2_p"] <= 1.0
         assert 1.0 <= stats["per_prompt_distinct"] <= 10.0
-    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    lines = (tmp_path / "run" / "seed0" / "metrics.jsonl").read_text().splitlines()
     metrics = [json.loads(line) for line in lines]
     assert [m["step"] for m in metrics] == [1, 2, 3]
     # both rewards were computed: the group reward and the per-sample format reward

@@ -82,8 +82,8 @@ def test_example_runs_two_grpo_steps(tmp_path, capsys, example):
     assert out["runs"][0]["steps"] == 2
     # one cell: the spread over training seeds is 0, the mean is the cell
     row = out["summary"]["judge/motion"]
-    assert row["after"]["mean"] == after["judge/motion"] and row["after"]["sd"] == 0
-    assert row["gain"]["mean"] == pytest.approx(after["judge/motion"] - before["judge/motion"])
+    assert row["after"]["mean"] == after["judge/motion"] and row["after"]["std"] == 0
+    assert row["change"]["mean"] == pytest.approx(after["judge/motion"] - before["judge/motion"])
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["protocol"]["eval_seeds"] == [12345] and saved["protocol"]["train_seeds"] == [0]
     steps = [

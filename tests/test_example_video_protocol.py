@@ -20,7 +20,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ar_common.seed_grid import training_draws  # noqa: E402
+from ar_common.seeds import training_streams  # noqa: E402
 from test_example_video_motion import tiny_argv  # noqa: E402
 from video_motion import clips, judge, run  # noqa: E402
 
@@ -96,8 +96,8 @@ def test_training_never_draws_from_an_evaluation_seed(recorded):
     assert rec.seeds["eval"] == set(EVAL_SEEDS)
     assert not (rec.seeds["grpo"] | rec.seeds["other"]) & set(EVAL_SEEDS)
     # the check run.py makes before training knows every seed GRPO drew from
-    assert rec.seeds["grpo"] <= training_draws(0, 2) | training_draws(1, 2)
-    with pytest.raises(SystemExit, match="training seed 1 also uses"):
+    assert rec.seeds["grpo"] <= training_streams(0, 2) | training_streams(1, 2)
+    with pytest.raises(SystemExit, match=r"evaluation seed\(s\) \[1\] are random streams"):
         run.main(["--seeds", "1", "--eval-seeds", "1"])
 
 
@@ -122,10 +122,11 @@ def test_the_grid_summary_is_the_mean_and_spread_of_the_cells(recorded):
     k = "judge/motion"
     per_seed = [(a[t][777][k] + a[t][778][k]) / 2 for t in (0, 1)]
     row = out["summary"][k]
-    assert row["after"]["mean"] == pytest.approx(sum(per_seed) / 2, abs=1e-12)
-    assert row["after"]["sd"] == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2**0.5, abs=1e-12)
+    over_t = row["after_over_train_seeds"]
+    assert over_t["mean"] == pytest.approx(sum(per_seed) / 2, abs=1e-12)
+    assert over_t["std"] == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2**0.5, abs=1e-12)
     gains = [a[t][e][k] - b[e][k] for t in (0, 1) for e in EVAL_SEEDS]
-    assert row["gain"]["cells"] == [pytest.approx(min(gains)), pytest.approx(max(gains))]
+    assert (row["change"]["min"], row["change"]["max"]) == pytest.approx((min(gains), max(gains)))
 
 
 def test_the_judge_names_directions_by_learning_not_by_the_estimator():

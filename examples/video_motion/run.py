@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # as video_motion.
 
 from ar_common.pretraining import CODE_OFFSET  # noqa: E402
 from ar_common.runs import parse_overrides, run_parser  # noqa: E402
-from ar_common.seed_grid import add_seed_args, check_disjoint, grid_summary, summary_line  # noqa: E402
+from ar_common.seeds import add_seed_options, check_eval_seeds, grid_cells, line, summarise  # noqa: E402
 from video_motion.clips import CLIP, DIRECTIONS, RGB, parse_prompt, prompt_split  # noqa: E402
 from video_motion.pretrain import pretrain  # noqa: E402
 
@@ -50,6 +50,7 @@ from grpo_ar.rewards.video import estimate_motion, motion_label  # noqa: E402
 from grpo_ar.train.trainer import Trainer  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parent / "config.toml"
+EVAL_SEEDS = (12345, 23456, 34567)  # the README's figures were measured at these
 
 
 def entries(prompts: list[str], consistency_weight: float) -> list:
@@ -151,15 +152,14 @@ def evaluate(trainer: Trainer, start: Any, judge: Any, held: list, train: list, 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = run_parser(__doc__, "runs/video_motion_base", "data vq prior judge", "clips")
-    ap.set_defaults(eval_seed=None)  # --eval-seed N: the same as --eval-seeds N
-    add_seed_args(ap)
+    add_seed_options(ap, evaluation=EVAL_SEEDS)  # --eval-seed N: the same as --eval-seeds N
     ap.add_argument("--consistency-weight", type=float, default=1.0,
                     help="weight of temporal_consistency beside motion (weight 1)")  # fmt: skip
     args = ap.parse_args(argv)
-    args.eval_seeds = args.eval_seeds if args.eval_seed is None else [args.eval_seed]
     t0, load0 = time.perf_counter(), os.getloadavg()
     cfg = load_config(CONFIG, args.set)
-    check_disjoint({e: [e] for e in args.eval_seeds}, args.seeds, cfg.trainer.steps)
+    check_eval_seeds(args.eval_seeds, args.seeds, cfg.trainer.steps,
+                     cfg.algorithm.dynamic_sampling_max_rounds)  # fmt: skip
     pre = pretrain(args.base, threads=cfg.trainer.threads, **parse_overrides(args.pretrain_set))
     t_pre = time.perf_counter() - t0
     train_prompts, held_prompts = prompt_split()
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         runs.append(grid.run(args.set, t, run_dir, pictures=t == args.seeds[0]))
         result = {
             "protocol": {**proto, "train_seeds_done": [r["seed"] for r in runs]},
-            "summary": grid_summary(grid.before, grid.after), "before": grid.before,
+            "summary": summarise(grid_cells(grid.before, grid.after)), "before": grid.before,
             "after": grid.after, "runs": runs,
             "seconds": {"pretrain": t_pre, "total": time.perf_counter() - t0},
             "loadavg_1min": {"start": load0[0], "end": os.getloadavg()[0]}, **grid.pictures,
@@ -249,7 +249,7 @@ def _print_summary(result: dict[str, Any]) -> None:
           f"training seeds {p['train_seeds_done']} x eval seeds {p['eval_seeds']}; mean ± sd over "
           "training seeds (each the mean over eval seeds); before: over eval seeds")  # fmt: skip
     for key, name in SHOWN.items():
-        print(summary_line(name, result["summary"][key], 2 if key.startswith("kl") else 3))
+        print(line(name, result["summary"][key], 2 if key.startswith("kl") else 3))
     acc = p["judge"].get("accuracy", {})
     if acc:
         print(

@@ -23,6 +23,13 @@ def reward_context(adapter: Adapter, rollout: Rollout, group_size: int, step: in
     )
 
 
+def eval_generator_seeds(seed: int, n_entries: int, batch_size: int) -> list[int]:
+    """The generator seeds `evaluate_rewards(seed=seed)` draws from over `n_entries` entries in
+    batches of `batch_size`: one per batch, seed + 7919 + the batch's offset (an evaluation
+    seed's draws must not be a training stream: examples/ar_common/seeds.py checks them)."""
+    return [seed + 7919 + i for i in range(0, n_entries, batch_size)]
+
+
 @torch.no_grad()
 def evaluate_rewards(
     model: torch.nn.Module,
@@ -43,10 +50,11 @@ def evaluate_rewards(
     model.eval()
     totals: list[Tensor] = []
     comps: dict[str, list[Tensor]] = {}
-    for i in range(0, len(entries), batch_size):
+    draws = eval_generator_seeds(seed, len(entries), batch_size)
+    for i, draw in zip(range(0, len(entries), batch_size), draws):
         chunk = list(entries[i : i + batch_size])
         prompts = adapter.encode(chunk).to(device)
-        gen = torch.Generator(device=device).manual_seed(seed + 7919 + i)
+        gen = torch.Generator(device=device).manual_seed(draw)
         rollout = adapter.sample(model, prompts, samples, generator=gen, greedy=greedy)
         result = rewards(adapter.decode(rollout), reward_context(adapter, rollout, samples, step))
         totals.append(result.total)
