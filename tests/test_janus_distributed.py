@@ -1,0 +1,215 @@
+"""Janus text-to-image (and Emu3) under torchrun: 2-rank FSDP2 and DDP runs (CPU, gloo) of the
+tiny real `JanusForConditionalGeneration` give the one-process losses, rewards and weights; FSDP2
+shards the language model's decoder layers (not the vision tower's), keeps the frozen vision tower
+and VQ whole on every rank (the VQ decodes sampled codes outside the sampling window), trains only
+the `[janus_t2i] train` parts, and writes the one-process checkpoint.
+
+All 2-rank runs share ONE torchrun launch (this file is also the worker:
+`python -m torch.distributed.run --nproc_per_node=2 tests/test_janus_distributed.py OUT`); the
+one-process references run in the pytest process.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from test_distributed import KEEP, assert_same_run, one_process, weights  # noqa: E402
+from test_janus import PROMPTS, janus_tokenizer, tiny_janus  # noqa: E402
+from vocab_models import emu3_tokenizer, tiny_emu3  # noqa: E402
+
+from grpo_ar.adapters.emu3 import Emu3ImageAdapter  # noqa: E402
+from grpo_ar.adapters.janus import JanusT2IAdapter, janus_trainable  # noqa: E402
+from grpo_ar.adapters.vq import Emu3VQ  # noqa: E402
+from grpo_ar.config import load_config  # noqa: E402
+from grpo_ar.io.checkpoint import latest_checkpoint, load_tensors  # noqa: E402
+from grpo_ar.io.data import load_rows  # noqa: E402
+from grpo_ar.rewards import RewardComputer  # noqa: E402
+from grpo_ar.train.trainer import Trainer  # noqa: E402
+
+BASE = [
+    "trainer.steps=2",
+    "trainer.batch_size=2",
+    "trainer.lr=1e-2",
+    # Adam eps: the default 1e-8 turns fp32 noise in ~0 gradients into O(lr) weight differences
+    "trainer.optimizer_args={eps: 1e-4}",
+    "trainer.save_every=2",
+    "algorithm.group_size=4",
+    "algorithm.beta=0.04",  # a frozen reference, sharded like the policy under FSDP2
+    "sampling.cfg_scale=3.0",  # two forwards (cond, uncond) per FSDP2 training forward
+    "log.progress=false",
+    "log.keep_checkpoints=0",
+]
+# name -> (family, trained parts (Janus), overrides)
+SCENARIOS: dict[str, tuple[str, list[str] | None, list[str]]] = {
+    "janus_fsdp2": ("janus", None, ["trainer.strategy=fsdp2"]),
+    "janus_fsdp2_generation": ("janus", ["generation"], ["trainer.strategy=fsdp2"]),
+    "janus_ddp": ("janus", None, ["trainer.strategy=ddp"]),
+    "emu3_fsdp2": ("emu3", None, ["trainer.strategy=fsdp2", "algorithm.grpo_iters=2"]),
+}
+EMU3_GRID = (2, 3)
+
+
+def build(family: str, parts: list[str] | None, cfg):
+    """(model, adapter) of a scenario; the same weights on every rank and in one process."""
+    if family == "janus":
+        model = tiny_janus(seed=1)
+        janus_trainable(model, *([parts] if parts else []))
+        return model, JanusT2IAdapter(model, janus_tokenizer(), cfg.sampling)
+    tok = emu3_tokenizer()
+    model = tiny_emu3(tok, seed=3)
+    vq = Emu3VQ(model.model.vqmodel)
+    return model, Emu3ImageAdapter(model.config.vocabulary_map, tok, vq, cfg.sampling, EMU3_GRID)
+
+
+def make(run_dir: Path, name: str, overrides: list[str]) -> Trainer:
+    family, parts, _ = SCENARIOS[name]
+    cfg = load_config(None, [*BASE, f"log.run_dir={run_dir}", *overrides])
+    model, ad = build(family, parts, cfg)
+    rows = load_rows([{"prompt": p, "rewards": "aesthetic_proxy"} for p in PROMPTS])
+    return Trainer(cfg, model, ad, rows, rewards=RewardComputer(names=["aesthetic_proxy"]))
+
+
+def layout(tr: Trainer) -> dict:
+    """Which modules are FSDP2 units and which parameters are sharded (DTensor) on this rank."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    root = getattr(tr.dist, "root", None)
+    if root is None:
+        return {}
+    units = sorted(n for n, m in root.named_modules() if isinstance(m, FSDPModule))
+    params = dict(tr.model.named_parameters())
+    return {
+        "units": units,
+        "sharded": sorted(n for n, p in params.items() if isinstance(p, DTensor)),
+        "whole": sorted(n for n, p in params.items() if not isinstance(p, DTensor)),
+    }
+
+
+# -- the worker (every rank) ----------------------------------------------------------------------
+def worker(out: Path) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    for name, (_, _, overrides) in SCENARIOS.items():
+        tr = make(out / name, name, overrides)
+        shape = layout(tr)
+        hist = tr.train()
+        w = weights(tr)
+        if dist.get_rank() == 0:
+            rows = [{k: h[k] for k in KEEP if k in h} for h in hist]
+            torch.save({"hist": rows, "weights": w, "layout": shape}, out / f"{name}.pt")
+    dist.destroy_process_group()
+
+
+# -- the tests (pytest process) ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def launch(tmp_path_factory):
+    out = tmp_path_factory.mktemp("janus_dist")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    start = time.perf_counter()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    cmd += ["--standalone", __file__, str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    took = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    print(f"2-rank launch: {took:.1f} s")
+    return out
+
+
+_REFS: dict = {}
+
+
+def reference(name, tmp_path_factory):
+    """The one-process run of a scenario (same global batch), computed once."""
+    if name not in _REFS:
+        run_dir = tmp_path_factory.mktemp(name)
+        tr = make(run_dir, name, one_process(SCENARIOS[name][2]))
+        hist = tr.train()
+        _REFS[name] = (hist, weights(tr), run_dir)
+    return _REFS[name]
+
+
+def without_tied_copies(w: dict, got: dict) -> dict:
+    """One-process state dicts name a tied tensor twice (lm_head = text embeddings); the
+    gathered FSDP2 one once: keep the names it has, after checking the rest are those copies."""
+    extra = set(w) - set(got)
+    assert extra <= {"model.language_model.embed_tokens.weight"}, extra
+    return {k: v for k, v in w.items() if k in got}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_two_ranks_equal_one_process(launch, tmp_path_factory, name):
+    """Per-step losses, KL, entropy, grad norms and rewards and the final weights of the 2-rank
+    run equal the one-process run with the same global batch (tolerances of test_distributed)."""
+    hist, w, _ = reference(name, tmp_path_factory)
+    got = torch.load(launch / f"{name}.pt")
+    assert_same_run(got, hist, without_tied_copies(w, got["weights"]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["janus_fsdp2", "janus_fsdp2_generation"])
+def test_fsdp2_shards_the_language_model_layers_and_keeps_frozen_parts_whole(launch, name):
+    """Units: the Llama decoder layers of the language model and the root (not the vision
+    tower's encoder layers, the first `layers` list in Janus' module order). Frozen parts
+    outside the layers (vision tower, VQ, text embeddings tied to lm_head) are plain replicated
+    tensors; the trained parts outside the layers belong to the sharded root."""
+    shape = torch.load(launch / f"{name}.pt")["layout"]
+    layers = [f"model.model.language_model.layers.{i}" for i in range(2)]
+    assert shape["units"] == ["", *layers]  # "" = the ScoreNet root around the model
+    sharded, whole = set(shape["sharded"]), set(shape["whole"])
+    assert any(n.startswith("model.language_model.layers.") for n in sharded)
+    assert any(n.startswith("model.generation_head.") for n in sharded)
+    assert not any(n.startswith(("model.vision_model.", "model.vqmodel.")) for n in sharded)
+    assert {"model.language_model.embed_tokens.weight"} <= whole
+    assert any(n.startswith("model.vqmodel.") for n in whole)
+    norm = "model.language_model.norm.weight"  # trained with the language model, else frozen
+    assert (norm in sharded) == (name == "janus_fsdp2")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["janus_fsdp2", "janus_fsdp2_generation", "janus_ddp"])
+def test_only_the_configured_janus_parts_trained(launch, name):
+    """From the same initial weights, the 2-rank run changed only `[janus_t2i] train`'s parts:
+    the generation head moved (and the language model's layers, when trained); the vision
+    tower, the VQ and the understanding head tied to the text embeddings stayed bitwise."""
+    _, parts, _ = SCENARIOS[name]
+    init = tiny_janus(seed=1)
+    names = set(janus_trainable(init, *([parts] if parts else [])))
+    got = torch.load(launch / f"{name}.pt")["weights"]
+    before = init.state_dict()
+    changed = {n for n, v in got.items() if not torch.equal(v, before[n])}
+    assert changed <= names, sorted(changed - names)
+    assert any(n.startswith("model.generation_head.") for n in changed)
+    lm = any(n.startswith("model.language_model.layers.") for n in changed)
+    assert lm == (parts is None)
+    for frozen in ("model.vision_model.", "model.vqmodel.", "model.aligner.", "lm_head."):
+        assert not any(n.startswith(frozen) for n in changed), frozen
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["janus_fsdp2", "emu3_fsdp2"])
+def test_fsdp2_checkpoint_is_the_one_process_checkpoint(launch, tmp_path_factory, name):
+    """The step-2 model.safetensors written by rank 0 under FSDP2 (gathered) holds every tensor
+    of the one-process checkpoint (vision tower and VQ included) with its values."""
+    _, _, run_dir = reference(name, tmp_path_factory)
+    a = load_tensors(latest_checkpoint(launch / name) / "model.safetensors")
+    b = load_tensors(latest_checkpoint(run_dir) / "model.safetensors")
+    assert set(a) == set(b)
+    assert any(k.startswith("model.vqmodel.") for k in a)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+
+
+if __name__ == "__main__":
+    worker(Path(sys.argv[1]))
