@@ -51,8 +51,18 @@ BASE = [
 # name -> (family, trained parts (Janus), overrides)
 SCENARIOS: dict[str, tuple[str, list[str] | None, list[str]]] = {
     "janus_fsdp2": ("janus", None, ["trainer.strategy=fsdp2"]),
-    "janus_fsdp2_generation": ("janus", ["generation"], ["trainer.strategy=fsdp2"]),
-    "janus_ddp": ("janus", None, ["trainer.strategy=ddp"]),
+    "janus_fsdp2_generation": (  # + TR-DPO soft sync: the sharded reference mixed in place
+        "janus",
+        ["generation"],
+        [
+            "trainer.strategy=fsdp2",
+            "algorithm.reference_refresh=soft",
+            "algorithm.reference_sync_every=1",
+            "algorithm.reference_mix_alpha=0.5",
+        ],
+    ),  # fmt: skip
+    # "vision": named, but the text-to-image forward never reaches it (DDP must allow that)
+    "janus_ddp": ("janus", ["generation", "language_model", "vision"], ["trainer.strategy=ddp"]),
     "emu3_fsdp2": ("emu3", None, ["trainer.strategy=fsdp2", "algorithm.grpo_iters=2"]),
 }
 EMU3_GRID = (2, 3)
@@ -183,7 +193,8 @@ def test_fsdp2_shards_the_language_model_layers_and_keeps_frozen_parts_whole(lau
 def test_only_the_configured_janus_parts_trained(launch, name):
     """From the same initial weights, the 2-rank run changed only `[janus_t2i] train`'s parts:
     the generation head moved (and the language model's layers, when trained); the vision
-    tower, the VQ and the understanding head tied to the text embeddings stayed bitwise."""
+    tower (named in janus_ddp, but no gradient reaches it), the VQ and the understanding head
+    tied to the text embeddings stayed bitwise."""
     _, parts, _ = SCENARIOS[name]
     init = tiny_janus(seed=1)
     names = set(janus_trainable(init, *([parts] if parts else [])))
@@ -193,7 +204,7 @@ def test_only_the_configured_janus_parts_trained(launch, name):
     assert changed <= names, sorted(changed - names)
     assert any(n.startswith("model.generation_head.") for n in changed)
     lm = any(n.startswith("model.language_model.layers.") for n in changed)
-    assert lm == (parts is None)
+    assert lm == (parts is None or "language_model" in parts)
     for frozen in ("model.vision_model.", "model.vqmodel.", "model.aligner.", "lm_head."):
         assert not any(n.startswith(frozen) for n in changed), frozen
 
