@@ -105,6 +105,31 @@ def layout(tr: Trainer) -> dict:
     }
 
 
+# -- in-process pieces ---------------------------------------------------------------------------
+def test_decoder_layers_are_the_model_calls_and_frozen_parts_stay_whole():
+    """Janus' first `layers` list is its vision tower's; the adapter's model call leads to the
+    language model's. Frozen non-layer parameters (one name per tied tensor) are kept whole."""
+    from grpo_ar.parallel.fsdp import decoder_layers, frozen_outside
+
+    cfg = load_config(None, [])
+    model, ad = build("janus", None, cfg)
+    assert decoder_layers(model)[0] is model.model.vision_model.encoder.layers[0]
+    layers = decoder_layers(model, ad)
+    assert layers == list(model.model.language_model.layers)
+    whole = frozen_outside(model, layers)
+    assert {n.split(".")[1] for n in whole} == {
+        "vision_model",
+        "aligner",
+        "vqmodel",
+        "language_model",
+    }
+    assert [n for n in whole if n.startswith("model.language_model.")] == [
+        "model.language_model.embed_tokens.weight"  # = lm_head.weight, frozen by default
+    ]
+    janus_trainable(model, ["generation"])  # the layers frozen too: still sharded, not whole
+    assert frozen_outside(model, layers) - whole == {"model.language_model.norm.weight"}
+
+
 # -- the worker (every rank) ----------------------------------------------------------------------
 def worker(out: Path) -> None:
     import torch.distributed as dist

@@ -55,6 +55,7 @@ ADAPTER_LIMITS = {
 
 
 def refusal(what: str, why: str) -> ConfigError:
+    """The one start-up error for something the engine cannot sample, with the way out."""
     return ConfigError(
         f'rollout.backend = "vllm" cannot sample {what}: {why}; use rollout.backend = "builtin"'
     )
