@@ -22,10 +22,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from test_distributed import KEEP, assert_same_run, one_process, weights  # noqa: E402
+from test_distributed import (  # noqa: E402
+    KEEP,
+    assert_same_run,
+    copy_checkpoint,
+    one_process,
+    weights,
+)
 from test_janus import PROMPTS, janus_tokenizer, tiny_janus  # noqa: E402
-from vocab_models import emu3_tokenizer, tiny_emu3  # noqa: E402
+from vocab_models import (  # noqa: E402
+    chameleon_tokenizer,
+    emu3_tokenizer,
+    tiny_chameleon,
+    tiny_emu3,
+)
 
+from grpo_ar.adapters.chameleon import ChameleonAdapter, ChameleonVQ, chameleon_decoder  # noqa: E402
 from grpo_ar.adapters.emu3 import Emu3ImageAdapter  # noqa: E402
 from grpo_ar.adapters.janus import JanusT2IAdapter, janus_trainable  # noqa: E402
 from grpo_ar.adapters.vq import Emu3VQ  # noqa: E402
@@ -41,7 +53,7 @@ BASE = [
     "trainer.lr=1e-2",
     # Adam eps: the default 1e-8 turns fp32 noise in ~0 gradients into O(lr) weight differences
     "trainer.optimizer_args={eps: 1e-4}",
-    "trainer.save_every=2",
+    "trainer.save_every=1",
     "algorithm.group_size=4",
     "algorithm.beta=0.04",  # a frozen reference, sharded like the policy under FSDP2
     "sampling.cfg_scale=3.0",  # two forwards (cond, uncond) per FSDP2 training forward
@@ -64,8 +76,10 @@ SCENARIOS: dict[str, tuple[str, list[str] | None, list[str]]] = {
     # "vision": named, but the text-to-image forward never reaches it (DDP must allow that)
     "janus_ddp": ("janus", ["generation", "language_model", "vision"], ["trainer.strategy=ddp"]),
     "emu3_fsdp2": ("emu3", None, ["trainer.strategy=fsdp2", "algorithm.grpo_iters=2"]),
+    # lr as in test_distributed: at 1e-2 fp32 summation order alone moves a weight by 1.2e-6
+    "chameleon_fsdp2": ("chameleon", None, ["trainer.strategy=fsdp2", "trainer.lr=3e-3"]),
 }
-EMU3_GRID = (2, 3)
+GRID = (2, 3)  # Emu3 / Chameleon code grids
 
 
 def build(family: str, parts: list[str] | None, cfg):
@@ -74,10 +88,17 @@ def build(family: str, parts: list[str] | None, cfg):
         model = tiny_janus(seed=1)
         janus_trainable(model, *([parts] if parts else []))
         return model, JanusT2IAdapter(model, janus_tokenizer(), cfg.sampling)
+    if family == "chameleon":  # its VQ inside the model, its pixel decoder beside it
+        tok = chameleon_tokenizer()
+        model = tiny_chameleon(tok, seed=3)
+        torch.manual_seed(1)
+        decoder = chameleon_decoder(model.model.vqmodel.config)
+        vq = ChameleonVQ(model.model.vqmodel, decoder)
+        return model, ChameleonAdapter(model.config.vocabulary_map, tok, vq, cfg.sampling, GRID)
     tok = emu3_tokenizer()
     model = tiny_emu3(tok, seed=3)
     vq = Emu3VQ(model.model.vqmodel)
-    return model, Emu3ImageAdapter(model.config.vocabulary_map, tok, vq, cfg.sampling, EMU3_GRID)
+    return model, Emu3ImageAdapter(model.config.vocabulary_map, tok, vq, cfg.sampling, GRID)
 
 
 def make(run_dir: Path, name: str, overrides: list[str]) -> Trainer:
@@ -136,14 +157,24 @@ def worker(out: Path) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    for name, (_, _, overrides) in SCENARIOS.items():
-        tr = make(out / name, name, overrides)
+
+    def run(name: str, scenario: str, resume: bool = False) -> None:
+        tr = make(out / name, scenario, SCENARIOS[scenario][2])
         shape = layout(tr)
+        if resume:
+            tr.resume()
         hist = tr.train()
         w = weights(tr)
         if dist.get_rank() == 0:
             rows = [{k: h[k] for k in KEEP if k in h} for h in hist]
             torch.save({"hist": rows, "weights": w, "layout": shape}, out / f"{name}.pt")
+
+    for name in SCENARIOS:
+        run(name, name)
+    if dist.get_rank() == 0:  # FSDP2's own step-1 checkpoint, loaded back into sharded ranks
+        copy_checkpoint(out / "janus_fsdp2", 1, out / "janus_fsdp2_resumed")
+    dist.barrier()
+    run("janus_fsdp2_resumed", "janus_fsdp2", resume=True)
     dist.destroy_process_group()
 
 
@@ -235,7 +266,23 @@ def test_only_the_configured_janus_parts_trained(launch, name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["janus_fsdp2", "emu3_fsdp2"])
+def test_fsdp2_janus_checkpoint_resumes_in_fsdp2_and_in_one_process(
+    launch, tmp_path, tmp_path_factory
+):
+    """FSDP2's step-1 checkpoint (gathered weights, optimizer moments, a reference whose
+    frozen parts are whole) resumed by 2 sharded ranks and by one process: step 2 and the final
+    weights are the uninterrupted one-process run's."""
+    hist, w, _ = reference("janus_fsdp2", tmp_path_factory)
+    got = torch.load(launch / "janus_fsdp2_resumed.pt")
+    assert_same_run(got, hist, without_tied_copies(w, got["weights"]), start=1)
+    copy_checkpoint(launch / "janus_fsdp2", 1, tmp_path / "run")
+    tr = make(tmp_path / "run", "janus_fsdp2", one_process(SCENARIOS["janus_fsdp2"][2]))
+    tr.resume()
+    assert_same_run({"hist": tr.train(), "weights": weights(tr)}, hist, w, start=1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["janus_fsdp2", "emu3_fsdp2", "chameleon_fsdp2"])
 def test_fsdp2_checkpoint_is_the_one_process_checkpoint(launch, tmp_path_factory, name):
     """The step-2 model.safetensors written by rank 0 under FSDP2 (gathered) holds every tensor
     of the one-process checkpoint (vision tower and VQ included) with its values."""
