@@ -217,8 +217,8 @@ class VllmBackend:
 
 
 def build_vllm_backend(rcfg: Any, adapter: Any, model: Any, finetune: Any, cfg: Any) -> VllmBackend:
-    """The backend of `[rollout]`: its sampling checked first, then the engine started
-    (colocate) or the server reached and checked to serve this model (server)."""
+    """The backend of `[rollout]`: the adapter's model call and sampling checked first, then
+    the engine started (colocate) or the server reached and checked to serve this model."""
     params = adapter.sampling
     check_adapter(adapter)
     dtype = rcfg.engine_dtype(cfg.model.compute_dtype)  # bf16-mixed: a bf16 engine
