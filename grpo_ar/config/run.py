@@ -344,6 +344,10 @@ class Config:
                 raise ConfigError(f"{e} (algorithm.group_size)") from None
         if self.environment.enabled:
             self._check_multiturn()
+        if self.rollout.backend == "vllm":  # before any model or engine loads
+            from ..generation.vllm_backend import check_config
+
+            check_config(self)
 
     def _check_multiturn(self) -> None:
         """[environment] runs multi-turn text rollouts: a text model, sampling they support."""

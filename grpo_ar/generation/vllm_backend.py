@@ -34,6 +34,55 @@ def draw_seed(generator: torch.Generator | None) -> int:
     return int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device))
 
 
+# model.adapter -> why a vLLM engine cannot sample it as the built-in sampler does. Known from
+# the name alone, so `load_config` refuses such a run before its model loads (`check_config`);
+# `build_vllm_backend` checks any built adapter again, by its model call and sampling.
+ADAPTER_LIMITS = {
+    "janus_t2i": (
+        'its model call "janus_image" draws image codes through Janus\' generation embeddings, '
+        "aligner and head, which a vLLM engine does not run (it samples a causal LM's own head)"
+    ),
+    "chameleon": (
+        "its image layout forces tokens at fixed positions (sampling.position_ranges), which "
+        "needs a vLLM logits processor that grpo_ar does not ship, and vLLM's Chameleon sets "
+        "every image token's logit to the minimum"
+    ),
+    "emu3": (
+        "its image layout forces tokens at fixed positions (sampling.position_ranges), which "
+        "needs a vLLM logits processor that grpo_ar does not ship"
+    ),
+}
+
+
+def refusal(what: str, why: str) -> ConfigError:
+    """The one start-up error for something the engine cannot sample, with the way out."""
+    return ConfigError(
+        f'rollout.backend = "vllm" cannot sample {what}: {why}; use rollout.backend = "builtin"'
+    )
+
+
+def check_config(cfg: Any) -> None:
+    """Refuse a `[rollout] backend = "vllm"` run whose model.adapter the engine cannot sample
+    (`ADAPTER_LIMITS`), from its config alone; the sampling is checked on the adapter's own
+    parameters when the backend is built (`check_adapter`)."""
+    why = ADAPTER_LIMITS.get(cfg.model.adapter)
+    if why is not None:
+        raise refusal(f'model.adapter = "{cfg.model.adapter}"', why)
+
+
+def check_adapter(adapter: Any) -> None:
+    """Refuse a built adapter whose model call is not the causal LM's own forward (the one
+    call a vLLM engine runs), then its sampling (`check_sampling`)."""
+    call = getattr(adapter, "call_name", "causal_lm")
+    if call != "causal_lm":
+        raise refusal(
+            f"with {type(adapter).__name__}",
+            f'its model call "{call}" is not a causal LM\'s own forward, the one call a vLLM '
+            "engine runs",
+        )
+    check_sampling(adapter.sampling)
+
+
 def check_sampling(params: SamplingParams) -> None:
     """Refuse, before anything loads, what vLLM cannot sample as grpo_ar defines it."""
     if params.uses_cfg:
@@ -168,10 +217,10 @@ class VllmBackend:
 
 
 def build_vllm_backend(rcfg: Any, adapter: Any, model: Any, finetune: Any, cfg: Any) -> VllmBackend:
-    """The backend of `[rollout]`: its sampling checked first, then the engine started
-    (colocate) or the server reached and checked to serve this model (server)."""
+    """The backend of `[rollout]`: the adapter's model call and sampling checked first, then
+    the engine started (colocate) or the server reached and checked to serve this model."""
     params = adapter.sampling
-    check_sampling(params)
+    check_adapter(adapter)
     dtype = rcfg.engine_dtype(cfg.model.compute_dtype)  # bf16-mixed: a bf16 engine
     if rcfg.vllm_mode == "server":
         from .vllm_server import ServerClient

@@ -363,8 +363,14 @@ class DDPParallel(DataParallel):
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         super().setup(model, adapter, reference)
+        # a model call other than the causal LM's runs part of the model (Janus' generation
+        # path): a trained parameter it never reaches (`[janus_t2i] train` naming "vision") gets
+        # no gradient, which DDP allows only when it looks for such parameters in each backward
+        partial = adapter.call_name != "causal_lm"
         # no buffer broadcast: ranks may run different numbers of forwards (token budgets)
-        self.net = DDP(ScoreNet(model, adapter), broadcast_buffers=False)
+        self.net = DDP(
+            ScoreNet(model, adapter), broadcast_buffers=False, find_unused_parameters=partial
+        )
         return reference
 
     def score(self, rollout: Rollout, with_entropy: bool = True) -> tuple[Tensor, Any]:

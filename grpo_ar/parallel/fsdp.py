@@ -1,6 +1,12 @@
 """FSDP2 (`fully_shard`) data parallelism: each decoder layer is a unit, the rest (embeddings,
 final norm, LM head) belongs to a `ScoreNet` root whose forward is the training forward.
 
+The decoder layers are those of the transformer the adapter's model call runs (`attn_module`:
+Janus' language model, not its vision tower). Frozen parameters outside those layers (Janus'
+vision tower and text embeddings, the VQ inside Janus / Chameleon / Emu3) are left out of the
+root (`ignored_params`): each rank keeps them whole, they need no gradient reduction, and the VQ
+decodes sampled codes after the sampling window, where a sharded one would be a DTensor.
+
 Every FSDP2 forward all-gathers, so all ranks must run the same number of them. The sampler
 does not (a rank stops when its rows end): sampling and evaluation run with every module
 unsharded once around them, with no collective inside. Training forwards are one per
@@ -47,14 +53,16 @@ _LAYER_LISTS = ("layers", "h", "blocks", "block")
 _T = TypeVar("_T", Tensor, None)  # pad keeps None as None and a tensor a tensor
 
 
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The decoder blocks (the first ModuleList named layers / h / blocks / block)."""
-    for name, m in model.named_modules():
+def decoder_layers(model: nn.Module, adapter: Adapter | None = None) -> list[nn.Module]:
+    """The decoder blocks (the first ModuleList named layers / h / blocks / block) of the
+    transformer `adapter`'s model call runs (its `attn_module`), else of `model`."""
+    body = model if adapter is None else adapter.model_call(model).attn_module
+    for name, m in body.named_modules():
         if isinstance(m, nn.ModuleList) and len(m) and name.rsplit(".", 1)[-1] in _LAYER_LISTS:
             return list(m)
     raise ConfigError(
         f"trainer.strategy=fsdp2: no decoder layer list ({', '.join(_LAYER_LISTS)}) found in "
-        f"{type(model).__name__}; use strategy=ddp"
+        f"{type(body).__name__}; use strategy=ddp"
     )
 
 
@@ -68,25 +76,40 @@ def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32)
 
 
-def shard(model: nn.Module, adapter: Adapter, mesh: Any, precision: str = "fp32") -> FSDPModule:
-    """fully_shard each decoder layer, then a ScoreNet root over the model; lazily initialised
-    here so the root is the root even when a layer runs first (sampling)."""
+def frozen_outside(model: nn.Module, layers: list[nn.Module]) -> set[str]:
+    """Names of the frozen parameters outside `layers` (each tied tensor under one name)."""
+    inside = {id(p) for layer in layers for p in layer.parameters()}
+    return {n for n, p in model.named_parameters() if not p.requires_grad and id(p) not in inside}
+
+
+def shard(
+    model: nn.Module, adapter: Adapter, mesh: Any, precision: str = "fp32",
+    whole: set[str] | None = None,
+) -> FSDPModule:  # fmt: skip
+    """fully_shard each decoder layer, then a ScoreNet root over the model without the
+    parameters named in `whole` (default: `frozen_outside` the layers; a reference passes the
+    policy's, so both have one layout); lazily initialised here so the root is the root even
+    when a layer runs first (sampling)."""
     policy = mixed_precision_policy(precision)
-    for layer in decoder_layers(model):
+    layers = decoder_layers(model, adapter)
+    whole = frozen_outside(model, layers) if whole is None else whole
+    for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
-    root = fully_shard(ScoreNet(model, adapter), mesh=mesh, mp_policy=policy)
+    kept = {p for n, p in model.named_parameters() if n in whole}
+    root = fully_shard(
+        ScoreNet(model, adapter), mesh=mesh, mp_policy=policy, ignored_params=kept or None
+    )
     root._get_fsdp_state()._lazy_init()  # noqa: SLF001 - no public way to fix the root
     return root
 
 
 def _dedupe_tied(model: nn.Module, sd: Mapping[str, Any]) -> dict[str, Tensor]:
-    """One name per tied parameter (the loaders fill the others in)."""
-    seen: dict[int, str] = {}
-    drop = set()
+    """One name per tied parameter, the one safetensors' `save_model` keeps in one process
+    (the first in sorted order), so both write the same keys; the loaders fill the others in."""
+    groups: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in seen:
-            drop.add(name)
-        seen.setdefault(id(p), name)
+        groups.setdefault(id(p), []).append(name)
+    drop = {n for names in groups.values() for n in sorted(names)[1:]}
     return {k: v for k, v in sd.items() if k not in drop}
 
 
@@ -193,11 +216,12 @@ class FSDP2Parallel(DataParallel):
         device = next(model.parameters()).device
         mesh = init_device_mesh(device.type, (self.size,))
         precision = getattr(self, "precision", "fp32")  # check(cfg) sets it, before setup
-        self.root = shard(model, adapter, mesh, precision)
+        whole = frozen_outside(model, decoder_layers(model, adapter))
+        self.root = shard(model, adapter, mesh, precision, whole)
         self.units = [m for m in self.root.modules() if isinstance(m, FSDPModule)]  # type: ignore[attr-defined]
         if reference is None:
             return None
-        ref_root = shard(reference.model, adapter, mesh, precision)
+        ref_root = shard(reference.model, adapter, mesh, precision, whole)
         return ShardedReference(reference, ref_root)
 
     def score(self, rollout: Rollout, with_entropy: bool = True) -> tuple[Tensor, Any]:
