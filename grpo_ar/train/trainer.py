@@ -33,6 +33,7 @@ from ..generation.backends import (
     record_sampler_gap,
     with_rollout_defaults,
 )
+from ..generation.packing import set_packing
 from ..io.data import PromptSampler
 from ..io.run_files import append_metrics, append_samples, progress
 from ..io.trackers import Trackers, start_trackers
@@ -126,6 +127,9 @@ class Trainer:
             self.refresh.check(self.reference)  # e.g. an inexact TR-DPO mix, before any step
         self.entropy = entropy_controller(a)
         self.reference = self.dist.setup(self.model, adapter, self.reference)
+        frozen = self.reference.module() if self.reference is not None else None
+        for net in (self.model, frozen) if frozen is not None else (self.model,):
+            set_packing(net, t.packing)  # the scoring passes' completion layout
         self.optimizer = build_optimizer(self.model, t)
         self.scheduler = build_scheduler(self.optimizer, t, total=t.steps * a.grpo_iters)
         self.step = 0
