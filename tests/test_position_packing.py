@@ -184,3 +184,21 @@ def test_the_trainer_scores_with_its_configured_layout(tmp_path, monkeypatch):
     modules = {id(call.module) for call in ran}
     assert id(tr.model.model) in modules  # the policy's body (fused head)
     assert id(tr.reference.module().model) in modules  # the frozen copy's
+
+
+def test_position_packing_needs_no_cache_so_it_packs_under_gradient_checkpointing(monkeypatch):
+    """Checkpointed training drops the KV cache, so the 4D-mask layout (after a shared prompt
+    cache) cannot run; the position-id layout can."""
+    ran = []
+    real = scoring.position_packed
+    monkeypatch.setattr(scoring, "position_packed", lambda *a: ran.append(1) or real(*a))
+    model = tiny_llama(vocab_size=80)
+    params = PARAMS["eos_top_p"]
+    r = _rollout(model, params)
+    want = _grads(model, r, params, share_prefix=False, pack=False)
+    model.gradient_checkpointing_enable()
+    model.train()
+    assert not scoring.can_share_prefix(model)
+    set_packing(model, "position_ids")
+    _check(_grads(model, r, params), want)
+    assert ran
