@@ -184,3 +184,25 @@ def test_adapter_finetunes_do_not_take_the_built_weights(method):
     model = tiny_llama(vocab_size=40, seed=3)
     ft = build_finetune(model, FinetuneConfig(method=method, target_modules=("q_proj",)), False)
     assert fast_step_for(ft.model, 8) is None
+
+
+def test_evaluation_never_reads_the_backends_weights(tmp_path):
+    """Evaluation samples outside the backend: with the backend's store deliberately stale
+    it still equals an evaluation of an independent copy of the current weights."""
+    import copy
+
+    from grpo_ar.train.evaluation import evaluate_rewards
+
+    tr = _trainer(tmp_path)
+    tr.train_step()  # the store holds version 0's copies; the weights are version 1
+    tr.backend.sync(tr.model, 0)
+    builds = tr.backend.weights.builds
+    entries = tr.train_entries[:4]
+    got = tr.evaluate(entries, greedy=False, samples=3)
+    twin = copy.deepcopy(tr.model)
+    kw = dict(greedy=False, samples=3, batch_size=tr.cfg.data.eval_batch_size, seed=0, step=1)
+    want = evaluate_rewards(twin, tr.adapter, tr.rewards, entries, **kw)
+    assert got == want and tr.backend.weights.builds == builds
+    with reusing(tr.backend.weights):  # power: an evaluation that read the store differs
+        stale = evaluate_rewards(tr.model, tr.adapter, tr.rewards, entries, **kw)
+    assert stale != want
