@@ -8,7 +8,9 @@ wider than the longest one, after the prompt's cache, under a 4D mask (each toke
 prompt and its own completion). `time_ratio` = packed / padded (lower is better),
 `max_abs_err` the largest |Δ log-prob|, `grad_rel_err` max |Δ grad| / max |grad| over all
 parameters (fp32; the fp64 equality is tested in tests/test_speed_paths.py). The completions are
-sampled by grpo_ar from the bench prompts.
+sampled by grpo_ar from the bench prompts. `pos_*`: the position-id layout (`pack="position_ids"`:
+full sequences in one row, positions restarting, no mask; flash-attention's cu_seqlens layout,
+here run under sdpa, which builds a dense block-causal mask from the positions) against padded.
 """
 
 from __future__ import annotations
@@ -40,16 +42,18 @@ def main() -> None:
     w = torch.randn(cmask.shape, generator=torch.Generator().manual_seed(1))
     model.train()
 
-    def run(packed: bool):
+    def run(packed: bool | str):
         model.zero_grad(set_to_none=True)
         logp, _ = token_logprobs(model, rollout, params, pack=packed)
         (logp * w).sum().backward()
         return logp.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
-    (lp_a, g_a), (lp_b, g_b) = run(False), run(True)
-    err = float((lp_a - lp_b).abs().max())
+    (lp_a, g_a), (lp_b, g_b), (lp_c, g_c) = run(False), run(True), run("position_ids")
+    err, pos_err = float((lp_a - lp_b).abs().max()), float((lp_a - lp_c).abs().max())
     g_err = max(float((a - b).abs().max() / a.abs().max().clamp(min=1e-30)) for a, b in
                 zip(g_a, g_b))  # fmt: skip
+    pos_g_err = max(float((a - c).abs().max() / a.abs().max().clamp(min=1e-30)) for a, c in
+                    zip(g_a, g_c))  # fmt: skip
     prompt_tok = int(mask.sum())
     need = (lens - 1).clamp(min=0).tolist()  # the first output of each comes from its prompt
     padded = prompt_tok + len(need) * max(need)
@@ -61,9 +65,11 @@ def main() -> None:
         f"tokens run: padded {padded}, packed {packed}; load {load()}"
     )
     print(f"  max |Δ log-prob| {err:.2e}, max relative |Δ grad| {g_err:.2e}")
+    print(f"  position ids: max |Δ log-prob| {pos_err:.2e}, max relative |Δ grad| {pos_g_err:.2e}")
     cpu: dict = {}
-    times = interleaved({"padded": lambda: run(False), "packed": lambda: run(True)},
-                        args.repeats, cpu)  # fmt: skip
+    fns = {"padded": lambda: run(False), "packed": lambda: run(True),
+           "pos_ids": lambda: run("position_ids")}  # fmt: skip
+    times = interleaved(fns, args.repeats, cpu)
     for k, ts in times.items():
         print(
             f"  {k:7s} fwd+bwd median {median(ts):7.3f} s ({', '.join(f'{t:.2f}' for t in ts)});"
@@ -77,6 +83,11 @@ def main() -> None:
         grad_rel_err=g_err,
         tokens_padded=padded,
         tokens_packed=packed,
+        pos_time_ratio=median(times["pos_ids"]) / median(times["padded"]),
+        pos_cpu_ratio=median(cpu["pos_ids"]) / median(cpu["padded"]),
+        pos_max_abs_err=pos_err,
+        pos_grad_rel_err=pos_g_err,
+        tokens_pos_ids=int(mask[rollout.prompt_index].sum()) + sum(need),
     )
 
 

@@ -39,7 +39,8 @@ from common import (
 )
 
 from grpo_ar.adapters.text import TextAdapter
-from grpo_ar.generation.decode_step import Decoder
+from grpo_ar.generation.decode_step import Decoder, fast_step_for
+from grpo_ar.generation.decode_weights import DecodeWeights, reusing
 from grpo_ar.generation.params import SamplingParams
 from grpo_ar.types import Entry
 
@@ -112,8 +113,33 @@ def bench(name: str, args) -> dict[str, float]:
         f"  prefill: shared {median(pre['shared']) * 1e3:.1f} ms, repeated x{g} "
         f"{median(pre['repeated']) * 1e3:.1f} ms, ratio {pre_ratio:.3f} (1/G = {1 / g:.3f})"
     )
+    build = weight_build(model, adapter, pb.input_ids.shape[1] + max_new, args.repeats)
+    print(
+        f"  decode weights: built {build['build_ms']:.1f} ms per sample call (CPU "
+        f"{build['build_cpu_ms']:.1f} ms), reused {build['reused_ms']:.2f} ms (one call "
+        f"{median(times['grpo_ar']):.3f} s)"
+    )
     return {"ratio": ratio, "prefill": pre_ratio, "tps": median(tps["grpo_ar"]),
-            "hf_tps": median(tps["hf_generate"]), "cpu_ratio": cpu_ratio}  # fmt: skip
+            "hf_tps": median(tps["hf_generate"]), "cpu_ratio": cpu_ratio, **build}  # fmt: skip
+
+
+def weight_build(model, adapter, capacity: int, repeats: int) -> dict[str, float]:
+    """FastStep's weight copies (fused q/k/v and gate/up, transposed on the CPU) taken for a
+    sample call: built (every call outside the trainer's backend, and the first call of each
+    weights version in it) vs reused from a `DecodeWeights` store of one version."""
+    call = adapter.model_call(model)
+    store = DecodeWeights()
+    store.set_version(0)
+
+    def reused():
+        with reusing(store):
+            fast_step_for(call, capacity)
+
+    cpu: dict = {}
+    fns = {"build": lambda: fast_step_for(call, capacity), "reused": reused}
+    t = interleaved(fns, repeats, cpu)
+    return {"build_ms": median(t["build"]) * 1e3, "reused_ms": median(t["reused"]) * 1e3,
+            "build_cpu_ms": median(cpu["build"]) * 1e3}  # fmt: skip
 
 
 VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
@@ -193,6 +219,11 @@ def main() -> None:
         vllm_tokens_per_s=vl["tps"],
         vllm_start_s=vl["start_s"],
         tiny_prefill_ratio=tiny["prefill"],
+        tiny_weight_build_ms=tiny["build_ms"],
+        tiny_weight_reused_ms=tiny["reused_ms"],
+        smol_weight_build_ms=smol["build_ms"],
+        smol_weight_reused_ms=smol["reused_ms"],
+        smol_weight_build_cpu_ms=smol["build_cpu_ms"],
         tiny_tokens_per_s=tiny["tps"],
         tiny_hf_tokens_per_s=tiny["hf_tps"],
         smol_tokens_per_s=smol["tps"],

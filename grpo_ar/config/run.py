@@ -196,6 +196,11 @@ class TrainerConfig:
     micro_batch_tokens: int = 0
     """Token budget per micro-batch (rows x trimmed prompt+completion width; whole groups,
     longest first); replaces grad_accum's equal split when > 0. The loss is unchanged."""
+    packing: str = "auto"
+    """Completion layout of the scoring passes: mask (completions back to back after the shared
+    prompt's KV cache under a 4D mask: sdpa, eager), position_ids (full sequences in one row,
+    position ids restarting, no mask: flash-attention's cu_seqlens path), off (padded rows), or
+    auto (position_ids under a flash kernel, else mask). Checked against padding once per model."""
     strategy: str = "auto"
     """Data parallelism under torchrun: none, ddp, fsdp2 (fully_shard per decoder layer), or
     auto (ddp with several processes, else none). grad_accum splits each rank's share."""
@@ -228,6 +233,10 @@ class TrainerConfig:
         for key in _ZERO_MEANS:
             v = getattr(self, key)
             _need(v >= 0, f"trainer.{key}={v}: need >= 0 (0 = {_ZERO_MEANS[key]})")
+        _need(
+            self.packing in ("auto", "mask", "position_ids", "off"),
+            f"trainer.packing={self.packing!r}: use auto, mask, position_ids or off",
+        )
         _need(
             self.strategy in ("auto", "none", "ddp", "fsdp2"),
             f"trainer.strategy={self.strategy!r}: use auto, none, ddp, fsdp2",

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..core.registry import Registry
 from ..types import PromptBatch, Rollout
+from .decode_weights import DecodeWeights, reusing
 from .params import SamplingParams
 
 
@@ -38,7 +39,9 @@ class RolloutBackend(Protocol):
         """G completions per prompt, groups contiguous, `sampling_logp` recorded."""
 
     def sync(self, model: Any, version: int) -> None:
-        """Make the policy of `version` (optimizer updates so far) the one sampled from next."""
+        """Make the policy of `version` the one sampled from next. The trainer's
+        `weights_version` changes whenever the weights do (optimizer step, checkpoint load),
+        so what a backend built from one version is current exactly while it is pushed."""
 
     def reset(self) -> None:
         """Drop cached state that the weights made (e.g. a prefix cache)."""
@@ -48,12 +51,16 @@ class RolloutBackend(Protocol):
 
 
 class BuiltinBackend:
-    """The adapter's own sampler: `adapter.sample`, with the trainer's model, as before."""
+    """The adapter's own sampler: `adapter.sample`, with the trainer's model, as before. Its
+    decode-step weights (`DecodeWeights`) are built once per weights version `sync` pushes:
+    sample calls of one version (dynamic-sampling rounds, ReMax's greedy pass) share them, a
+    new version rebuilds them; before the first `sync` every call builds its own."""
 
     name = "builtin"
 
     def __init__(self, adapter: Any) -> None:
         self.adapter = adapter
+        self.weights = DecodeWeights()
 
     def check(self, params: SamplingParams) -> None:
         return None  # the built-in sampler implements every SamplingParams option
@@ -62,13 +69,16 @@ class BuiltinBackend:
         self, model: Any, prompts: PromptBatch, group_size: int,
         generator: torch.Generator | None = None, greedy: bool = False,
     ) -> Rollout:  # fmt: skip
-        return self.adapter.sample(model, prompts, group_size, generator=generator, greedy=greedy)
+        with reusing(self.weights):
+            return self.adapter.sample(
+                model, prompts, group_size, generator=generator, greedy=greedy
+            )
 
     def sync(self, model: Any, version: int) -> None:
-        return None  # it samples with the trained module itself
+        self.weights.set_version(version)  # it samples with the trained module itself
 
     def reset(self) -> None:
-        return None
+        self.weights.set_version(None)  # no reuse until the next sync
 
     def close(self) -> None:
         return None

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .decode_weights import DecodeWeights, active_store, weight_sources
 from .model_call import CausalLMCall, ModelCall, as_call, positions
 from .params import SamplingParams
 
@@ -205,16 +206,16 @@ class FastStep:
 
     On CPU the step's weights are stored transposed ((in, out), contiguous): with the few rows
     of a decode step, `x @ Wt` ran 1.2-1.7x faster than `F.linear(x, W)` (MKL, SmolLM2 and the
-    tiny bench model's shapes; benchmarks/README.md). The copies are taken once per `sample`
-    call, so training updates between calls are always seen; elsewhere F.linear is used as is.
-    Under autocast (model.precision = *-mixed) they are taken in its dtype: the step reads
-    bf16 weights instead of casting fp32 ones at every token. (Not cached across calls: a
-    fused AdamW step does not bump the parameters' version counters, so a cache keyed on
-    them served stale weights.)
+    tiny bench model's shapes; benchmarks/README.md); elsewhere F.linear is used as is. Under
+    autocast (model.precision = *-mixed) they are taken in its dtype: the step reads bf16
+    weights instead of casting fp32 ones at every token. The copies are taken when the step is
+    built (once per `sample` call), or, given a `DecodeWeights` `store`, taken from it: built
+    once per weights version the trainer pushes (see `DecodeWeights`).
     """
 
-    def __init__(self, model: Any, capacity: int) -> None:
-        parts = as_call(model).fast_parts()
+    def __init__(self, model: Any, capacity: int, store: DecodeWeights | None = None) -> None:
+        call = as_call(model)
+        parts = call.fast_parts()
         if parts is None:
             raise ValueError(f"{type(model).__name__} has no Llama-style body for FastStep")
         body, self.embed, head = parts
@@ -227,8 +228,15 @@ class FastStep:
             if torch.is_autocast_enabled(device.type)
             else None
         )
-        self.head: Any = self._lin(head) if type(head) is nn.Linear else head
-        self.layers = self.build_layers(body)
+
+        def build() -> tuple[Any, list[tuple[Any, ...]]]:
+            return (self._lin(head) if type(head) is nn.Linear else head), self.build_layers(body)
+
+        key = (type(call), getattr(call, "hidden", False), self.transposed, self.dtype, device)
+        sources = () if store is None else weight_sources(body, head)
+        built = build() if store is None else store.get(key, body, sources, build)
+        self.head: Any = built[0]
+        self.layers: list[tuple[Any, ...]] = built[1]
         cos, sin = body.rotary_emb(x, torch.arange(capacity, device=device)[None])
         self.cos, self.sin = cos[0], sin[0]  # (capacity, hd)
 
@@ -294,11 +302,20 @@ def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
 
 
+def _sharded(module: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without distributed: nothing can be sharded
+        return False
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
 @torch.no_grad()
 def fast_step_for(model: Any, capacity: int) -> FastStep | None:
     """A FastStep when the model call has a Llama-style body (`ModelCall.fast_parts`) and one
     step of it reproduces the call's own `forward` (checked once per model and kind of call on
-    a left-padded 2-row input), else None. `model`: a model or a ModelCall."""
+    a left-padded 2-row input), else None. `model`: a model or a ModelCall. Inside
+    `reusing(store)` its weights come from `store`."""
     call = as_call(model)
     kind = (type(call), getattr(call, "hidden", False))
     if not isinstance(call.module, nn.Module):
@@ -313,7 +330,10 @@ def fast_step_for(model: Any, capacity: int) -> FastStep | None:
             with torch.autocast(device.type, enabled=False):  # an fp32 check
                 ok = _check(call)
         seen[kind] = ok
-    return FastStep(call, capacity) if ok else None
+    if not ok:
+        return None
+    store = active_store()
+    return FastStep(call, capacity, None if store is None or _sharded(call.module) else store)
 
 
 def _check(call: ModelCall) -> bool:

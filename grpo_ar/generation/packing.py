@@ -11,6 +11,14 @@ fewer bins than there are samples.
 The model must honour a custom 4D mask with a KV cache (HF `sdpa` takes it as bool, `eager` as
 an additive float mask). `packing_ok` checks that once per model on a small input against the
 padded path and falls back to padding otherwise.
+
+Varlen kernels (flash_attention_2/3: `cu_seqlens`) take no custom mask and cannot share a prefix:
+for them `position_packed` lays every sample's full sequence (its prompt, then its completion)
+back to back in one row with position ids restarting at 0 and no mask, which transformers turns
+into `cu_seqlens` for flash attention (modeling_flash_attention_utils `_is_packed_sequence`) and
+into a block-causal mask for sdpa / eager / flex (masking_utils `find_packed_sequence_indices`).
+Which layout runs is `trainer.packing` (`set_packing`): auto (position ids under a flash kernel,
+else the 4D mask), mask, position_ids or off.
 """
 
 from __future__ import annotations
@@ -22,13 +30,42 @@ from typing import Any
 import torch
 from torch import Tensor
 
-_OK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+from .model_call import CausalLMCall
+
+_OK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # net -> {layout: passed}
+_MODE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> trainer.packing
 MASK_KINDS = {"sdpa": "bool", "eager": "float"}
+PACKING_MODES = ("auto", "mask", "position_ids", "off")
 
 
 def _attn_kind(net: Any) -> str | None:
-    impl = getattr(getattr(net, "config", None), "_attn_implementation", None)
-    return MASK_KINDS.get(impl or "")
+    return MASK_KINDS.get(_impl(net))
+
+
+def _impl(net: Any) -> str:
+    return getattr(getattr(net, "config", None), "_attn_implementation", None) or ""
+
+
+def set_packing(model: Any, mode: str) -> None:
+    """Score `model` (any of its modules a scoring call reaches) with packing `mode`, one of
+    PACKING_MODES; models never set take "auto"."""
+    if mode not in PACKING_MODES:
+        raise ValueError(f"packing={mode!r}: use one of {', '.join(PACKING_MODES)}")
+    for m in model.modules():
+        _MODE[m] = mode
+
+
+def packing_mode(net: Any) -> tuple[str, bool]:
+    """(layout, asked): "mask", "position_ids" or "off" for `net`, and whether the layout was
+    set explicitly (else resolved from "auto": position ids under a flash kernel, whose varlen
+    path takes no 4D mask; the 4D mask otherwise)."""
+    try:
+        mode = _MODE.get(net, "auto")
+    except TypeError:  # objects that cannot be weakly referenced
+        mode = "auto"
+    if mode != "auto":
+        return mode, True
+    return ("position_ids" if "flash" in _impl(net) else "mask"), False
 
 
 # bin capacities tried: k x the longest completion, k = 1..16, up to max(longest, MAX_PACK_WIDTH)
@@ -152,19 +189,64 @@ def gather_rest(first: Tensor, flat: Tensor, where: Tensor) -> Tensor:
     return torch.cat([first, rest], 1)
 
 
-def packing_ok(net: Any, check: Any) -> bool:
-    """Whether packed scoring equals padded scoring for `net` (`check(net)` compares them on a
-    small input; computed once per model). Any error means no."""
+def packing_ok(net: Any, check: Any, layout: str = "mask") -> bool:
+    """Whether `layout` ("mask" or "position_ids") of packed scoring equals padded scoring for
+    `net` (`check(net)` compares them on a small input; computed once per model and layout).
+    Any error means no."""
     try:
-        return _OK[net]
+        return _OK[net][layout]
     except (KeyError, TypeError):
         pass
     ok = False
-    if _attn_kind(net) is not None:
+    if layout == "position_ids" or _attn_kind(net) is not None:
         try:
             ok = bool(check(net))
         except Exception:  # a model that rejects 4D masks or caches: padding is always correct
             ok = False
     with contextlib.suppress(TypeError):
-        _OK[net] = ok
+        _OK.setdefault(net, {})[layout] = ok
     return ok
+
+
+def position_packed(
+    call: Any, ids: Tensor, mask: Tensor, idx: Tensor, comp: Tensor, comp_mask: Tensor
+) -> Tensor:
+    """(P, L) prompts, (n,) prompt row per sample, (n, T) completions -> (n, T, X) outputs at
+    the positions predicting each completion token (0 past its end), from ONE row holding each
+    sample's prompt tokens then its completion tokens but the last, position ids restarting
+    at 0 per sample, no attention mask. Equals the padded full-sequence pass
+    (`scoring.completion_outputs` without `share`) where the kernel reads the restarts as
+    sequence boundaries (flash: cu_seqlens; sdpa/eager/flex: transformers' packed-sequence
+    mask; `packing_ok` checks). `call`: a ModelCall; every prompt has >= 1 token."""
+    n, t = comp.shape
+    dev = comp.device
+    pmask = mask[idx].bool()  # (n, L)
+    plen = pmask.sum(1)  # (n,)
+    clen = comp_mask.long().sum(1)  # (n,)
+    seq = plen + (clen - 1).clamp(min=0)  # (n,): the last completion token predicts nothing
+    start = seq.cumsum(0) - seq  # (n,) each sequence's first column in the row
+    total, empty = torch.stack([seq.sum(), (plen == 0).sum()]).tolist()  # the one host read
+    if empty:
+        raise ValueError("position-id packing needs every prompt to hold at least one token")
+    steps = torch.arange(t, device=dev)
+    p_at = (start[:, None] + pmask.long().cumsum(1) - 1)[pmask]  # (Σ plen,) prompt columns
+    cin = steps[None] < (clen - 1)[:, None]  # (n, T) completion tokens run as inputs
+    c_at = (start + plen)[:, None] + steps[None]  # (n, T)
+    pos = torch.arange(total, device=dev) - start.repeat_interleave(seq, output_size=total)
+    outs = steps[None] < clen[:, None]  # (n, T) positions with an output
+    o_at = ((start + plen - 1)[:, None] + steps[None])[outs]  # (K,) their columns
+    no_mask: Any = None  # the kernel reads the sequence boundaries from the positions
+    if isinstance(call, CausalLMCall):  # one vocabulary: one HF call
+        tok = torch.zeros(total, dtype=torch.long, device=dev)
+        tok[p_at], tok[c_at[cin]] = ids[idx][pmask], comp[cin]
+        got = call.forward(tok[None], no_mask, pos[None], None, 0)[0, o_at]  # (K, X)
+    else:  # prompt and completion tokens embedded apart (e.g. Janus' image codes)
+        e_p = call.embed(ids[idx][pmask][None], False)[0]  # (Σ plen, H)
+        e_c = call.embed(comp[cin][None], True)[0]  # (Σ inputs, H)
+        embeds = e_p.new_zeros(total, e_p.shape[-1]).index_put((p_at,), e_p)
+        embeds = embeds.index_put((c_at[cin],), e_c)  # (S, H)
+        hidden = call.run(embeds[None], no_mask, pos[None], None)  # (1, S, H)
+        got = call.logits(hidden[:, o_at])[0]  # (K, X)
+    out = got.new_zeros(n, t, got.shape[-1])
+    out[outs] = got
+    return out

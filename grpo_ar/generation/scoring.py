@@ -7,7 +7,8 @@ Three savings over `model(prompt + completion).logits -> log_softmax`:
   and the completions continue from it;
 - no padding to the longest completion where the model takes a custom 4D mask: a prompt's
   completions run packed back to back after its cache (`generation.packing`, checked once per
-  model);
+  model); under a flash kernel (no custom masks) full sequences run packed in one row with
+  restarting position ids instead (`packing.position_packed`, the cu_seqlens layout);
 - the (N, T, V) logits never exist: where the model call ends in a linear head
   (`ModelCall.head_split`: HF `model.model` and `lm_head`, checked once per model; Janus'
   generation head), its input features at the real completion tokens (not the padding) go
@@ -25,9 +26,10 @@ import torch
 from torch import Tensor
 
 from ..core.logprobs import fused_head_logprobs, logprobs_and_entropy
+from ..errors import ConfigError
 from ..types import Rollout
 from .model_call import CausalLMCall, ModelCall, as_call, head_split, positions, stack_cfg
-from .packing import gather_rest, packed_rest, packing_ok
+from .packing import gather_rest, packed_rest, packing_mode, packing_ok, position_packed
 from .params import SamplingParams, allowed_mask, cfg_combine, mask_logits, position_masks
 from .tree_scoring import tree_rest
 
@@ -53,7 +55,7 @@ def completion_outputs(
     comp_mask: Tensor,
     share: bool,
     hidden: bool,
-    pack: bool = False,
+    pack: bool | str = False,
     tree: Tensor | None = None,
 ) -> Tensor:
     """(P, L) prompts, (n,) prompt row per sample, (n, T) completions -> (n, T, X) outputs at
@@ -62,9 +64,13 @@ def completion_outputs(
     of the whole model). Prompt tokens are embedded as prompt, completions as generated. With `share` and `pack` the completions
     run packed after the prompt cache (`generation.packing`; outputs past a completion's end are
     then 0 instead of the padded pass's values there). `tree` (n, T): the segment of each token
-    of a tree rollout; packed, each shared token then runs once (`generation.tree_scoring`)."""
+    of a tree rollout; packed, each shared token then runs once (`generation.tree_scoring`).
+    `pack="position_ids"`: full sequences packed in one row (`packing.position_packed`),
+    whatever `share` says."""
     call = net if isinstance(net, ModelCall) else CausalLMCall(net, hidden)
     t = comp.shape[1]
+    if pack == "position_ids":
+        return position_packed(call, ids, mask, idx, comp, comp_mask)
     if not share:  # one pass over full sequences, the prompt repeated per sample
         p = ids.shape[1]
         full_mask = torch.cat([mask[idx].long(), comp_mask.long()], 1)  # (n, L + T)
@@ -109,14 +115,16 @@ def token_logprobs(
     detach_uncond: bool = False,
     share_prefix: bool | None = None,
     fused: bool | None = None,
-    pack: bool | None = None,
+    pack: bool | str | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Teacher-forced (n, T) log-probs (and entropies) of the rollout's tokens under the
     sampling transform; 0 under mask == 0. Differentiable.
 
-    `share_prefix` / `fused` / `pack`: None = wherever the model allows (the default); False
-    forces the plain full-sequence pass / the logits path / padded completion rows (the
-    references the fast paths are tested against). `pack` needs `share_prefix`.
+    `share_prefix` / `fused` / `pack`: None = wherever the model allows (the default; packing
+    as `packing.set_packing` chose for the model); False forces the plain full-sequence pass /
+    the logits path / padded completion rows (the references the fast paths are tested
+    against). `pack=True` forces the 4D-mask layout (it needs `share_prefix`),
+    `pack="position_ids"` the one-row layout with restarting position ids.
     """
     prompts, idx = rollout.prompts, rollout.prompt_index
     comp, comp_mask = rollout.completion_ids, rollout.completion_mask
@@ -136,7 +144,7 @@ def token_logprobs(
     cmask2 = torch.cat([comp_mask, comp_mask]) if params.uses_cfg else comp_mask
     hidden = split is not None
     if pack is None:
-        pack = share and packing_ok(net.attn_module, lambda m: _packing_matches(net, hidden))
+        pack = _packing(net, hidden, share)
     tree = None if params.uses_cfg else rollout.data.get("tree_segments")  # tree sampling's
     out = completion_outputs(net, ids, mask, idx2, comp2, cmask2, share, hidden, pack, tree)
     # (2n or n, T, X): X = the head's input features (fused) or V
@@ -205,10 +213,31 @@ def _mask_fn(
     return fn
 
 
+def _packing(net: ModelCall, hidden: bool, share: bool) -> bool | str:
+    """The packing `net`'s configured layout allows: the 4D mask after a shared prompt, the
+    position-id row, or none; a layout set explicitly that fails its check is refused."""
+    module = net.attn_module
+    layout, asked = packing_mode(module)
+    if layout == "off" or (layout == "mask" and not share):
+        return False
+    check = lambda m: _packing_matches(net, hidden, layout if layout != "mask" else True)  # noqa: E731
+    if packing_ok(module, check, layout):
+        return layout if layout == "position_ids" else True
+    if asked:
+        impl = getattr(module.config, "_attn_implementation", None)
+        raise ConfigError(
+            f"trainer.packing={layout}: packed scoring of {type(module).__name__} under "
+            f"attn_implementation={impl} differs from padded scoring (or fails) on a small "
+            "input: set trainer.packing = auto or off"
+        )
+    return False
+
+
 @torch.no_grad()
-def _packing_matches(net: Any, hidden: bool = False) -> bool:
-    """Packed equals padded outputs on a small input (2 prompts, 4 samples of unequal lengths,
-    one bin holding two completions), in eval mode. `net`: a ModelCall, or a module called as
+def _packing_matches(net: Any, hidden: bool = False, pack: bool | str = True) -> bool:
+    """Packed (`pack`: True the 4D-mask layout, "position_ids" the one-row layout) equals
+    padded outputs on a small input (2 prompts, 4 samples of unequal lengths, one bin holding
+    two completions), in eval mode. `net`: a ModelCall, or a module called as
     `completion_outputs` calls one (`hidden`: a body's hidden states)."""
     call = net if isinstance(net, ModelCall) else CausalLMCall(net, hidden)
     module = call.module
@@ -224,7 +253,7 @@ def _packing_matches(net: Any, hidden: bool = False) -> bool:
         comp = comp % vocab
         cmask = torch.arange(4, device=device) < torch.tensor([[4], [2], [1], [3]], device=device)
         cmask = cmask.long()
-        got = completion_outputs(call, ids, mask, idx, comp, cmask, True, hidden, True)
+        got = completion_outputs(call, ids, mask, idx, comp, cmask, True, hidden, pack)
         want = completion_outputs(call, ids, mask, idx, comp, cmask, True, hidden, False)
         m = cmask.bool()
         got, want = got[m].float(), want[m].float()

@@ -33,6 +33,7 @@ from ..generation.backends import (
     record_sampler_gap,
     with_rollout_defaults,
 )
+from ..generation.packing import set_packing
 from ..io.data import PromptSampler
 from ..io.run_files import append_metrics, append_samples, progress
 from ..io.trackers import Trackers, start_trackers
@@ -126,12 +127,18 @@ class Trainer:
             self.refresh.check(self.reference)  # e.g. an inexact TR-DPO mix, before any step
         self.entropy = entropy_controller(a)
         self.reference = self.dist.setup(self.model, adapter, self.reference)
+        frozen = self.reference.module() if self.reference is not None else None
+        for net in (self.model, frozen) if frozen is not None else (self.model,):
+            set_packing(net, t.packing)  # the scoring passes' completion layout
         self.optimizer = build_optimizer(self.model, t)
         self.scheduler = build_scheduler(self.optimizer, t, total=t.steps * a.grpo_iters)
         self.step = 0
         self.saved_step = -1  # the step of the newest checkpoint this trainer wrote or loaded
         self.started = False  # train() was called: the run directory's files are this run's
         self.updates = 0  # optimizer steps taken (skipped ones not counted)
+        # bumped wherever the policy's weights change (optimizer step, checkpoint load); the
+        # rollout backend keys what it built from the weights on it (backends.py `sync`)
+        self.weights_version = 0
         self.bonus_on = a.entropy_coef > 0 or a.entropy_target is not None
         self.run_dir = Path(config.log.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -152,9 +159,8 @@ class Trainer:
     def generate(self, entries: Sequence[Entry], stats: StepStats) -> Rollout:
         """Sample groups, decode, score; returns the rollout with advantages in `data`."""
         a = self.cfg.algorithm
-        if self.backend.name != "builtin":  # the engine samples from the current policy
-            with stats.timer("weight_sync"):
-                self.backend.sync(self.model, self.updates)
+        with stats.timer("weight_sync"):  # the backend samples from the current policy
+            self.backend.sync(self.model, self.weights_version)
         rollout, result = self._sample_and_score(entries, stats)
         if a.dynamic_sampling:
             rollout, result = self._dynamic_sampling(rollout, result, stats)
@@ -353,6 +359,7 @@ class Trainer:
             log.warning("step %d: non-finite loss or gradient; update skipped", self.step)
         else:
             self.precision.step(self.optimizer)
+            self.weights_version += 1
             self.scheduler.step()
             self.updates += 1
             stats.add_scalar("grad_norm", norm)
@@ -506,3 +513,4 @@ class Trainer:
     def resume(self, run_dir: str | Path | None = None) -> None:
         """Continue from the newest checkpoint of `run_dir` (default: this run's)."""
         resume_trainer(self, run_dir or self.run_dir)
+        self.weights_version += 1  # loaded in place: nothing built from the old weights holds
