@@ -147,8 +147,13 @@ def test_after_an_optimizer_step_the_rollout_equals_a_fresh_samplers(tmp_path, f
         assert tr.updates == step + 1 and not torch.equal(probe, before)
         if fused:
             assert probe._version == counter  # why a `_version`-keyed cache went stale
-    # power: the same sync without the bump keeps the previous version's copies
-    tr.backend.sync(tr.model, tr.weights_version - 1)
+    assert not store.built  # released after the step's sampling, before the update
+    # power: copies kept at this version, then a step the store is not told of: stale
+    got, _ = _next_rollout(tr)
+    tr.backend.sync(tr.model, tr.weights_version)
+    _stale_and_fresh(tr)
+    assert store.built
+    tr.update(got, StepStats())
     assert not _same(*_stale_and_fresh(tr))
 
 
@@ -158,6 +163,7 @@ def test_sampling_rounds_of_one_step_share_one_build(tmp_path):
     tr.train_step()
     tr.train_step()
     assert tr.updates == 2 and tr.backend.weights.builds == 2
+    assert not tr.backend.weights.built  # nothing kept through the update
 
 
 def test_resume_rebuilds(tmp_path):
@@ -168,7 +174,10 @@ def test_resume_rebuilds(tmp_path):
     tr.train_step()
     got, want = _next_rollout(tr)  # built from the step-2 weights
     assert _same(got, want)
-    version, builds = tr.weights_version, tr.backend.weights.builds
+    version = tr.weights_version
+    tr.backend.sync(tr.model, version)
+    _stale_and_fresh(tr)  # copies of the step-2 weights kept under `version`
+    builds = tr.backend.weights.builds
     tr.resume()
     assert tr.step == 1 and tr.weights_version == version + 1
     tr.backend.sync(tr.model, version)  # power: without the bump the copies would be stale
@@ -194,8 +203,13 @@ def test_evaluation_never_reads_the_backends_weights(tmp_path):
     from grpo_ar.train.evaluation import evaluate_rewards
 
     tr = _trainer(tmp_path)
-    tr.train_step()  # the store holds version 0's copies; the weights are version 1
-    tr.backend.sync(tr.model, 0)
+    tr.train_step()
+    tr.backend.sync(tr.model, tr.weights_version)
+    _stale_and_fresh(tr)  # the store holds copies of these weights...
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # ...which then change under the same version: the store is stale
+        for p in tr.model.parameters():
+            p.add_(torch.randn(p.shape, generator=g), alpha=0.5)
     builds = tr.backend.weights.builds
     entries = tr.train_entries[:4]
     got = tr.evaluate(entries, greedy=False, samples=3)

@@ -86,6 +86,9 @@ class OneStepAhead:
     def reset(self) -> None:
         self.inner.reset()
 
+    def release(self) -> None:
+        return None  # the next step's rollouts are being sampled now, with what it keeps
+
     def close(self) -> None:
         self.pool.shutdown(wait=True)
         self.inner.close()

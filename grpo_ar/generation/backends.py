@@ -46,6 +46,10 @@ class RolloutBackend(Protocol):
     def reset(self) -> None:
         """Drop cached state that the weights made (e.g. a prefix cache)."""
 
+    def release(self) -> None:
+        """The step's sampling is done: free what was kept only to share between the sample
+        calls of one weights version, before the update needs the memory."""
+
     def close(self) -> None:
         """Release the engine."""
 
@@ -79,6 +83,11 @@ class BuiltinBackend:
 
     def reset(self) -> None:
         self.weights.set_version(None)  # no reuse until the next sync
+
+    def release(self) -> None:
+        # the decode weights (~0.7x the layer weights) would otherwise stay alive through the
+        # update; a plain step samples once per version, so keeping them past it buys nothing
+        self.weights.set_version(None)
 
     def close(self) -> None:
         return None

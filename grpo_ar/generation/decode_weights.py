@@ -26,7 +26,8 @@ class DecodeWeights:
     the parameters without bumping their `_version` counters (a cache keyed on those served
     stale weights). The trainer bumps it where it steps the optimizer or loads a checkpoint
     and pushes it through `RolloutBackend.sync`; the built-in backend samples inside
-    `reusing(store)`. With no version pushed yet, or outside `reusing`, every FastStep builds
+    `reusing(store)`, and drops them (`RolloutBackend.release`) once the step's sampling is
+    done, so they never add to the update's memory. With no version pushed yet, or outside `reusing`, every FastStep builds
     its own (the default of every other sampler caller: evaluation, benchmarks, tests). A
     build is also redone when a source tensor was replaced (moved, re-loaded by assignment,
     another module), and never kept for FSDP-sharded models (a full unsharded copy held

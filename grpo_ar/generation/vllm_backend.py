@@ -212,6 +212,9 @@ class VllmBackend:
     def reset(self) -> None:
         self.engine.reset()
 
+    def release(self) -> None:
+        return None  # the engine keeps its own weights and KV memory
+
     def close(self) -> None:
         self.engine.close()
 

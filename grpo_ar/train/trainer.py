@@ -166,6 +166,7 @@ class Trainer:
             rollout, result = self._dynamic_sampling(rollout, result, stats)
         with stats.timer("reward"):
             inputs = self._advantage_inputs(rollout.prompts, rollout, result, stats)
+        self.backend.release()  # the step's last sampling (ReMax's greedy pass) is done
         adv, valid = compute_advantages(
             a.advantage,
             result.total.to(self.device),
