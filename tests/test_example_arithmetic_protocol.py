@@ -9,16 +9,14 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
 import torch
-from example_modules import example_module
+from example_modules import SeedRecorder, example_module
 
 from grpo_ar.adapters.text import TextAdapter
 from grpo_ar.train.evaluation import eval_generator_seeds
-from grpo_ar.train.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from ar_common.seeds import training_streams  # noqa: E402
@@ -39,37 +37,14 @@ def tiny_argv(tmp: Path, run: str, *extra: str) -> list[str]:
     return argv + [x for kv in sets for x in ("--set", kv)] + list(extra)
 
 
-class Recorder:
+class Recorder(SeedRecorder):
     """Generator seeds, encoded prompts and sampled answers by phase: "eval" inside
     run.measure, "grpo" inside Trainer.train, "other" elsewhere (pre-training, set-up)."""
 
     def __init__(self, mp: pytest.MonkeyPatch, run) -> None:
-        self.phase = "other"
-        self.seeds: dict[str, set[int]] = defaultdict(set)
-        self.prompts: dict[str, list[str]] = defaultdict(list)
+        super().__init__(mp, TextAdapter)
         self.answers: list[tuple[bool, torch.Tensor]] = []  # (greedy, completion ids) of evals
-        rec, original = self, torch.Generator
-
-        class Recording(original):  # type: ignore[misc, valid-type]
-            def manual_seed(self, seed):
-                rec.seeds[rec.phase].add(int(seed))
-                return super().manual_seed(seed)
-
-        def phased(name, fn):
-            def wrapped(*a, **k):
-                before, rec.phase = rec.phase, name
-                try:
-                    return fn(*a, **k)
-                finally:
-                    rec.phase = before
-
-            return wrapped
-
-        encode, sample, manual_seed = TextAdapter.encode, TextAdapter.sample, torch.manual_seed
-
-        def recording_encode(adapter, entries):
-            self.prompts[self.phase] += [e.prompt for e in entries]
-            return encode(adapter, entries)
+        sample = TextAdapter.sample
 
         def recording_sample(adapter, *a, greedy=False, **k):
             ro = sample(adapter, *a, greedy=greedy, **k)
@@ -77,12 +52,8 @@ class Recorder:
                 self.answers.append((greedy, ro.completion_ids.clone()))
             return ro
 
-        mp.setattr(torch, "Generator", Recording)
-        mp.setattr(torch, "manual_seed", lambda s: (self.seeds[self.phase].add(int(s)), manual_seed(s))[1])  # fmt: skip
-        mp.setattr(TextAdapter, "encode", recording_encode)
         mp.setattr(TextAdapter, "sample", recording_sample)
-        mp.setattr(Trainer, "train", phased("grpo", Trainer.train))
-        mp.setattr(run, "measure", phased("eval", run.measure))
+        mp.setattr(run, "measure", self.phased("eval", run.measure))
 
 
 @pytest.fixture(scope="module")

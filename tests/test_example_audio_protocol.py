@@ -6,13 +6,11 @@ sizes), and another evaluation seed samples other tones under the same protocol.
 from __future__ import annotations
 
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
 import torch
-
-from grpo_ar.train.trainer import Trainer
+from example_modules import SeedRecorder
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES / "audio_tones"))
@@ -24,50 +22,22 @@ from ar_common.seeds import training_streams  # noqa: E402  (run.py put examples
 EVAL_SEEDS = (777, 778)
 
 
-class Recorder:
+class Recorder(SeedRecorder):
     """Generator seeds, encoded prompts and sampled tones by phase: "eval" inside run.evaluate,
     "grpo" inside Trainer.train, "other" elsewhere (warm-up, set-up)."""
 
     def __init__(self, mp: pytest.MonkeyPatch) -> None:
-        self.phase = "other"
-        self.seeds: dict[str, set[int]] = defaultdict(set)
-        self.prompts: dict[str, list[int]] = defaultdict(list)
+        super().__init__(mp, tones.ToneAdapter)
         self.tones: list[tuple[str, torch.Tensor]] = []
-        rec, original = self, torch.Generator
-
-        class Recording(original):  # type: ignore[misc, valid-type]
-            def manual_seed(self, seed):
-                rec.seeds[rec.phase].add(int(seed))
-                return super().manual_seed(seed)
-
-        def phased(name, fn):
-            def wrapped(*a, **k):
-                before, rec.phase = rec.phase, name
-                try:
-                    return fn(*a, **k)
-                finally:
-                    rec.phase = before
-
-            return wrapped
-
-        encode, sample = tones.ToneAdapter.encode, tones.ToneAdapter.sample
-
-        def recording_encode(adapter, entries):
-            self.prompts[self.phase] += [e.prompt for e in entries]
-            return encode(adapter, entries)
+        sample = tones.ToneAdapter.sample
 
         def recording_sample(adapter, *a, **k):
             ro = sample(adapter, *a, **k)
             self.tones.append((self.phase, ro.completion_ids.clone()))
             return ro
 
-        manual_seed = torch.manual_seed
-        mp.setattr(torch, "Generator", Recording)
-        mp.setattr(torch, "manual_seed", lambda s: (self.seeds[self.phase].add(int(s)), manual_seed(s))[1])  # fmt: skip
-        mp.setattr(tones.ToneAdapter, "encode", recording_encode)
         mp.setattr(tones.ToneAdapter, "sample", recording_sample)
-        mp.setattr(Trainer, "train", phased("grpo", Trainer.train))
-        mp.setattr(run, "evaluate", phased("eval", run.evaluate))
+        mp.setattr(run, "evaluate", self.phased("eval", run.evaluate))
 
 
 @pytest.fixture(scope="module")

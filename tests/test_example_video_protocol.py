@@ -7,14 +7,13 @@ not the reward's estimator."""
 from __future__ import annotations
 
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
 import torch
+from example_modules import SeedRecorder
 
 from grpo_ar.adapters.video import VideoAdapter
-from grpo_ar.train.trainer import Trainer
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -27,48 +26,21 @@ from video_motion import clips, judge, run  # noqa: E402
 EVAL_SEEDS = (777, 778)
 
 
-class Recorder:
+class Recorder(SeedRecorder):
     """What the example draws and encodes, by phase: "eval" inside run.evaluate, "grpo" inside
-    Trainer.train, "other" elsewhere (pre-training, set-up)."""
+    Trainer.train, "other" elsewhere (pre-training, set-up); and each evaluation's clips."""
 
     def __init__(self, mp: pytest.MonkeyPatch) -> None:
-        self.phase = "other"
-        self.seeds: dict[str, set[int]] = defaultdict(set)
-        self.prompts: dict[str, list[str]] = defaultdict(list)
+        super().__init__(mp, VideoAdapter)
         self.clips: list[tuple[int, torch.Tensor]] = []
-        rec, original = self, torch.Generator
-
-        class Recording(original):  # type: ignore[misc, valid-type]
-            def manual_seed(self, seed):
-                rec.seeds[rec.phase].add(int(seed))
-                return super().manual_seed(seed)
-
-        def phased(name, fn):
-            def wrapped(*a, **k):
-                before, rec.phase = rec.phase, name
-                try:
-                    return fn(*a, **k)
-                finally:
-                    rec.phase = before
-
-            return wrapped
-
-        encode, manual_seed, evaluate = VideoAdapter.encode, torch.manual_seed, run.evaluate
-
-        def recording_encode(adapter, entries):
-            self.prompts[self.phase] += [e.prompt for e in entries]
-            return encode(adapter, entries)
+        evaluate = run.evaluate
 
         def recording_evaluate(*a, **k):
             out, x = evaluate(*a, **k)
             self.clips.append((a[-1], x))
             return out, x
 
-        mp.setattr(torch, "Generator", Recording)
-        mp.setattr(torch, "manual_seed", lambda s: (self.seeds[self.phase].add(int(s)), manual_seed(s))[1])  # fmt: skip
-        mp.setattr(VideoAdapter, "encode", recording_encode)
-        mp.setattr(Trainer, "train", phased("grpo", Trainer.train))
-        mp.setattr(run, "evaluate", phased("eval", recording_evaluate))
+        mp.setattr(run, "evaluate", self.phased("eval", recording_evaluate))
 
 
 @pytest.fixture(scope="module")
