@@ -244,22 +244,27 @@ class JanusT2IConfig:
         need(self.decode_batch_size >= 0, "janus_t2i.decode_batch_size must be >= 0")
 
 
-def build_janus_t2i(
-    config: Any, section: JanusT2IConfig | None, device: str, dtype: torch.dtype
-) -> tuple[Any, JanusT2IAdapter]:
-    """JanusForConditionalGeneration and its tokenizer from model.path; the parts outside
-    `section.train` frozen."""
+def load_janus(m: Any, train: Sequence[str], device: str, dtype: torch.dtype) -> tuple[Any, Any]:
+    """JanusForConditionalGeneration (VQ in fp32) and its tokenizer from `m.path` (a
+    ModelConfig), the parts outside `train` frozen."""
     from transformers import AutoTokenizer, JanusForConditionalGeneration
 
-    sec = section or JanusT2IConfig()
-    m = config.model
     kw: dict[str, Any] = {"dtype": dtype}
     if m.attn_implementation:
         kw["attn_implementation"] = m.attn_implementation
     model = JanusForConditionalGeneration.from_pretrained(m.path, **kw).to(device)  # type: ignore[arg-type]
     model.model.vqmodel.float()  # decode in fp32 whatever the LM's dtype
-    janus_trainable(model, sec.train)
-    tok = AutoTokenizer.from_pretrained(m.path)
+    janus_trainable(model, train)
+    return model, AutoTokenizer.from_pretrained(m.path)
+
+
+def build_janus_t2i(
+    config: Any, section: JanusT2IConfig | None, device: str, dtype: torch.dtype
+) -> tuple[Any, JanusT2IAdapter]:
+    """JanusForConditionalGeneration and its tokenizer from model.path; the parts outside
+    `section.train` frozen."""
+    sec = section or JanusT2IConfig()
+    model, tok = load_janus(config.model, sec.train, device, dtype)
     adapter = JanusT2IAdapter(
         model, tok, config.sampling, sec.prompt_template, sec.boi_token, sec.uncond,  # type: ignore[arg-type]
         sec.negative_prompt, sec.cfg_train, sec.detach_uncond, sec.output,  # type: ignore[arg-type]

@@ -43,7 +43,7 @@ from .base import Adapter
 from .code_grid import TextCondition
 from .codes import to_pil, to_uint8
 from .image import ImageAdapter
-from .janus import PARTS, JanusImageCall, janus_trainable
+from .janus import PARTS, JanusImageCall, load_janus
 from .vq import JanusVQ
 
 T2I_R1_SYSTEM = (
@@ -360,17 +360,8 @@ def build_janus_reason(
 ) -> tuple[Any, JanusReasonT2IAdapter]:
     """JanusForConditionalGeneration and its tokenizer from model.path; parts outside
     `section.train` frozen."""
-    from transformers import AutoTokenizer, JanusForConditionalGeneration
-
     sec = section or JanusReasonConfig()
-    m = config.model
-    kw: dict[str, Any] = {"dtype": dtype}
-    if m.attn_implementation:
-        kw["attn_implementation"] = m.attn_implementation
-    model = JanusForConditionalGeneration.from_pretrained(m.path, **kw).to(device)  # type: ignore[arg-type]
-    model.model.vqmodel.float()  # decode in fp32 whatever the LM's dtype
-    janus_trainable(model, sec.train)
-    tok = AutoTokenizer.from_pretrained(m.path)
+    model, tok = load_janus(config.model, sec.train, device, dtype)
     adapter = JanusReasonT2IAdapter(
         model, tok, config.sampling, sec.prompt_template, sec.boi_token, sec.plan_close_token,
         sec.output, sec.reward_input, sec.decode_batch_size,  # type: ignore[arg-type]
