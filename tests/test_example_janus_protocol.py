@@ -174,3 +174,35 @@ def test_other_evaluation_seed_changes_images_not_protocol(example):
     assert torch.equal(t5, t5b) and torch.equal(x5, x5b)  # a seed is a fixed protocol
     assert (t5 != t6).float().mean() > 0.5  # most codes differ
     assert m5.keys() == m6.keys()
+
+
+def test_tradeoff_row_reads_a_results_file(tmp_path):
+    from janus_t2i import tradeoff
+
+    def metric(before: float, after: float, by_eval: dict[str, float]) -> dict:
+        return {"before": {"mean": before}, "after": {"mean": after},
+                "change": {"mean": after - before}, "change_by_eval_seed": by_eval}  # fmt: skip
+
+    result = {
+        "reward": "pickscore", "seeds": [0, 1, 2], "eval_seeds": [5, 6], "eval_samples": 32,
+        "rewards": [{"name": "pickscore"}, {"name": "prompt_fidelity", "weight": 0.5}],
+        "settings": {"beta": 0.15, "multi_objective": "normalize_then_sum"},
+        "relative_gain": {"mean": 0.3}, "relative_gain_by_cell": [0.4, 0.26, 0.31],
+        "summary": {
+            "score/pickscore": metric(7.0, 9.1, {"5": 2.0, "6": 2.2}),
+            "fidelity/both": metric(0.15, 0.17, {"5": 0.03, "6": 0.01}),
+            "fidelity/colour": metric(0.4, 0.39, {"5": 0.0, "6": -0.02}),
+            "fidelity/shape": metric(0.3, 0.32, {"5": 0.02, "6": 0.02}),
+            "kl_to_start/per_image": metric(0.0, 2.66, {"5": 2.6, "6": 2.72}),
+        },
+    }  # fmt: skip
+    (tmp_path / "r.json").write_text(json.dumps(result))
+    out = tradeoff.main([str(tmp_path / "r.json")]).splitlines()
+    assert len(out) == 3
+    assert out[2] == (
+        "| 0.5 | normalize then sum | 0.15 | 3 × 2 × 32 | 7.00 → 9.10 (+30.0%; +26.0%) | "
+        "+0.020 (+0.010) | -0.010 (-0.020) | +0.020 (+0.020) | 2.7 |"
+    )
+    result["rewards"] = result["rewards"][:1]  # the scorer alone: nothing is combined
+    (tmp_path / "r.json").write_text(json.dumps(result))
+    assert tradeoff.main([str(tmp_path / "r.json")]).splitlines()[2].startswith("| 0 | — | 0.15 |")
