@@ -60,7 +60,7 @@ def test_run_tiny_pretraining_and_two_grpo_steps(tmp_path):
     result = run.main(argv)
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     for key in ("cells", "summary", "runs", "relative_gain", "seconds", "heldout_prompts",
-                "train_prompts", "loadavg_1min", "rewards", "settings"):  # fmt: skip
+                "train_prompts", "loadavg_1min", "rewards", "settings", "commit"):  # fmt: skip
         assert key in saved, key
     (cell,) = saved["cells"]
     for key in ("score/pickscore", "score/aesthetic_proxy", "fidelity/both",
