@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 TINY = {
     "data": {"n_train": 300}, "vq": {"steps": 5}, "cls": {"steps": 5},
     "scorer": {"steps": 5, "hidden": 32}, "janus": {"steps": 5, "hidden": 32, "layers": 1},
+    "rcls": {"steps": 5, "n_train": 64, "n_test": 32},
 }  # fmt: skip
 
 
@@ -50,34 +51,31 @@ def test_run_tiny_pretraining_and_two_grpo_steps(tmp_path):
     from janus_t2i import run
 
     sets = [f"{stage}.{k}={v}" for stage, kv in TINY.items() for k, v in kv.items()]
-    argv = ["--base", str(tmp_path / "base"), "--eval-samples", "2"]
+    argv = ["--base", str(tmp_path / "base"), "--eval-samples", "2", "--seeds", "0",
+            "--eval-seeds", "12345"]  # fmt: skip
     argv += [a for s in sets for a in ("--pretrain-set", s)]
     argv += [a for s in ["trainer.steps=2", "trainer.batch_size=2", "algorithm.group_size=2",
                          f"log.run_dir={tmp_path / 'run'}", "log.samples_per_step=0"]
              for a in ("--set", s)]  # fmt: skip
     result = run.main(argv)
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
-    for key in (
-        "before",
-        "after",
-        "relative_gain",
-        "kl_last_step",
-        "seconds",
-        "heldout_prompts",
-        "train_prompts",
-        "loadavg_1min",
-    ):
+    for key in ("cells", "summary", "runs", "relative_gain", "seconds", "heldout_prompts",
+                "train_prompts", "loadavg_1min", "rewards", "settings", "commit"):  # fmt: skip
         assert key in saved, key
-    for key in ("score/pickscore", "fidelity/both", "kl_to_start/per_image"):
-        assert key in saved["before"] and key in saved["after"], key
-    assert saved["steps"] == 2 and saved["reward"] == "pickscore"
+    (cell,) = saved["cells"]
+    for key in ("score/pickscore", "score/aesthetic_proxy", "fidelity/both",
+                "kl_to_start/per_image"):  # fmt: skip
+        assert key in cell["before"] and key in cell["after"], key
+    assert saved["runs"]["0"]["steps"] == 2 and saved["reward"] == "pickscore"
+    assert [r["name"] for r in saved["rewards"]] == ["pickscore", "prompt_fidelity"]
     assert not set(saved["heldout_prompts"]) & set(saved["train_prompts"])
     assert len(saved["heldout_prompts"]) + len(saved["train_prompts"]) == 30
     # before GRPO the policy is the start model: the KL estimate is exactly 0
-    assert result["before"]["kl_to_start/per_image"] == 0.0
-    assert (tmp_path / "run" / "grid.png").is_file()
+    assert result["cells"][0]["before"]["kl_to_start/per_image"] == 0.0
+    assert (tmp_path / "run" / "grid_seed0_eval12345.png").is_file()
     meta = json.loads((tmp_path / "base" / "meta.json").read_text())
-    assert set(meta["settings"]) == {"data", "vq", "cls", "scorer", "janus"}
+    assert set(meta["settings"]) == {"data", "vq", "cls", "scorer", "janus", "rcls"}
+    assert (tmp_path / "base" / "reward_classifier.safetensors").is_file()
     cfg = json.loads((tmp_path / "base" / "janus" / "config.json").read_text())
     assert cfg["architectures"] == ["JanusForConditionalGeneration"]
     assert cfg["vq_config"]["num_patches"] == 8  # the 16x16 images' 8x8 code grid

@@ -4,7 +4,10 @@
     janus/       JanusForConditionalGeneration (Llama text model, tiny vision tower, a JanusVQVAE
                  16×16 -> 8×8 codes) + its char-level tokenizer with Janus' chat tokens
     scorer/      CLIPModel + CLIPImageProcessor + word tokenizer: the PickScore-style reward model
-    classifier.safetensors   the image example's colour/shape CNN on Janus-VQ reconstructions
+    classifier.safetensors   the image example's colour/shape CNN on Janus-VQ reconstructions:
+                 the held-out judge of prompt fidelity
+    reward_classifier.safetensors   a second such CNN (other images, seed, init; GRPO's
+                 training prompts only): what the `prompt_fidelity` reward reads
     meta.json    the settings of every stage (the cache key) and their measurements
 
     python examples/janus_t2i/pretrain.py --out runs/janus_t2i_base
@@ -25,7 +28,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/ (see run.py)
 from ar_common.pretraining import StageCache, log, log_step, main, optimizer_step, scheduled  # noqa: E402
 from image_aesthetic.pretrain import ShapeClassifier, train_classifier  # noqa: E402
-from image_aesthetic.shapes import COLOURS, PROMPTS, SHAPES, make_images  # noqa: E402
+from image_aesthetic.shapes import COLOURS, PROMPTS, SHAPES, make_images, prompt_split  # noqa: E402
 from janus_t2i.scorer import load_scorer, train_scorer  # noqa: E402
 
 from grpo_ar.adapters.vq import JanusVQ, to_unit  # noqa: E402
@@ -33,6 +36,8 @@ from grpo_ar.adapters.vq import JanusVQ, to_unit  # noqa: E402
 VQ = {"steps": 400, "batch_size": 32, "lr": 2e-3, "codebook": 128, "channels": 32, "dim": 8}
 JANUS = {"steps": 900, "batch_size": 32, "lr": 3e-3, "hidden": 96, "layers": 3, "p_uncond": 0.1}
 CLS = {"steps": 400, "batch_size": 128, "lr": 3e-3}
+# the reward classifier: the judge's recipe on other images (data seed 7) of the training prompts
+RCLS = {"steps": 400, "batch_size": 128, "lr": 3e-3, "n_train": 6000, "n_test": 1000, "seed": 7}
 SCORER = {"steps": 800, "batch_size": 64, "lr": 2e-3, "hidden": 64, "pref_weight": 1.0}
 DATA = {"n_train": 8000, "size": 16, "seed": 0}
 
@@ -181,13 +186,14 @@ def train_janus(vq: Any, codes: Tensor, prompt_index: Tensor, steps: int, batch_
 def settings(**overrides: Any) -> dict[str, dict[str, Any]]:
     from ar_common.pretraining import settings as stage_settings
 
-    base = {"data": DATA, "vq": VQ, "cls": CLS, "scorer": SCORER, "janus": JANUS}
+    base = {"data": DATA, "vq": VQ, "cls": CLS, "scorer": SCORER, "janus": JANUS, "rcls": RCLS}
     return stage_settings(base, **overrides)
 
 
 def pretrain(out_dir: str | Path, threads: int = 1, verbose: bool = True,
              **overrides: Any) -> dict[str, Any]:  # fmt: skip
-    """Train (or reuse) VQ, classifier, scorer and Janus; returns paths, meta and the models."""
+    """Train (or reuse) VQ, judge classifier, scorer, Janus and reward classifier; returns paths,
+    meta and the models."""
     from safetensors.torch import load_file, save_file
     from transformers import AutoTokenizer, JanusForConditionalGeneration, JanusVQVAE
 
@@ -227,9 +233,37 @@ def pretrain(out_dir: str | Path, threads: int = 1, verbose: bool = True,
         janus.save_pretrained(out / "janus")
         tok.save_pretrained(out / "janus")
         cache.record("janus", measured)
+    if cache.reusable("rcls", "reward_classifier.safetensors", after=("vq",)):
+        rcls = ShapeClassifier()
+        rcls.load_state_dict(load_file(out / "reward_classifier.safetensors"))
+    else:
+        rcls, measured = reward_classifier(vq, st, verbose)
+        save_file(rcls.state_dict(), out / "reward_classifier.safetensors")
+        cache.record("rcls", measured)
     assert len(PROMPTS) == len(COLOURS) * len(SHAPES)
     return cache.ready(vq=vq, classifier=cls.eval(), janus=janus, tokenizer=tok,
-                       scorer=load_scorer(out / "scorer"))  # fmt: skip
+                       scorer=load_scorer(out / "scorer"), reward_classifier=rcls.eval())  # fmt: skip
+
+
+def reward_classifier(vq: Any, st: dict[str, dict[str, Any]],
+                      verbose: bool) -> tuple[ShapeClassifier, dict]:  # fmt: skip
+    """The `prompt_fidelity` reward's classifier: the judge's recipe on other images (seed
+    `rcls.seed`, GRPO's training prompts only) from another init, so that GRPO pushing on it
+    does not push on the held-out judge's weights. Measured on fresh Janus-VQ reconstructions
+    of the training and of the held-out prompts."""
+    r, size = st["rcls"], st["data"]["size"]
+    train_prompts, held = prompt_split()
+    data = make_images(r["n_train"], r["seed"], size, prompts=train_prompts)
+    rec = {**data, "images": vq_decode(vq, vq_codes(vq, data["images"]))}
+    kw = {k: r[k] for k in ("steps", "batch_size", "lr")}
+    cls = train_classifier(rec, seed=r["seed"], verbose=verbose, **kw)
+    measured = {}
+    for name, prompts in (("acc_vq_train_prompts", train_prompts), ("acc_vq_heldout", held)):
+        test = make_images(r["n_test"], r["seed"] + 1, size, prompts=prompts)
+        measured[name] = cls.accuracy(vq_decode(vq, vq_codes(vq, test["images"])),
+                                      test["colour"], test["shape"])  # fmt: skip
+    log(verbose, f"reward classifier on fresh Janus-VQ reconstructions: {measured}")
+    return cls, measured
 
 
 if __name__ == "__main__":
