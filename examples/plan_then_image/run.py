@@ -179,7 +179,7 @@ def config(args: Any, base: Path) -> Config:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    t0, load0 = time.perf_counter(), os.getloadavg()
+    t0, load0, code = time.perf_counter(), os.getloadavg(), _commit()  # the code that runs
     base = Path(args.base)
     pre = pretrain(base, **parse_overrides(args.pretrain_set))
     t_pre = time.perf_counter() - t0
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     load1 = os.getloadavg()
     strip = lambda r: {k: v for k, v in r.items() if k not in ("images", "plans")}  # noqa: E731
     result = {
-        "seeds": args.seeds, "eval_seeds": args.eval_seeds, "commit": _commit(),
+        "seeds": args.seeds, "eval_seeds": args.eval_seeds, "commit": code,
         "before": {str(e): m for e, (m, _, _) in before.items()},
         "plans_before": {str(e): plan_counts(p, held, args.eval_samples)
                          for e, (_, _, p) in before.items()},
