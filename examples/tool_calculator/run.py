@@ -54,6 +54,7 @@ INSTRUCTION = "Use the calculator, then give the final number inside <answer></a
 # two worked trajectories as prior chat turns. Probe (4 held-out problems x 4 samples, T = 1):
 # with one demo 0 of 16 first turns called the tool; with two, 7 of 16 (some with broken JSON)
 SAMPLED = ("accuracy", "tool_use_rate", "failed_calls")  # metrics of one held-out evaluation
+CURVE = ("reward/mean", "tools/call_frequency", "tools/failure_frequency", "turns/mean")
 DEMOS = (
     ("Calculate 417 * 382.", "417 * 382", "159294"),
     ("Calculate 521 + 384.", "521 + 384", "905"),
@@ -194,9 +195,12 @@ def experiment(
     t0, load0 = time.perf_counter(), os.getloadavg()
     before = measure(model, adapter, evals, list(eval_seeds))
     eval_s = time.perf_counter() - t0
+    settings = {"steps": steps, "lr": cfg.trainer.lr, "batch_size": cfg.trainer.batch_size,
+                "group_size": cfg.algorithm.group_size, "beta": cfg.algorithm.beta,
+                "temperature": adapter.sampling.temperature, "max_new": max_new,
+                "max_turns": max_turns, "max_tokens": max_tokens}  # fmt: skip
     runs: list[dict[str, Any]] = []
     cells: list[dict[str, Any]] = []
-    keys = ("reward/mean", "tools/call_frequency", "tools/failure_frequency", "turns/mean")
     for seed in seeds:
         run_cfg = replace(cfg, trainer=replace(cfg.trainer, seed=seed),
                           log=replace(cfg.log, run_dir=f"{run_dir}/seed{seed}"))  # fmt: skip
@@ -210,26 +214,31 @@ def experiment(
         runs.append({
             "seed": seed, "greedy": after["greedy"], "train_s": train_s,
             "eval_s": time.perf_counter() - start - train_s,
-            "steps": [{k: round(float(m.get(k, float("nan"))), 4) for k in keys} for m in history],
+            "steps": [{k: round(float(m.get(k, float("nan"))), 4) for k in CURVE} for m in history],
         })  # fmt: skip
         del trainer
-        settings = {"steps": steps, "lr": cfg.trainer.lr, "batch_size": cfg.trainer.batch_size,
-                    "group_size": cfg.algorithm.group_size, "beta": cfg.algorithm.beta,
-                    "temperature": adapter.sampling.temperature, "max_new": max_new,
-                    "max_turns": max_turns, "max_tokens": max_tokens}  # fmt: skip
         result = {
-            "seeds": [r["seed"] for r in runs], "eval_seeds": list(eval_seeds),
-            "settings": settings, "eval_size": len(evals), "before": before,
-            "cells": cells, "summary": summarise(cells, SAMPLED),
-            "greedy": {"before": before["greedy"],
-                       "after": {k: stats([r["greedy"][k] for r in runs]) for k in SAMPLED}},
-            "runs": runs, "heldout_questions": [r["question"] for r in eval_rows],
+            **collect(before, cells, runs), "settings": settings, "eval_size": len(evals),
+            "heldout_questions": [r["question"] for r in eval_rows],
             "seconds": {"eval_before": eval_s, "total": time.perf_counter() - t0},
             "loadavg_1min": {"start": load0[0], "end": os.getloadavg()[0]},
         }  # fmt: skip
         if on_seed is not None:
             on_seed(result)
     return result
+
+
+def collect(before: dict[str, Any], cells: list[dict[str, Any]],
+            runs: list[dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
+    """The training seeds so far, their cells with the summary over them, and greedy after
+    training as statistics over the training seeds (it has one value per training seed)."""
+    greedy = {k: stats([r["greedy"][k] for r in runs]) for k in SAMPLED}
+    return {
+        "seeds": [r["seed"] for r in runs], "eval_seeds": list(dict.fromkeys(
+            c["eval_seed"] for c in cells)), "before": before, "cells": cells,
+        "summary": summarise(cells, SAMPLED), "runs": runs,
+        "greedy": {"before": before["greedy"], "after": greedy},
+    }  # fmt: skip
 
 
 def report(result: dict[str, Any]) -> str:
