@@ -234,19 +234,30 @@ TINY = [
 def test_example_runs_two_steps_per_variant_on_training_prompts_only(tmp_path, capsys):
     from plan_then_image import run
 
-    argv = ["--base", str(tmp_path / "base"), "--eval-samples", "2", "--ablation"]
+    argv = [
+        "--base",
+        str(tmp_path / "base"),
+        "--eval-samples",
+        "2",
+        "--ablation",
+        "--seeds",
+        "0",
+        "--eval-seeds",
+        "5",
+    ]
     argv += [x for kv in TINY for x in ("--pretrain-set", kv)]
     sets = ["trainer.steps=2", "trainer.batch_size=2", "trainer.warmup_steps=0",
             "algorithm.group_size=2", f"log.run_dir={tmp_path / 'run'}",
             "log.samples_per_step=100"]  # fmt: skip
     res = run.main(argv + [x for kv in sets for x in ("--set", kv)])
     train, held = plans.prompt_split()
-    assert res["heldout_prompts"] == held and set(res["after"]) == {"full", "plan_weight0"}
+    assert res["heldout_prompts"] == held and set(res["summary"]) == {"full", "plan_weight0"}
     plan_w = run.load_config(run.CONFIG, []).sampling.spans[0].loss_weight  # config.toml's
     for name, weights in (("full", [plan_w, 1.0]), ("plan_weight0", [0.0, 1.0])):
         (r,) = res["runs"][name]
         assert r["steps"] == 2 and r["plan_loss_weight"] == weights
-        assert all(0.0 <= r["after"][k] <= 1.0 for k in ("constraint", "consistency", "aesthetic"))
+        after = r["after"][5]
+        assert all(0.0 <= after[k] <= 1.0 for k in ("constraint", "consistency", "aesthetic"))
         rows = [json.loads(x) for x in
                 (tmp_path / "run" / f"{name}_seed0" / "samples.jsonl").read_text().splitlines()]  # fmt: skip
         assert len(rows) == 2 * 2 * 2  # every training sample of both steps
@@ -254,6 +265,6 @@ def test_example_runs_two_steps_per_variant_on_training_prompts_only(tmp_path, c
         assert all(
             Path(tmp_path / "run" / f"{name}_seed0" / row["output"]).exists() for row in rows
         )
-    assert res["before"]["kl/image"] == 0.0 and res["before"]["kl/plan"] == 0.0
+    assert res["before"]["5"]["kl/image"] == 0.0 and res["before"]["5"]["kl/plan"] == 0.0
     assert (tmp_path / "run" / "results.json").exists() and Path(res["grid"]).exists()
     assert "held-out before GRPO" in capsys.readouterr().out

@@ -47,10 +47,10 @@ def test_tiny_model_runs_the_experiment(tmp_path):
     out = ex.experiment(
         model, tok, train, evals, str(tmp_path), steps=2,
         overrides=("trainer.batch_size=2", "algorithm.group_size=2"),
-        max_new=8, max_turns=2, max_tokens=24,
+        max_new=8, max_turns=2, max_tokens=24, seeds=(0,), eval_seeds=(5,),
     )  # fmt: skip
-    for phase in ("before", "after"):
-        assert set(out[phase]) == {"accuracy", "tool_use_rate", "failed_calls"}
-        assert 0 <= out[phase]["accuracy"] <= 1
-    assert len(out["steps"]) == 2 and out["train_s"] > 0
-    assert all(math.isfinite(s["turns/mean"]) for s in out["steps"])
+    assert set(out["before"]["greedy"]) == {"accuracy", "tool_use_rate", "failed_calls"}
+    assert 0 <= out["before"]["sampled"][5]["accuracy"] <= 1
+    (run,) = out["runs"]
+    assert len(run["steps"]) == 2 and run["train_s"] > 0
+    assert all(math.isfinite(s["turns/mean"]) for s in run["steps"])

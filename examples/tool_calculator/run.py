@@ -15,26 +15,46 @@ message (environment tokens: attended, never trained on), the model's next turn,
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import os
 import re
+import subprocess
+import sys
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from grpo_ar.adapters.multiturn import MultiTurnAdapter
-from grpo_ar.adapters.text import TextAdapter
-from grpo_ar.config import load_config
-from grpo_ar.generation.params import SamplingParams
-from grpo_ar.rewards.text import numeric_answer
-from grpo_ar.train.tools import ToolEnvironment
-from grpo_ar.train.trainer import Trainer
-from grpo_ar.types import Entry, RewardSpec
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/: ar_common
+from ar_common.seeds import (  # noqa: E402
+    EVAL_SEEDS,
+    TRAIN_SEEDS,
+    add_seed_options,
+    check_eval_seeds,
+    pm,
+    stats,
+    summarise,
+    table,
+)
+
+from grpo_ar.adapters.multiturn import MultiTurnAdapter  # noqa: E402
+from grpo_ar.adapters.text import TextAdapter  # noqa: E402
+from grpo_ar.config import load_config  # noqa: E402
+from grpo_ar.generation.params import SamplingParams  # noqa: E402
+from grpo_ar.rewards.text import numeric_answer  # noqa: E402
+from grpo_ar.train.tools import ToolEnvironment  # noqa: E402
+from grpo_ar.train.trainer import Trainer  # noqa: E402
+from grpo_ar.types import Entry, RewardSpec  # noqa: E402
 
 INSTRUCTION = "Use the calculator, then give the final number inside <answer></answer>."
 # two worked trajectories as prior chat turns. Probe (4 held-out problems x 4 samples, T = 1):
 # with one demo 0 of 16 first turns called the tool; with two, 7 of 16 (some with broken JSON)
+SAMPLED = ("accuracy", "tool_use_rate", "failed_calls")  # metrics of one held-out evaluation
+CURVE = ("reward/mean", "tools/call_frequency", "tools/failure_frequency", "turns/mean")
 DEMOS = (
     ("Calculate 417 * 382.", "417 * 382", "159294"),
     ("Calculate 521 + 384.", "521 + 384", "905"),
@@ -70,11 +90,14 @@ def chat_prompt(question: str) -> list[dict[str, str]]:
     return [*demos, {"role": "user", "content": f"{question}\n{INSTRUCTION}"}]
 
 
-def make_rows(size: int, seed: int, exclude: set[str] = frozenset()) -> list[dict[str, Any]]:
+def make_rows(
+    size: int, seed: int, exclude: set[str] | frozenset[str] = frozenset()
+) -> list[dict[str, Any]]:
     """`size` distinct reasoning-gym `basic_arithmetic` problems a ∘ b, both operands 3-digit."""
     import reasoning_gym
 
-    rows, seen = [], {*exclude, *(q for q, _, _ in DEMOS)}
+    rows: list[dict[str, Any]] = []
+    seen = {*exclude, *(q for q, _, _ in DEMOS)}
     for attempt in range(20):
         ds = reasoning_gym.create_dataset(
             "basic_arithmetic", size=2 * size, seed=seed + attempt, min_terms=2, max_terms=2,
@@ -106,13 +129,19 @@ def build_adapter(tokenizer: Any, max_new: int, max_turns: int, max_tokens: int)
 
 
 @torch.no_grad()
-def evaluate(model: Any, adapter: MultiTurnAdapter, evals: list[Entry], batch: int = 16) -> dict:
-    """Greedy held-out accuracy, tool-use rate (a trajectory with >= 1 call), failed calls."""
+def evaluate(model: Any, adapter: MultiTurnAdapter, evals: list[Entry], seed: int | None = None,
+             batch: int = 16) -> dict[str, float]:  # fmt: skip
+    """Held-out accuracy, tool-use rate (a trajectory with >= 1 call) and failed calls, one
+    trajectory per problem: greedy when `seed` is None (no randomness: the same for every
+    evaluation seed), else sampled at the adapter's (training) temperature by a generator seeded
+    `seed`, its own stream, so training never draws the same noise."""
     model.eval()
+    gen = None if seed is None else torch.Generator().manual_seed(seed)
     correct = used = calls = failed = 0
     for i in range(0, len(evals), batch):
         chunk = evals[i : i + batch]
-        rollout = adapter.sample(model, adapter.encode(chunk), 1, greedy=True)
+        rollout = adapter.sample(model, adapter.encode(chunk), 1, generator=gen,
+                                 greedy=seed is None)  # fmt: skip
         for out, e in zip(adapter.decode(rollout), chunk):
             correct += numeric_answer.per_sample(out, answer=e.metadata["answer"])
             used += out.stats["tool_calls"] > 0
@@ -126,6 +155,13 @@ def evaluate(model: Any, adapter: MultiTurnAdapter, evals: list[Entry], batch: i
     }
 
 
+def measure(model: Any, adapter: MultiTurnAdapter, evals: list[Entry],
+            eval_seeds: list[int]) -> dict[str, Any]:  # fmt: skip
+    """{"greedy": metrics, "sampled": {eval seed: metrics}} on the held-out problems."""
+    sampled = {e: evaluate(model, adapter, evals, e) for e in eval_seeds}
+    return {"greedy": evaluate(model, adapter, evals), "sampled": sampled}
+
+
 def experiment(
     model: Any,
     tokenizer: Any,
@@ -137,13 +173,15 @@ def experiment(
     max_new: int = 40,
     max_turns: int = 2,
     max_tokens: int = 120,
+    seeds: tuple[int, ...] = TRAIN_SEEDS,
+    eval_seeds: tuple[int, ...] = EVAL_SEEDS,
+    on_seed: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate, train `steps` GRPO steps over trajectories, evaluate again; timings included."""
+    """Evaluate `model` with every evaluation seed (and greedy), then for every training seed:
+    `steps` GRPO steps over trajectories from a copy of `model`, evaluate again. The result so
+    far goes to `on_seed` after each training seed; timings included."""
     adapter = build_adapter(tokenizer, max_new, max_turns, max_tokens)
     evals = entries(eval_rows)
-    start = time.perf_counter()
-    before = evaluate(model, adapter, evals)
-    eval_s = time.perf_counter() - start
     cfg = load_config(
         None,
         [
@@ -153,33 +191,114 @@ def experiment(
             "trainer.save_every=0", "log.overwrite=true", *overrides,
         ],
     )  # fmt: skip
-    trainer = Trainer(cfg, model, adapter, entries(train_rows))
-    start = time.perf_counter()
-    history = [trainer.train_step() for _ in range(steps)]
-    train_s = time.perf_counter() - start
-    after = evaluate(trainer.model, adapter, evals)
-    keys = ("reward/mean", "tools/call_frequency", "tools/failure_frequency", "turns/mean")
+    check_eval_seeds(eval_seeds, seeds, steps, cfg.algorithm.dynamic_sampling_max_rounds)
+    t0, load0 = time.perf_counter(), os.getloadavg()
+    before = measure(model, adapter, evals, list(eval_seeds))
+    eval_s = time.perf_counter() - t0
+    settings = {"steps": steps, "lr": cfg.trainer.lr, "batch_size": cfg.trainer.batch_size,
+                "group_size": cfg.algorithm.group_size, "beta": cfg.algorithm.beta,
+                "temperature": adapter.sampling.temperature, "max_new": max_new,
+                "max_turns": max_turns, "max_tokens": max_tokens}  # fmt: skip
+    runs: list[dict[str, Any]] = []
+    cells: list[dict[str, Any]] = []
+    for seed in seeds:
+        run_cfg = replace(cfg, trainer=replace(cfg.trainer, seed=seed),
+                          log=replace(cfg.log, run_dir=f"{run_dir}/seed{seed}"))  # fmt: skip
+        trainer = Trainer(run_cfg, copy.deepcopy(model), adapter, entries(train_rows))
+        start = time.perf_counter()
+        history = [trainer.train_step() for _ in range(steps)]
+        train_s = time.perf_counter() - start
+        after = measure(trainer.model, adapter, evals, list(eval_seeds))
+        cells += [{"train_seed": seed, "eval_seed": e, "before": before["sampled"][e],
+                   "after": after["sampled"][e]} for e in eval_seeds]  # fmt: skip
+        runs.append({
+            "seed": seed, "greedy": after["greedy"], "train_s": train_s,
+            "eval_s": time.perf_counter() - start - train_s,
+            "steps": [{k: round(float(m.get(k, float("nan"))), 4) for k in CURVE} for m in history],
+        })  # fmt: skip
+        del trainer
+        result = {
+            **collect(before, cells, runs), "settings": settings, "eval_size": len(evals),
+            "heldout_questions": [r["question"] for r in eval_rows],
+            "seconds": {"eval_before": eval_s, "total": time.perf_counter() - t0},
+            "loadavg_1min": {"start": load0[0], "end": os.getloadavg()[0]},
+        }  # fmt: skip
+        if on_seed is not None:
+            on_seed(result)
+    return result
+
+
+def collect(before: dict[str, Any], cells: list[dict[str, Any]],
+            runs: list[dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
+    """The training seeds so far, their cells with the summary over them, and greedy after
+    training as statistics over the training seeds (it has one value per training seed)."""
+    greedy = {k: stats([r["greedy"][k] for r in runs]) for k in SAMPLED}
     return {
-        "before": before,
-        "after": after,
-        "train_s": train_s,
-        "eval_s": eval_s,
-        "steps": [{k: round(float(m.get(k, float("nan"))), 4) for k in keys} for m in history],
-    }
+        "seeds": [r["seed"] for r in runs], "eval_seeds": list(dict.fromkeys(
+            c["eval_seed"] for c in cells)), "before": before, "cells": cells,
+        "summary": summarise(cells, SAMPLED), "runs": runs,
+        "greedy": {"before": before["greedy"], "after": greedy},
+    }  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
+def report(result: dict[str, Any]) -> str:
+    """The README's figures: sampled metrics over (training, evaluation) seed cells, greedy over
+    training seeds, per-step training curves, timings and load."""
+    s, g, st = result["summary"], result["greedy"], result["settings"]
+    n, cells = result["eval_size"], len(result["cells"])
+    lines = [
+        f"held-out {n} problems, 1 trajectory each; training seeds {result['seeds']} x eval seeds "
+        f"{result['eval_seeds']} = {cells} cells; {st['steps']} GRPO steps of "
+        f"{st['batch_size']} x {st['group_size']} trajectories, lr {st['lr']}, T {st['temperature']}",
+        f"sampled at T {st['temperature']}, mean ± std (min..max) over the cells:",
+        table(s, {"accuracy": "accuracy", "tool_use_rate": "tool-use rate"}),
+        f"failed calls (fraction of calls): before {pm(s['failed_calls']['before'])}, "
+        f"after {pm(s['failed_calls']['after'])}",
+        "greedy (does not depend on the eval seed), after = mean ± std (min..max) over "
+        "training seeds: " + "; ".join(f"{k} {g['before'][k]:.3f} -> {pm(g['after'][k])}"
+                                      for k in SAMPLED),
+    ]  # fmt: skip
+    for r in result["runs"]:
+        curve = " | ".join(f"{m['reward/mean']:.2f}/{m['tools/call_frequency']:.2f}"
+                           for m in r["steps"])  # fmt: skip
+        lines.append(f"training seed {r['seed']}: reward/call frequency per step {curve}; "
+                     f"train {r['train_s']:.0f}s, evaluation after {r['eval_s']:.0f}s")  # fmt: skip
+    sec, load = result["seconds"], result["loadavg_1min"]
+    lines.append(f"commit {result.get('commit', '?')}; evaluation before {sec['eval_before']:.0f}s;"
+                 f" total {sec['total']:.0f}s; load {load['start']:.1f} -> {load['end']:.1f}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def commit() -> str:
+    """The code's commit, "+dirty" when the work tree differs from it ("unknown" off git)."""
+
+    def git(*a: str) -> str:
+        where = Path(__file__).resolve().parent
+        out = subprocess.run(["git", *a], cwd=where, check=True, capture_output=True, text=True)
+        return out.stdout.strip()
+
+    try:
+        return git("rev-parse", "--short", "HEAD") + (
+            "+dirty" if git("status", "--porcelain") else ""
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model-dir", default="runs/smollm2-135m-instruct")
+    p.add_argument("--model-dir", default="runs/smollm2-135m-instruct",
+                   help="a transformers causal LM folder with a chat tokenizer")  # fmt: skip
     p.add_argument("--run-dir", default="runs/tool_calculator")
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=4)
     p.add_argument("--train-size", type=int, default=100)
-    p.add_argument("--eval-size", type=int, default=16)
+    p.add_argument("--eval-size", type=int, default=8, help="held-out problems")
     p.add_argument("--max-new", type=int, default=40, help="tokens per model turn")
     p.add_argument("--max-turns", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=120, help="trajectory token budget")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--set", action="append", default=[], help="config override key=value")
+    add_seed_options(p)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -191,15 +310,21 @@ def main(argv: list[str] | None = None) -> int:
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
     eval_rows = make_rows(args.eval_size, seed=10_000)
     train_rows = make_rows(args.train_size, seed=0, exclude={r["question"] for r in eval_rows})
-    result = experiment(
+    out = Path(args.run_dir) / "results.json"
+    code = commit()
+
+    def save(result: dict[str, Any]) -> None:
+        result.update(commit=code, date=time.strftime("%Y-%m-%d"))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+        print(f"\n{report(result)}\nwrote {out}", flush=True)
+
+    return experiment(
         model, tokenizer, train_rows, eval_rows, args.run_dir, args.steps, tuple(args.set),
         max_new=args.max_new, max_turns=args.max_turns, max_tokens=args.max_tokens,
+        seeds=tuple(args.seeds), eval_seeds=tuple(args.eval_seeds), on_seed=save,
     )  # fmt: skip
-    print(json.dumps(result, indent=1))
-    Path(args.run_dir).mkdir(parents=True, exist_ok=True)
-    (Path(args.run_dir) / "result.json").write_text(json.dumps(result, indent=1))
-    return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

@@ -1,0 +1,156 @@
+"""The plan-then-image example's evaluation protocol (issue 23, item 1): every training seed is
+measured on every evaluation seed; held-out prompts are never drawn for training; evaluation
+seeds are never a random stream training draws from; another evaluation seed changes the samples
+but not the protocol; results.json holds the cells and their mean ± spread. Tiny pre-training,
+real Trainer, real span sampler."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))  # the example's modules import each other as plan_then_image.*
+from plan_then_image import run  # noqa: E402
+
+TINY = [
+    "data.n_train=96", "vq.steps=2", "vq.channels=[8, 8]", "cls.steps=2", "cls.batch_size=16",
+    "cls.n_test=16", "rcls.steps=2", "rcls.batch_size=16", "rcls.n_train=64", "rcls.n_test=16",
+    "prior.steps=2", "prior.batch_size=8", "prior.hidden=32", "prior.layers=1", "prior.n_train=64",
+]  # fmt: skip
+
+
+class RecordingGenerator(torch.Generator):
+    """A real torch generator that remembers every seed it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seeds: list[int] = []
+
+    def manual_seed(self, seed: int) -> torch.Generator:  # type: ignore[override]
+        self.seeds.append(int(seed))
+        return super().manual_seed(seed)
+
+
+def _argv(tmp: Path, run_name: str, *extra: str) -> list[str]:
+    sets = ["trainer.steps=2", "trainer.batch_size=2", "trainer.warmup_steps=0",
+            "algorithm.group_size=2", "log.samples_per_step=100",
+            f"log.run_dir={tmp / run_name}"]  # fmt: skip
+    argv = ["--base", str(tmp / "base"), "--eval-samples", "2"]
+    argv += [x for kv in TINY for x in ("--pretrain-set", kv)]
+    return argv + [x for kv in sets for x in ("--set", kv)] + list(extra)  # extra --set wins
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A folder holding the tiny pre-training cache (and the parsed defaults)."""
+    tmp = tmp_path_factory.mktemp("plan_protocol")
+    args = run.parse_args(_argv(tmp, "unused"))
+    run.pretrain(tmp / "base", verbose=False, **run.parse_overrides(args.pretrain_set))
+    return tmp
+
+
+def test_seed_options_take_both_forms_and_default_to_three_by_three():
+    from ar_common.seeds import EVAL_SEEDS, TRAIN_SEEDS
+
+    args = run.parse_args([])
+    assert args.seeds == list(TRAIN_SEEDS) == [0, 1, 2] and not args.ablation
+    assert args.eval_seeds == list(EVAL_SEEDS) and len(args.eval_seeds) == 3
+    assert run.parse_args(["--seeds", "0,1,2"]).seeds == [0, 1, 2]  # the first README's form
+    assert run.parse_args(["--seeds", "3", "4,5"]).seeds == [3, 4, 5]
+    assert run.parse_args(["--eval-seed", "9"]).eval_seeds == [9]
+    assert run.parse_args(["--eval-seeds", "9", "10"]).eval_seeds == [9, 10]
+    with pytest.raises(SystemExit):
+        run.parse_args(["--seeds", "0,x"])
+
+
+@pytest.mark.slow
+def test_training_never_draws_heldout_prompts_or_evaluation_seeds(base):
+    from ar_common.seeds import EVAL_SEEDS, training_streams
+
+    from grpo_ar.cli import build_model_and_adapter
+    from grpo_ar.parallel.ddp import derive_seed
+    from grpo_ar.train.trainer import Trainer
+
+    # 3 steps of 3 prompts: one whole epoch of the 9 training prompts, every sample logged
+    args = run.parse_args(_argv(base, "train", "--set", "trainer.steps=3", "--set",
+                                "trainer.batch_size=3"))  # fmt: skip
+    cfg = run.config(args, base / "base")
+    model, adapter = build_model_and_adapter(cfg)
+    train, held = run.prompt_split()
+    trainer = Trainer(cfg, model, adapter, run.entries(train))
+    trainer.generator = RecordingGenerator()
+    assert len(trainer.train()) == 3
+    rows = (base / "train" / "samples.jsonl").read_text().splitlines()
+    drawn = {json.loads(r)["prompt"] for r in rows}
+    assert len(rows) == 3 * 3 * 2 and drawn == set(train) and not drawn & set(held)
+    # the streams the check assumes are the ones the Trainer really seeded
+    used = set(trainer.generator.seeds)
+    assert used <= training_streams(0, 3) and derive_seed(0, 2, 0) in used
+    assert not used & set(EVAL_SEEDS)
+    # a clash is refused before any training or evaluation, naming the seeds
+    clash = derive_seed(1, 1, 0)
+    with pytest.raises(SystemExit, match=rf"evaluation seed\(s\) \[{clash}\] are random streams"):
+        run.main(_argv(base, "clash", "--seeds", "1", "--eval-seeds", "777", str(clash)))
+    assert not (base / "clash").exists()
+
+
+def _training_rows(path: Path) -> list[dict]:
+    """metrics.jsonl rows without the wall-clock timings."""
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    return [
+        {k: v for k, v in r.items() if not k.startswith(("time/", "tokens_per_s"))} for r in rows
+    ]
+
+
+@pytest.mark.slow
+def test_every_run_on_every_eval_seed_and_results_json(base):
+    a = run.main(_argv(base, "a", "--seeds", "0,1", "--eval-seeds", "5", "6", "--ablation"))
+    b = run.main(_argv(base, "b", "--seeds", "0", "--eval-seed", "6", "7"))
+    saved = json.loads((base / "a" / "results.json").read_text())
+    assert saved["summary"] == json.loads(json.dumps(a["summary"]))  # what main returned
+    # 2 training seeds x 2 evaluation seeds per variant, in that order
+    for name in ("full", "plan_weight0"):
+        cells = saved["cells"][name]
+        assert [(c["train_seed"], c["eval_seed"]) for c in cells] == [(0, 5), (0, 6), (1, 5),
+                                                                      (1, 6)]  # fmt: skip
+        s = saved["summary"][name]
+        assert set(s) == set(run.KEYS) and s["reward"]["change"]["n"] == 4
+        assert set(s["reward"]["change_by_eval_seed"]) == {"5", "6"}
+        # summarise's numbers are the cells': the mean change by hand
+        change = [c["after"]["reward"] - c["before"]["reward"] for c in cells]
+        assert s["reward"]["change"]["mean"] == pytest.approx(sum(change) / 4, abs=1e-12)
+        # "before" of a cell is the pre-trained prior under that cell's evaluation seed
+        assert all(c["before"] == saved["before"][str(c["eval_seed"])] for c in cells)
+    assert saved["eval_seeds"] == [5, 6] and saved["seeds"] == [0, 1]
+    assert set(saved["plans_before"]) == {"5", "6"} and saved["commit"]
+    # the same protocol whatever is evaluated: prompts, counts, training (every step's metrics)
+    for key in ("heldout_prompts", "train_prompts"):
+        assert a[key] == b[key]
+    assert _training_rows(base / "a" / "full_seed0" / "metrics.jsonl") == _training_rows(
+        base / "b" / "full_seed0" / "metrics.jsonl"
+    )
+    # eval seed 6 measures the same in both runs, before and after training seed 0
+    assert a["cells"]["full"][1]["before"] == b["cells"]["full"][0]["before"]
+    assert a["cells"]["full"][1]["after"] == b["cells"]["full"][0]["after"]
+    # while another evaluation seed samples other plans from the same model
+    assert a["plans_before"]["5"] != a["plans_before"]["6"] or a["before"]["5"] != a["before"]["6"]
+
+
+@pytest.mark.slow
+def test_an_evaluation_seed_is_a_fixed_sample(base):
+    from grpo_ar.cli import build_model_and_adapter
+
+    args = run.parse_args(_argv(base, "unused"))
+    pre = run.pretrain(base / "base", verbose=False, **run.parse_overrides(args.pretrain_set))
+    model, adapter = build_model_and_adapter(run.config(args, base / "base"))
+    _, held = run.prompt_split()
+    outs = [run.evaluate(model, adapter, pre, args, held, s) for s in (5, 6, 5)]
+    (m5, x5, p5), (m6, x6, _), (m5b, x5b, p5b) = outs
+    assert torch.equal(x5, x5b) and p5 == p5b and m5 == m5b  # a seed is a fixed protocol
+    assert x5.shape == x6.shape == (len(held) * 2, 3, 16, 16)
+    assert not torch.equal(x5, x6)  # another seed, other images
