@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -91,3 +92,37 @@ class SeedRecorder:
                 self.phase = before
 
         return wrapped
+
+
+class RecordingGenerator(torch.Generator):
+    """A real torch generator that remembers every seed it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seeds: list[int] = []
+
+    def manual_seed(self, seed: int) -> torch.Generator:  # type: ignore[override]
+        self.seeds.append(int(seed))
+        return super().manual_seed(seed)
+
+
+def tiny_argv(
+    tmp: Path, run: str, tiny: list[str], *extra: str, samples_per_step: int = 4
+) -> list[str]:
+    """An AR image example's run.py arguments at tiny sizes: pre-training overrides `tiny`
+    (cached in tmp/base), 2 GRPO steps of 2 prompts x 2 samples into tmp/run, 2 held-out
+    samples per prompt; `extra` comes last (its --set wins)."""
+    sets = ["trainer.steps=2", "trainer.batch_size=2", "trainer.warmup_steps=0",
+            "algorithm.group_size=2", f"log.samples_per_step={samples_per_step}",
+            f"log.run_dir={tmp / run}"]  # fmt: skip
+    argv = ["--base", str(tmp / "base"), "--eval-samples", "2"]
+    argv += [x for kv in tiny for x in ("--pretrain-set", kv)]
+    return argv + [x for kv in sets for x in ("--set", kv)] + list(extra)
+
+
+def training_rows(lines: list[str]) -> list[dict]:
+    """metrics.jsonl rows without the wall-clock timings."""
+    rows = [json.loads(x) for x in lines]
+    return [
+        {k: v for k, v in r.items() if not k.startswith(("time/", "tokens_per_s"))} for r in rows
+    ]

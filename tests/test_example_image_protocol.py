@@ -13,7 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from example_modules import example_module, load_example
+from example_modules import (
+    RecordingGenerator,
+    example_module,
+    load_example,
+    tiny_argv,
+    training_rows,
+)
 
 TINY = [
     "data.n_train=96", "cls.n_test=32", "vq.steps=2", "vq.codebook=32", "vq.channels=[8, 8]",
@@ -22,32 +28,8 @@ TINY = [
 ]  # fmt: skip
 
 
-class RecordingGenerator(torch.Generator):
-    """A real torch generator that remembers every seed it was given."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seeds: list[int] = []
-
-    def manual_seed(self, seed: int) -> torch.Generator:  # type: ignore[override]
-        self.seeds.append(int(seed))
-        return super().manual_seed(seed)
-
-
 def _argv(tmp: Path, run: str, *extra: str) -> list[str]:
-    sets = ["trainer.steps=2", "trainer.batch_size=2", "trainer.warmup_steps=0",
-            "algorithm.group_size=2", "log.samples_per_step=4", f"log.run_dir={tmp / run}"]  # fmt: skip
-    argv = ["--base", str(tmp / "base"), "--eval-samples", "2"]
-    argv += [x for kv in TINY for x in ("--pretrain-set", kv)]
-    return argv + [x for kv in sets for x in ("--set", kv)] + list(extra)  # extra --set wins
-
-
-def _training_rows(lines: list[str]) -> list[dict]:
-    """metrics.jsonl rows without the wall-clock timings."""
-    rows = [json.loads(x) for x in lines]
-    return [
-        {k: v for k, v in r.items() if not k.startswith(("time/", "tokens_per_s"))} for r in rows
-    ]
+    return tiny_argv(tmp, run, TINY, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +92,7 @@ def test_other_evaluation_seed_changes_images_not_protocol(example):
     for key in ("heldout_prompts", "eval_samples", "seeds", "settings", "rewards"):
         assert a[key] == b[key]
     metrics = [(tmp / r / "seed0" / "metrics.jsonl").read_text().splitlines() for r in "ab"]
-    assert _training_rows(metrics[0]) == _training_rows(metrics[1])
+    assert training_rows(metrics[0]) == training_rows(metrics[1])
     assert [c["eval_seed"] for c in a["cells"]] == [5, 6] and len(b["cells"]) == 2
     # eval seed 6 measures the same in both runs, whatever else was evaluated
     assert a["cells"][1]["before"] == b["cells"][0]["before"]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from example_modules import RecordingGenerator, tiny_argv, training_rows
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))  # the example's modules import each other as plan_then_image.*
@@ -24,25 +25,8 @@ TINY = [
 ]  # fmt: skip
 
 
-class RecordingGenerator(torch.Generator):
-    """A real torch generator that remembers every seed it was given."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seeds: list[int] = []
-
-    def manual_seed(self, seed: int) -> torch.Generator:  # type: ignore[override]
-        self.seeds.append(int(seed))
-        return super().manual_seed(seed)
-
-
-def _argv(tmp: Path, run_name: str, *extra: str) -> list[str]:
-    sets = ["trainer.steps=2", "trainer.batch_size=2", "trainer.warmup_steps=0",
-            "algorithm.group_size=2", "log.samples_per_step=100",
-            f"log.run_dir={tmp / run_name}"]  # fmt: skip
-    argv = ["--base", str(tmp / "base"), "--eval-samples", "2"]
-    argv += [x for kv in TINY for x in ("--pretrain-set", kv)]
-    return argv + [x for kv in sets for x in ("--set", kv)] + list(extra)  # extra --set wins
+def _argv(tmp: Path, run: str, *extra: str) -> list[str]:
+    return tiny_argv(tmp, run, TINY, *extra, samples_per_step=100)
 
 
 @pytest.fixture(scope="module")
@@ -99,14 +83,6 @@ def test_training_never_draws_heldout_prompts_or_evaluation_seeds(base):
     assert not (base / "clash").exists()
 
 
-def _training_rows(path: Path) -> list[dict]:
-    """metrics.jsonl rows without the wall-clock timings."""
-    rows = [json.loads(x) for x in path.read_text().splitlines()]
-    return [
-        {k: v for k, v in r.items() if not k.startswith(("time/", "tokens_per_s"))} for r in rows
-    ]
-
-
 @pytest.mark.slow
 def test_every_run_on_every_eval_seed_and_results_json(base):
     a = run.main(_argv(base, "a", "--seeds", "0,1", "--eval-seeds", "5", "6", "--ablation"))
@@ -131,9 +107,8 @@ def test_every_run_on_every_eval_seed_and_results_json(base):
     # the same protocol whatever is evaluated: prompts, counts, training (every step's metrics)
     for key in ("heldout_prompts", "train_prompts"):
         assert a[key] == b[key]
-    assert _training_rows(base / "a" / "full_seed0" / "metrics.jsonl") == _training_rows(
-        base / "b" / "full_seed0" / "metrics.jsonl"
-    )
+    a_rows, b_rows = ((base / r / "full_seed0" / "metrics.jsonl").read_text() for r in "ab")
+    assert training_rows(a_rows.splitlines()) == training_rows(b_rows.splitlines())
     # eval seed 6 measures the same in both runs, before and after training seed 0
     assert a["cells"]["full"][1]["before"] == b["cells"]["full"][0]["before"]
     assert a["cells"]["full"][1]["after"] == b["cells"]["full"][0]["after"]

@@ -1,11 +1,32 @@
-"""Command-line plumbing of the AR image and video examples' run.py: the options they share
-(pre-training cache and overrides, held-out evaluation, config overrides)."""
+"""Command-line plumbing of the examples' run.py: the options the AR image and video ones share
+(pre-training cache and overrides, held-out evaluation, config overrides) and the commit every
+example records with its figures."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+from pathlib import Path
 from typing import Any
+
+
+def commit() -> str:
+    """The code's commit, "+dirty" when the work tree differs from it ("unknown" off git): the
+    provenance each example writes beside its figures."""
+
+    def git(*a: str) -> str:
+        where = Path(__file__).resolve().parent
+        out = subprocess.run(["git", *a], cwd=where, check=True, capture_output=True, text=True,
+                             timeout=30)  # fmt: skip
+        return out.stdout.strip()
+
+    try:
+        return git("rev-parse", "--short", "HEAD") + (
+            "+dirty" if git("status", "--porcelain") else ""
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:

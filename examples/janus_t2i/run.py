@@ -34,7 +34,7 @@ from torch import Tensor
 # imported as `janus_t2i.*` (examples/ on the path), as the image example does
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ar_common.runs import parse_overrides, run_parser  # noqa: E402
+from ar_common.runs import commit, parse_overrides, run_parser  # noqa: E402
 from ar_common.seeds import add_seed_options, check_eval_seeds, summarise, table  # noqa: E402
 from image_aesthetic import fidelity  # noqa: E402, F401  (registers the prompt_fidelity reward)
 from image_aesthetic.shapes import image_grid, parse_prompt, prompt_split  # noqa: E402
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "relative_gain_by_cell": [c["after"][f"score/{REWARD}"] / c["before"][f"score/{REWARD}"]
                                   - 1 for c in cells],  # fmt: skip
         "train_prompts": train_prompts, "heldout_prompts": held,
-        "eval_samples": args.eval_samples, "date": time.strftime("%Y-%m-%d"), "commit": _commit(),
+        "eval_samples": args.eval_samples, "date": time.strftime("%Y-%m-%d"), "commit": commit(),
         "seconds": {"pretrain": t_pre, "grpo": t_grpo, "total": time.perf_counter() - t0},
         "loadavg_1min": {"start": load0[0], "end": load1[0]},
         "pretrain_meta": {k: v for k, v in pre["meta"].items() if k != "settings"},
@@ -198,18 +198,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     (run_dir / "results.json").write_text(json.dumps(result, indent=2))
     _report(result, table(summary, HEADLINE))
     return result
-
-
-def _commit() -> str | None:
-    """The checkout's short commit (None outside a git checkout), for the figures' provenance."""
-    import subprocess
-
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=Path(__file__).parent, timeout=10)  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
 
 
 def _settings(cfg: Any) -> dict[str, Any]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -36,7 +35,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/, as `plan_then_image.*`
 
-from ar_common.runs import parse_overrides, run_parser  # noqa: E402
+from ar_common.runs import commit, parse_overrides, run_parser  # noqa: E402
 from ar_common.seeds import (  # noqa: E402
     TRAIN_SEEDS,
     add_seed_options,
@@ -179,7 +178,7 @@ def config(args: Any, base: Path) -> Config:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    t0, load0, code = time.perf_counter(), os.getloadavg(), _commit()  # the code that runs
+    t0, load0, code = time.perf_counter(), os.getloadavg(), commit()  # the code that runs
     base = Path(args.base)
     pre = pretrain(base, **parse_overrides(args.pretrain_set))
     t_pre = time.perf_counter() - t0
@@ -264,19 +263,6 @@ def _shift_table(s: dict[str, Any]) -> str:
     lines += [f"| {label} | {pm(s[k]['before'])} | {pm(s[k]['after'])} | {pm(s[k]['change'])} |"
               for k, label in SHIFT.items()]  # fmt: skip
     return "\n".join(lines)
-
-
-def _commit() -> str:
-    """The code's commit, "+dirty" when the work tree differs from it ("unknown" off git)."""
-    where = Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=where, check=True,
-                              capture_output=True, text=True).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=where, capture_output=True,
-                               text=True).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
 
 
 def _fmt(m: dict[str, float]) -> str:

@@ -19,7 +19,6 @@ import copy
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/: ar_common
+from ar_common.runs import commit  # noqa: E402
 from ar_common.seeds import (  # noqa: E402
     EVAL_SEEDS,
     TRAIN_SEEDS,
@@ -267,22 +267,6 @@ def report(result: dict[str, Any]) -> str:
     lines.append(f"commit {result.get('commit', '?')}; evaluation before {sec['eval_before']:.0f}s;"
                  f" total {sec['total']:.0f}s; load {load['start']:.1f} -> {load['end']:.1f}")  # fmt: skip
     return "\n".join(lines)
-
-
-def commit() -> str:
-    """The code's commit, "+dirty" when the work tree differs from it ("unknown" off git)."""
-
-    def git(*a: str) -> str:
-        where = Path(__file__).resolve().parent
-        out = subprocess.run(["git", *a], cwd=where, check=True, capture_output=True, text=True)
-        return out.stdout.strip()
-
-    try:
-        return git("rev-parse", "--short", "HEAD") + (
-            "+dirty" if git("status", "--porcelain") else ""
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
