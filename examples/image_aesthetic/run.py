@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         runs[seed] = _train_summary(history, t_grpo[-1])
         for e in args.eval_seeds:
             after, img, _ = evaluate(trainer.model, e)
-            grid = _write_grid(run_dir / f"grid_seed{seed}_eval{e}.png", before[e][1], img,
+            grid = write_grid(run_dir / f"grid_seed{seed}_eval{e}.png", before[e][1], img,
                                args.eval_samples)  # fmt: skip
             cells.append({"train_seed": seed, "eval_seed": e, "before": before[e][0],
                           "after": after, "grid": str(grid)})  # fmt: skip
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {
         "reward": reward, "rewards": specs, "seeds": args.seeds, "eval_seeds": args.eval_seeds,
         "settings": _settings(cfg), "cells": cells, "summary": summary, "runs": runs,
-        "relative_gain": _gain(summary, f"score/{reward}"), "heldout_prompts": held,
+        "relative_gain": relative_gain(summary, f"score/{reward}"), "heldout_prompts": held,
         "eval_samples": args.eval_samples, "date": time.strftime("%Y-%m-%d"),
         "seconds": {"pretrain": t_pre, "grpo": t_grpo, "total": time.perf_counter() - t0},
         "loadavg_1min": {"start": load0[0], "end": load1[0]},
@@ -225,7 +225,7 @@ def _train_summary(history: list[dict[str, float]], seconds: float) -> dict[str,
     return out
 
 
-def _gain(summary: dict[str, Any], key: str) -> dict[str, float]:
+def relative_gain(summary: dict[str, Any], key: str) -> dict[str, float]:
     """Relative gain of the mean score over all cells."""
     return {"mean": summary[key]["after"]["mean"] / summary[key]["before"]["mean"] - 1}
 
@@ -257,7 +257,7 @@ def _fmt(m: dict[str, float], reward: str) -> str:
     )
 
 
-def _write_grid(
+def write_grid(
     path: Path, before: Tensor, after: Tensor, samples: int, per_prompt: int = 2
 ) -> Path:
     """Row 1: the first `per_prompt` held-out images of every prompt before GRPO; row 2: the same

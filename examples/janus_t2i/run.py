@@ -19,7 +19,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import sys
@@ -37,14 +36,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ar_common.runs import commit, parse_overrides, run_parser  # noqa: E402
 from ar_common.seeds import add_seed_options, check_eval_seeds, summarise, table  # noqa: E402
 from image_aesthetic import fidelity  # noqa: E402, F401  (registers the prompt_fidelity reward)
-from image_aesthetic.shapes import image_grid, parse_prompt, prompt_split  # noqa: E402
+from image_aesthetic.run import entries, make_trainer, relative_gain, write_grid  # noqa: E402
+from image_aesthetic.shapes import parse_prompt, prompt_split  # noqa: E402
 from janus_t2i.pretrain import pretrain  # noqa: E402
 
 from grpo_ar.cli import build_model_and_adapter  # noqa: E402
 from grpo_ar.config import load_config  # noqa: E402
 from grpo_ar.io.data import load_rows  # noqa: E402
 from grpo_ar.rewards.image import aesthetic_proxy_score  # noqa: E402
-from grpo_ar.train.trainer import Trainer  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parent / "config.toml"
 REWARD = "pickscore"
@@ -58,12 +57,6 @@ HEADLINE = {
     "fidelity/shape": "fidelity: shape",
     "kl_to_start/per_image": "KL to start, nats/image",
 }
-
-
-def entries(prompts: list[str], rewards: list[dict]) -> list:
-    """Rows {prompt, colour, shape} under the reward specs (their "$colour" reads the row)."""
-    rows = [dict(zip(("colour", "shape"), parse_prompt(p)), prompt=p) for p in prompts]
-    return load_rows(rows, default_rewards=rewards)
 
 
 def reward_specs(cfg: Any, fidelity_weight: float | None) -> list[dict]:
@@ -134,16 +127,6 @@ def setup(args: Any, base: Path) -> tuple[Any, list[dict]]:
     return cfg, specs
 
 
-def make_trainer(cfg: Any, seed: int, start: Any, adapter: Any, train: list) -> Trainer:
-    """A Trainer of a copy of `start` on `train` entries with training seed `seed`, writing
-    under run_dir/seed<seed>/."""
-    run_dir = str(Path(cfg.log.run_dir) / f"seed{seed}")
-    cfg = replace(
-        cfg, trainer=replace(cfg.trainer, seed=seed), log=replace(cfg.log, run_dir=run_dir)
-    )
-    return Trainer(cfg, copy.deepcopy(start), adapter, train)
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     t0, load0 = time.perf_counter(), os.getloadavg()
@@ -176,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         runs[seed] = _train_summary(history, t_grpo[-1])
         for e in args.eval_seeds:
             after, img, _ = evaluate(trainer.model, e)
-            grid = _write_grid(run_dir / f"grid_seed{seed}_eval{e}.png", before[e][1], img,
+            grid = write_grid(run_dir / f"grid_seed{seed}_eval{e}.png", before[e][1], img,
                                args.eval_samples)  # fmt: skip
             cells.append({"train_seed": seed, "eval_seed": e, "before": before[e][0],
                           "after": after, "grid": str(grid)})  # fmt: skip
@@ -186,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {
         "reward": REWARD, "rewards": specs, "seeds": args.seeds, "eval_seeds": args.eval_seeds,
         "settings": _settings(cfg), "cells": cells, "summary": summary, "runs": runs,
-        "relative_gain": _gain(summary, f"score/{REWARD}"),
+        "relative_gain": relative_gain(summary, f"score/{REWARD}"),
         "relative_gain_by_cell": [c["after"][f"score/{REWARD}"] / c["before"][f"score/{REWARD}"]
                                   - 1 for c in cells],  # fmt: skip
         "train_prompts": train_prompts, "heldout_prompts": held,
@@ -217,11 +200,6 @@ def _train_summary(history: list[dict[str, float]], seconds: float) -> dict[str,
     return out
 
 
-def _gain(summary: dict[str, Any], key: str) -> dict[str, float]:
-    """Relative gain of the mean score over all cells."""
-    return {"mean": summary[key]["after"]["mean"] / summary[key]["before"]["mean"] - 1}
-
-
 def _report(result: dict[str, Any], tab: str) -> None:
     s, n, st = result["seconds"], len(result["cells"]), result["settings"]
     rewards = " + ".join(f"{r.get('weight', 1.0):g}·{r['name']}" for r in result["rewards"])
@@ -246,20 +224,6 @@ def _fmt(m: dict[str, float]) -> str:
         f"fidelity colour {m['fidelity/colour']:.3f} shape {m['fidelity/shape']:.3f} "
         f"both {m['fidelity/both']:.3f}; KL {m['kl_to_start/per_image']:.2f}"
     )
-
-
-def _write_grid(
-    path: Path, before: Tensor, after: Tensor, samples: int, per_prompt: int = 2
-) -> Path:
-    """Row 1: the first `per_prompt` held-out images of every prompt before GRPO; row 2: the same
-    prompts and sampling seeds after."""
-    from PIL import Image
-
-    k = min(per_prompt, samples)
-    pick = torch.tensor([p * samples + j for p in range(len(before) // samples) for j in range(k)])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image_grid([before[pick], after[pick]]).numpy()).save(path)
-    return path
 
 
 if __name__ == "__main__":
