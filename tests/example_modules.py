@@ -126,3 +126,15 @@ def training_rows(lines: list[str]) -> list[dict]:
     return [
         {k: v for k, v in r.items() if not k.startswith(("time/", "tokens_per_s"))} for r in rows
     ]
+
+
+def grid_cells(saved: dict, train_seeds: list[int], eval_seeds: list[int]) -> list[dict]:
+    """results.json's cells, after checking they are every training seed x evaluation seed
+    pair in order and that its protocol names those seeds."""
+    protocol = saved["protocol"]
+    assert (protocol["train_seeds"], protocol["eval_seeds"]) == (train_seeds, eval_seeds)
+    cells = saved["cells"]
+    assert [(c["train_seed"], c["eval_seed"]) for c in cells] == [
+        (t, e) for t in train_seeds for e in eval_seeds
+    ]
+    return cells

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from example_modules import SeedRecorder, example_module
+from example_modules import SeedRecorder, example_module, grid_cells, training_rows
 
 from grpo_ar.adapters.text import TextAdapter
 from grpo_ar.train.evaluation import eval_generator_seeds
@@ -119,28 +119,15 @@ def test_another_eval_seed_samples_other_answers_under_the_same_protocol(recorde
     # an evaluation with other seeds measures eval seed 778 the same and trains the same
     other = run.main(tiny_argv(tmp, "other", "--seeds", "0", "--eval-seeds", "778"))
     assert other["cells"][0] == next(c for c in out["cells"] if c["eval_seed"] == 778 and c["train_seed"] == 0)  # fmt: skip
-    rows = [
-        [{k: v for k, v in json.loads(x).items() if not k.startswith(("time/", "tokens_per_s"))}
-         for x in (tmp / r / "seed0" / "metrics.jsonl").read_text().splitlines()]
-        for r in ("grid", "other")
-    ]  # fmt: skip
+    rows = [training_rows((tmp / r / "seed0" / "metrics.jsonl").read_text().splitlines())
+            for r in ("grid", "other")]  # fmt: skip
     assert rows[0] == rows[1] and len(rows[0]) == 2
 
 
 def test_results_json_holds_the_mean_and_spread_of_the_cells(recorded):
     out, _, _, tmp = recorded
     saved = json.loads((tmp / "grid" / "results.json").read_text())
-    assert saved["protocol"]["train_seeds"] == [0, 1] and saved["protocol"]["eval_seeds"] == [
-        777,
-        778,
-    ]
-    cells = saved["cells"]
-    assert [(c["train_seed"], c["eval_seed"]) for c in cells] == [
-        (0, 777),
-        (0, 778),
-        (1, 777),
-        (1, 778),
-    ]
+    cells = grid_cells(saved, [0, 1], [777, 778])
     for key in ("greedy", "sampled"):
         s = saved["summary"][key]
         after = [c["after"][key] for c in cells]

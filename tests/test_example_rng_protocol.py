@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from example_modules import SeedRecorder, example_module
+from example_modules import SeedRecorder, example_module, grid_cells, training_rows
 
 from grpo_ar.adapters.text import TextAdapter
 
@@ -100,28 +100,15 @@ def test_another_eval_seed_samples_other_digits_under_the_same_protocol(recorded
     other = run.main(tiny_argv(tmp, "other", "--seeds", "0", "--eval-seeds", "778", "779"))
     assert other["cells"][0] == next(c for c in out["cells"] if (c["train_seed"], c["eval_seed"]) == (0, 778))  # fmt: skip
     assert other["cells"][1]["before"] != other["cells"][0]["before"]
-    rows = [
-        [{k: v for k, v in json.loads(x).items() if not k.startswith(("time/", "tokens_per_s"))}
-         for x in (tmp / r / "seed0" / "metrics.jsonl").read_text().splitlines()]
-        for r in ("grid", "other")
-    ]  # fmt: skip
+    rows = [training_rows((tmp / r / "seed0" / "metrics.jsonl").read_text().splitlines())
+            for r in ("grid", "other")]  # fmt: skip
     assert rows[0] == rows[1] and len(rows[0]) == 2
 
 
 def test_results_json_holds_the_mean_and_spread_of_the_cells(recorded):
     _, _, _, tmp = recorded
     saved = json.loads((tmp / "grid" / "results.json").read_text())
-    assert saved["protocol"]["train_seeds"] == [0, 1] and saved["protocol"]["eval_seeds"] == [
-        777,
-        778,
-    ]
-    cells = saved["cells"]
-    assert [(c["train_seed"], c["eval_seed"]) for c in cells] == [
-        (0, 777),
-        (0, 778),
-        (1, 777),
-        (1, 778),
-    ]
+    cells = grid_cells(saved, [0, 1], [777, 778])
     assert {"entropy", "chi2", "per_prompt_distinct"} <= set(saved["summary"])
     s = saved["summary"]["entropy"]
     after = [c["after"]["entropy"] for c in cells]
