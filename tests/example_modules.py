@@ -138,3 +138,37 @@ def grid_cells(saved: dict, train_seeds: list[int], eval_seeds: list[int]) -> li
         (t, e) for t in train_seeds for e in eval_seeds
     ]
     return cells
+
+
+def train_recording_seeds(trainer: Trainer, train: list[str], held: list[str], steps: int,
+                          samples: int) -> list[dict]:  # fmt: skip
+    """Train `trainer` (every sample logged) with a generator that records its seeds, and check
+    issue 23's protocol on it: its `samples` logged samples draw every training prompt and no
+    held-out one, and it seeds only the streams `check_eval_seeds` assumes (the last step's
+    sampling among them), never an evaluation seed. Returns the history."""
+    from ar_common.seeds import EVAL_SEEDS, training_streams
+
+    from grpo_ar.parallel.ddp import derive_seed
+
+    trainer.generator = RecordingGenerator()
+    history = trainer.train()
+    assert len(history) == steps
+    rows = (Path(trainer.run_dir) / "samples.jsonl").read_text().splitlines()
+    drawn = {json.loads(r)["prompt"] for r in rows}
+    assert len(rows) == samples and drawn == set(train) and not drawn & set(held)
+    used, seed = set(trainer.generator.seeds), trainer.cfg.trainer.seed
+    assert used <= training_streams(seed, steps) and derive_seed(seed, steps - 1, 0) in used
+    assert not used & set(EVAL_SEEDS)
+    return history
+
+
+def assert_clash_refused(main: Callable[[list[str]], Any], argv: Callable[..., list[str]],
+                         tmp: Path) -> None:  # fmt: skip
+    """An evaluation seed that is a training stream (training seed 1, step 1) stops `main`
+    before it writes anything, with the message naming the seed."""
+    from grpo_ar.parallel.ddp import derive_seed
+
+    clash = derive_seed(1, 1, 0)
+    with pytest.raises(SystemExit, match=rf"evaluation seed\(s\) \[{clash}\] are random streams"):
+        main(argv(tmp, "clash", "--seeds", "1", "--eval-seeds", "777", str(clash)))
+    assert not (tmp / "clash").exists()

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 from example_modules import (
-    RecordingGenerator,
+    assert_clash_refused,
     example_module,
     load_example,
     tiny_argv,
+    train_recording_seeds,
     training_rows,
 )
 
@@ -53,10 +54,7 @@ def example(tmp_path_factory):
 @pytest.mark.slow
 def test_training_never_draws_heldout_prompts_or_evaluation_seeds(example):
     run, tmp = example
-    from ar_common.seeds import EVAL_SEEDS, training_streams
-
     from grpo_ar.cli import build_model_and_adapter
-    from grpo_ar.parallel.ddp import derive_seed
 
     # 10 steps of 2 prompts: one whole epoch of the 20 training prompts, every sample logged
     args = run.parse_args(_argv(tmp, "train", "--set", "trainer.steps=10"))
@@ -64,21 +62,9 @@ def test_training_never_draws_heldout_prompts_or_evaluation_seeds(example):
     start, adapter = build_model_and_adapter(cfg)
     train, held = run.prompt_split()
     trainer = run.make_trainer(cfg, 0, start, adapter, run.entries(train, specs))
-    trainer.generator = RecordingGenerator()
-    history = trainer.train()
-    assert len(history) == 10 and "reward/prompt_fidelity/mean" in history[0]
-    rows = (tmp / "train" / "seed0" / "samples.jsonl").read_text().splitlines()
-    drawn = {json.loads(r)["prompt"] for r in rows}
-    assert len(rows) == 40 and drawn == set(train) and not drawn & set(held)
-    # the streams the check assumes are the ones the Trainer really seeded
-    used = set(trainer.generator.seeds)
-    assert used <= training_streams(0, 10) and derive_seed(0, 9, 0) in used
-    assert not used & set(EVAL_SEEDS)
-    # a clash is refused before any training, naming the seeds
-    clash = derive_seed(1, 1, 0)
-    with pytest.raises(SystemExit, match=rf"evaluation seed\(s\) \[{clash}\] are random streams"):
-        run.main(_argv(tmp, "clash", "--seeds", "1", "--eval-seeds", "777", str(clash)))
-    assert not (tmp / "clash").exists()
+    history = train_recording_seeds(trainer, train, held, steps=10, samples=40)
+    assert "reward/prompt_fidelity/mean" in history[0]
+    assert_clash_refused(run.main, _argv, tmp)
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from example_modules import RecordingGenerator, tiny_argv, training_rows
+from example_modules import assert_clash_refused, tiny_argv, train_recording_seeds, training_rows
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))  # the example's modules import each other as plan_then_image.*
@@ -54,10 +54,7 @@ def test_seed_options_take_both_forms_and_default_to_three_by_three():
 
 @pytest.mark.slow
 def test_training_never_draws_heldout_prompts_or_evaluation_seeds(base):
-    from ar_common.seeds import EVAL_SEEDS, training_streams
-
     from grpo_ar.cli import build_model_and_adapter
-    from grpo_ar.parallel.ddp import derive_seed
     from grpo_ar.train.trainer import Trainer
 
     # 3 steps of 3 prompts: one whole epoch of the 9 training prompts, every sample logged
@@ -67,20 +64,8 @@ def test_training_never_draws_heldout_prompts_or_evaluation_seeds(base):
     model, adapter = build_model_and_adapter(cfg)
     train, held = run.prompt_split()
     trainer = Trainer(cfg, model, adapter, run.entries(train))
-    trainer.generator = RecordingGenerator()
-    assert len(trainer.train()) == 3
-    rows = (base / "train" / "samples.jsonl").read_text().splitlines()
-    drawn = {json.loads(r)["prompt"] for r in rows}
-    assert len(rows) == 3 * 3 * 2 and drawn == set(train) and not drawn & set(held)
-    # the streams the check assumes are the ones the Trainer really seeded
-    used = set(trainer.generator.seeds)
-    assert used <= training_streams(0, 3) and derive_seed(0, 2, 0) in used
-    assert not used & set(EVAL_SEEDS)
-    # a clash is refused before any training or evaluation, naming the seeds
-    clash = derive_seed(1, 1, 0)
-    with pytest.raises(SystemExit, match=rf"evaluation seed\(s\) \[{clash}\] are random streams"):
-        run.main(_argv(base, "clash", "--seeds", "1", "--eval-seeds", "777", str(clash)))
-    assert not (base / "clash").exists()
+    train_recording_seeds(trainer, train, held, steps=3, samples=3 * 3 * 2)
+    assert_clash_refused(run.main, _argv, base)
 
 
 @pytest.mark.slow
