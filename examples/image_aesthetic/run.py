@@ -24,6 +24,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -174,25 +175,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return measure(model, adapter, start, held, args.eval_samples, seed, pre["classifier"],
                        scorers)  # fmt: skip
 
-    before = {e: evaluate(start, e) for e in args.eval_seeds}
-    for e, (m, _, _) in before.items():
-        print(f"held-out before GRPO, eval seed {e} ({len(held)} prompts x {args.eval_samples}): "
-              + _fmt(m, reward), flush=True)  # fmt: skip
-    runs, cells, t_grpo = {}, [], []
-    for seed in args.seeds:
-        trainer = make_trainer(cfg, seed, start, adapter, entries(train_prompts, specs))
-        t1 = time.perf_counter()
-        history = trainer.train()
-        t_grpo.append(time.perf_counter() - t1)
-        runs[seed] = _train_summary(history, t_grpo[-1])
-        for e in args.eval_seeds:
-            after, img, _ = evaluate(trainer.model, e)
-            grid = write_grid(run_dir / f"grid_seed{seed}_eval{e}.png", before[e][1], img,
-                               args.eval_samples)  # fmt: skip
-            cells.append({"train_seed": seed, "eval_seed": e, "before": before[e][0],
-                          "after": after, "grid": str(grid)})  # fmt: skip
-            print(f"training seed {seed}, eval seed {e}, after GRPO: " + _fmt(after, reward),
-                  flush=True)  # fmt: skip
+    runs, cells, t_grpo = train_grid(
+        args, cfg, start, adapter, entries(train_prompts, specs), len(held), evaluate,
+        lambda m: _fmt(m, reward), _train_summary,
+    )  # fmt: skip
     labels = {k.format(reward=reward): v.format(reward=reward) for k, v in HEADLINE.items()}
     summary = summarise(cells, list(cells[0]["after"]))
     load1 = os.getloadavg()
@@ -207,6 +193,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     (run_dir / "results.json").write_text(json.dumps(result, indent=2))
     _report(result, table(summary, labels), reward)
     return result
+
+
+def train_grid(
+    args: Any, cfg: Any, start: Any, adapter: Any, train: list, n_held: int,
+    evaluate: Callable[[Any, int], tuple[dict[str, float], Tensor, Any]],
+    fmt: Callable[[dict[str, float]], str],
+    train_summary: Callable[[list[dict[str, float]], float], dict[str, float]],
+) -> tuple[dict[int, dict[str, float]], list[dict[str, Any]], list[float]]:  # fmt: skip
+    """The 3 x 3 protocol of an image example: `start` measured on every evaluation seed, then one
+    GRPO run from it per training seed (`args.seeds`), each measured on every evaluation seed
+    (`evaluate(model, seed)` -> (metrics, images, _)), a before/after grid per cell under
+    log.run_dir. Returns (train_summary per training seed, the cells, GRPO seconds per run)."""
+    run_dir = Path(cfg.log.run_dir)
+    before = {e: evaluate(start, e) for e in args.eval_seeds}
+    for e, (m, _, _) in before.items():
+        print(f"held-out before GRPO, eval seed {e} ({n_held} prompts x {args.eval_samples}): "
+              + fmt(m), flush=True)  # fmt: skip
+    runs, cells, t_grpo = {}, [], []
+    for seed in args.seeds:
+        trainer = make_trainer(cfg, seed, start, adapter, train)
+        t1 = time.perf_counter()
+        history = trainer.train()
+        t_grpo.append(time.perf_counter() - t1)
+        runs[seed] = train_summary(history, t_grpo[-1])
+        for e in args.eval_seeds:
+            after, img, _ = evaluate(trainer.model, e)
+            grid = write_grid(run_dir / f"grid_seed{seed}_eval{e}.png", before[e][1], img,
+                              args.eval_samples)  # fmt: skip
+            cells.append({"train_seed": seed, "eval_seed": e, "before": before[e][0],
+                          "after": after, "grid": str(grid)})  # fmt: skip
+            print(f"training seed {seed}, eval seed {e}, after GRPO: " + fmt(after), flush=True)
+    return runs, cells, t_grpo
 
 
 def _settings(cfg: Any) -> dict[str, Any]:

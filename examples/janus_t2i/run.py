@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ar_common.runs import commit, parse_overrides, run_parser  # noqa: E402
 from ar_common.seeds import add_seed_options, check_eval_seeds, summarise, table  # noqa: E402
 from image_aesthetic import fidelity  # noqa: E402, F401  (registers the prompt_fidelity reward)
-from image_aesthetic.run import entries, make_trainer, relative_gain, write_grid  # noqa: E402
+from image_aesthetic.run import entries, make_trainer, relative_gain, train_grid  # noqa: E402, F401
 from image_aesthetic.shapes import parse_prompt, prompt_split  # noqa: E402
 from janus_t2i.pretrain import pretrain  # noqa: E402
 
@@ -146,24 +146,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return measure(model, adapter, start, held, args.eval_samples, seed, pre["classifier"],
                        pre["scorer"])  # fmt: skip
 
-    before = {e: evaluate(start, e) for e in args.eval_seeds}
-    for e, (m, _, _) in before.items():
-        print(f"held-out before GRPO, eval seed {e} ({len(held)} prompts x {args.eval_samples}): "
-              + _fmt(m), flush=True)  # fmt: skip
-    runs, cells, t_grpo = {}, [], []
-    for seed in args.seeds:
-        trainer = make_trainer(cfg, seed, start, adapter, entries(train_prompts, specs))
-        t1 = time.perf_counter()
-        history = trainer.train()
-        t_grpo.append(time.perf_counter() - t1)
-        runs[seed] = _train_summary(history, t_grpo[-1])
-        for e in args.eval_seeds:
-            after, img, _ = evaluate(trainer.model, e)
-            grid = write_grid(run_dir / f"grid_seed{seed}_eval{e}.png", before[e][1], img,
-                               args.eval_samples)  # fmt: skip
-            cells.append({"train_seed": seed, "eval_seed": e, "before": before[e][0],
-                          "after": after, "grid": str(grid)})  # fmt: skip
-            print(f"training seed {seed}, eval seed {e}, after GRPO: " + _fmt(after), flush=True)
+    runs, cells, t_grpo = train_grid(
+        args, cfg, start, adapter, entries(train_prompts, specs), len(held), evaluate, _fmt,
+        _train_summary,
+    )  # fmt: skip
     summary = summarise(cells, list(cells[0]["after"]))
     load1 = os.getloadavg()
     result = {
