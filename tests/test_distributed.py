@@ -223,19 +223,25 @@ report_to = ["tensorboard"]
     )
 
 
+def launch_two_ranks(script: str, out: Path, timeout: float) -> Path:
+    """Run `script OUT` as 2 torchrun ranks (gloo, 1 thread each); fails with the tail of the
+    ranks' output unless both end cleanly. Returns `out`."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    start = time.perf_counter()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    cmd += ["--standalone", script, str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    took = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    print(f"2-rank launch of {Path(script).name}: {took:.1f} s")
+    return out
+
+
 @pytest.fixture(scope="module")
 def launch(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
     write_cli_inputs(out)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    start = time.perf_counter()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
-    cmd += ["--standalone", __file__, str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420)
-    took = time.perf_counter() - start
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    print(f"2-rank launch: {took:.1f} s")
-    return out
+    return launch_two_ranks(__file__, out, timeout=420)
 
 
 _REFS: dict = {}

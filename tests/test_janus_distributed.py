@@ -11,10 +11,7 @@ one-process references run in the pytest process.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +23,7 @@ from test_distributed import (  # noqa: E402
     KEEP,
     assert_same_run,
     copy_checkpoint,
+    launch_two_ranks,
     one_process,
     weights,
 )
@@ -186,16 +184,7 @@ def worker(out: Path) -> None:
 # -- the tests (pytest process) ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def launch(tmp_path_factory):
-    out = tmp_path_factory.mktemp("janus_dist")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    start = time.perf_counter()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
-    cmd += ["--standalone", __file__, str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    took = time.perf_counter() - start
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    print(f"2-rank launch: {took:.1f} s")
-    return out
+    return launch_two_ranks(__file__, tmp_path_factory.mktemp("janus_dist"), timeout=600)
 
 
 _REFS: dict = {}

@@ -12,15 +12,14 @@ pytest process.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+from test_distributed import launch_two_ranks  # noqa: E402
 
 from grpo_ar.cli import main  # noqa: E402
 from grpo_ar.io.checkpoint import latest_checkpoint, load_tensors  # noqa: E402
@@ -108,14 +107,7 @@ def worker(out: Path) -> None:
 def launch(tmp_path_factory):
     out = tmp_path_factory.mktemp("mt_dist")
     write_inputs(out)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
-    start = time.perf_counter()
-    proc = subprocess.run([*cmd, __file__, str(out)], env=env, capture_output=True, text=True,
-                          timeout=420)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    print(f"2-rank multi-turn launch: {time.perf_counter() - start:.1f} s")
-    return out
+    return launch_two_ranks(__file__, out, timeout=420)
 
 
 def metrics(run: Path) -> list[dict]:
