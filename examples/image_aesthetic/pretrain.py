@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -201,24 +202,27 @@ def check_classifier(vq: Any, data: dict[str, Tensor], st: dict[str, dict[str, A
     return cls, measured
 
 
-def reward_classifier(vq: Any, st: dict[str, dict[str, Any]],
-                      verbose: bool) -> tuple[ShapeClassifier, dict]:  # fmt: skip
+def reward_classifier(vq: Any, st: dict[str, dict[str, Any]], verbose: bool,
+                      codes: Callable[[Any, Tensor], Tensor] = vq_codes,
+                      decode: Callable[[Any, Tensor], Tensor] = vq_decode,
+                      what: str = "VQ-reconstructed images") -> tuple[ShapeClassifier, dict]:  # fmt: skip
     """The `prompt_fidelity` reward's classifier: the judge's recipe on other images (seed
     `rcls.seed`, only GRPO's training prompts) from another init, so that GRPO optimising it
-    does not optimise the held-out judge itself. Measured on fresh VQ-reconstructed images of
-    the training and of the held-out prompts."""
+    does not optimise the held-out judge itself. Trained and measured on `decode(vq,
+    codes(vq, images))` reconstructions (`what`, for the log) of fresh images of the training
+    and of the held-out prompts."""
     r, size = st["rcls"], st["data"]["size"]
     train_prompts, held = prompt_split()
     data = make_images(r["n_train"], r["seed"], size, prompts=train_prompts)
-    rec = {**data, "images": vq_decode(vq, vq_codes(vq, data["images"]))}
+    rec = {**data, "images": decode(vq, codes(vq, data["images"]))}
     kw = {k: r[k] for k in ("steps", "batch_size", "lr")}
     cls = train_classifier(rec, seed=r["seed"], verbose=verbose, **kw)
     measured = {}
     for name, prompts in (("acc_vq_train_prompts", train_prompts), ("acc_vq_heldout", held)):
         test = make_images(r["n_test"], r["seed"] + 1, size, prompts=prompts)
-        rec_test = vq_decode(vq, vq_codes(vq, test["images"]))
+        rec_test = decode(vq, codes(vq, test["images"]))
         measured[name] = cls.accuracy(rec_test, test["colour"], test["shape"])
-    log(verbose, f"reward classifier accuracy on fresh VQ-reconstructed images: {measured}")
+    log(verbose, f"reward classifier accuracy on fresh {what}: {measured}")
     return cls, measured
 
 

@@ -27,8 +27,8 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/ (see run.py)
 from ar_common.pretraining import StageCache, log, log_step, main, optimizer_step, scheduled  # noqa: E402
-from image_aesthetic.pretrain import ShapeClassifier, train_classifier  # noqa: E402
-from image_aesthetic.shapes import COLOURS, PROMPTS, SHAPES, make_images, prompt_split  # noqa: E402
+from image_aesthetic.pretrain import ShapeClassifier, reward_classifier, train_classifier  # noqa: E402
+from image_aesthetic.shapes import COLOURS, PROMPTS, SHAPES, make_images  # noqa: E402
 from janus_t2i.scorer import load_scorer, train_scorer  # noqa: E402
 
 from grpo_ar.adapters.vq import JanusVQ, to_unit  # noqa: E402
@@ -237,33 +237,13 @@ def pretrain(out_dir: str | Path, threads: int = 1, verbose: bool = True,
         rcls = ShapeClassifier()
         rcls.load_state_dict(load_file(out / "reward_classifier.safetensors"))
     else:
-        rcls, measured = reward_classifier(vq, st, verbose)
+        rcls, measured = reward_classifier(vq, st, verbose, vq_codes, vq_decode,
+                                           "Janus-VQ reconstructions")  # fmt: skip
         save_file(rcls.state_dict(), out / "reward_classifier.safetensors")
         cache.record("rcls", measured)
     assert len(PROMPTS) == len(COLOURS) * len(SHAPES)
     return cache.ready(vq=vq, classifier=cls.eval(), janus=janus, tokenizer=tok,
                        scorer=load_scorer(out / "scorer"), reward_classifier=rcls.eval())  # fmt: skip
-
-
-def reward_classifier(vq: Any, st: dict[str, dict[str, Any]],
-                      verbose: bool) -> tuple[ShapeClassifier, dict]:  # fmt: skip
-    """The `prompt_fidelity` reward's classifier: the judge's recipe on other images (seed
-    `rcls.seed`, GRPO's training prompts only) from another init, so that GRPO pushing on it
-    does not push on the held-out judge's weights. Measured on fresh Janus-VQ reconstructions
-    of the training and of the held-out prompts."""
-    r, size = st["rcls"], st["data"]["size"]
-    train_prompts, held = prompt_split()
-    data = make_images(r["n_train"], r["seed"], size, prompts=train_prompts)
-    rec = {**data, "images": vq_decode(vq, vq_codes(vq, data["images"]))}
-    kw = {k: r[k] for k in ("steps", "batch_size", "lr")}
-    cls = train_classifier(rec, seed=r["seed"], verbose=verbose, **kw)
-    measured = {}
-    for name, prompts in (("acc_vq_train_prompts", train_prompts), ("acc_vq_heldout", held)):
-        test = make_images(r["n_test"], r["seed"] + 1, size, prompts=prompts)
-        measured[name] = cls.accuracy(vq_decode(vq, vq_codes(vq, test["images"])),
-                                      test["colour"], test["shape"])  # fmt: skip
-    log(verbose, f"reward classifier on fresh Janus-VQ reconstructions: {measured}")
-    return cls, measured
 
 
 if __name__ == "__main__":
