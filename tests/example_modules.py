@@ -140,6 +140,20 @@ def grid_cells(saved: dict, train_seeds: list[int], eval_seeds: list[int]) -> li
     return cells
 
 
+def two_by_two_grid(main: Callable[[list[str]], Any], argv: list[str], run_dir: Path) -> dict:
+    """results.json of `main(argv + training seeds 0 1, evaluation seeds 5 6)` (run_dir: the
+    run's folder), after checking it holds what main returned, the four cells in order, and
+    that each cell's "before" is the start model's sampled metrics under that evaluation seed."""
+    res = main([*argv, "--seeds", "0", "1", "--eval-seeds", "5", "6"])
+    saved = json.loads((run_dir / "results.json").read_text())
+    assert saved["summary"] == json.loads(json.dumps(res["summary"]))
+    assert [(c["train_seed"], c["eval_seed"]) for c in saved["cells"]] == [
+        (0, 5), (0, 6), (1, 5), (1, 6)]  # fmt: skip
+    assert all(c["before"] == saved["before"]["sampled"][str(c["eval_seed"])]
+               for c in saved["cells"])  # fmt: skip
+    return saved
+
+
 def train_recording_seeds(trainer: Trainer, train: list[str], held: list[str], steps: int,
                           samples: int) -> list[dict]:  # fmt: skip
     """Train `trainer` (every sample logged) with a generator that records its seeds, and check
