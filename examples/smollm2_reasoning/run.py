@@ -14,6 +14,9 @@ protocol) and the held-out greedy curve of every run, on CPU.
    (`trainer.eval_every`) in seed<N>/metrics.jsonl. Measure each trained model again.
 3. Print before -> after per metric over the (training seed, evaluation seed) cells, the greedy
    gain per training seed with its wall time, and write <log.run_dir>/results.json.
+
+`--reuse` keeps the finished runs of an earlier call with the same config (an interrupted grid,
+or other evaluation seeds) and measures their final checkpoints instead of training again.
 """
 
 from __future__ import annotations
@@ -34,8 +37,9 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # ar_common
 from ar_common.runs import commit  # noqa: E402
 from ar_common.seeds import add_seed_options, check_eval_seeds, pm, stats, summarise, table  # noqa: E402
 
-from grpo_ar.cli import load_data, load_model  # noqa: E402
+from grpo_ar.cli import load_data, load_model, load_trained  # noqa: E402
 from grpo_ar.config import load_config  # noqa: E402
+from grpo_ar.config.run import config_to_dict  # noqa: E402
 from grpo_ar.rewards import build_rewards  # noqa: E402
 from grpo_ar.train.evaluation import eval_generator_seeds, evaluate_rewards  # noqa: E402
 from grpo_ar.train.trainer import Trainer  # noqa: E402
@@ -58,6 +62,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="training runs at once, each in its own process (1: in this one)")  # fmt: skip
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads of each run (and of the evaluation before training)")  # fmt: skip
+    ap.add_argument("--reuse", action="store_true",
+                    help="do not train a seed again whose run with the same config finished "
+                    "(seed<N>/result.json and its final checkpoint): measure that checkpoint")  # fmt: skip
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     add_seed_options(ap)
     args = ap.parse_args(argv)
@@ -126,11 +133,40 @@ def train_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     return json.loads(text)  # as a worker's reads back: evaluation seeds as str keys
 
 
+def comparable(cfg: Any) -> dict[str, Any]:
+    """A config as a dict, without the sampling ids the trainer fills in from the tokenizer."""
+    out = config_to_dict(cfg)
+    for key in ("eos_token_ids", "pad_token_id"):
+        out["sampling"].pop(key, None)
+    return out
+
+
+def reuse_seed(args: argparse.Namespace, seed: int) -> dict[str, Any] | None:
+    """--reuse: the finished run of `seed` (its result.json and final checkpoint), its
+    training record kept and its final checkpoint measured with this call's evaluation
+    settings; None when it has not finished. SystemExit when it ran another config."""
+    cfg = seed_config(args, seed)
+    run = Path(cfg.log.run_dir)
+    last = run / "checkpoints" / f"step_{cfg.trainer.steps:06d}"
+    if not ((run / "result.json").is_file() and (last / "model.safetensors").is_file()):
+        return None
+    if comparable(load_config(run / "config.yaml")) != comparable(cfg):
+        raise SystemExit(f"--reuse: {run} was trained with another config than this call's: "
+                         "remove it, or drop --reuse to train it again")  # fmt: skip
+    ft, adapter = load_trained(cfg, last)
+    heldout = load_data(cfg)[1]
+    after = measure(ft.model, adapter, build_rewards(cfg.data.reward_setup, heldout), heldout, args)
+    result = json.loads((run / "result.json").read_text())
+    result.update(after=json.loads(json.dumps(after)), reused=str(last))
+    print(f"training seed {seed}: reused {last}", flush=True)
+    return result
+
+
 def spawn(args: argparse.Namespace, argv: list[str], seed: int) -> subprocess.Popen:
     """This script as a worker for one training seed, its output in seed<N>/worker.log."""
     run = Path(seed_config(args, seed).log.run_dir)
     run.mkdir(parents=True, exist_ok=True)
-    skip = {"--seeds", "--jobs"}
+    skip = {"--seeds", "--jobs", "--reuse"}
     rest, i = [], 0
     while i < len(argv):  # drop the parent's --seeds / --jobs (and their values)
         if argv[i] in skip:
@@ -149,9 +185,15 @@ def spawn(args: argparse.Namespace, argv: list[str], seed: int) -> subprocess.Po
 def train_all(args: argparse.Namespace, argv: list[str]) -> dict[int, dict[str, Any]]:
     """Every training seed: in this process one after another (--jobs 1), else --jobs worker
     processes at a time. A worker that fails stops the run with its log's path."""
+    done: dict[int, dict[str, Any]] = {}
+    for t in args.seeds if args.reuse else ():
+        if (old := reuse_seed(args, t)) is not None:
+            done[t] = old
+    pending = [t for t in args.seeds if t not in done]
     if args.jobs == 1:
-        return {t: train_seed(args, t) for t in args.seeds}
-    pending, running, done = list(args.seeds), {}, {}
+        done.update({t: train_seed(args, t) for t in pending})
+        return {t: done[t] for t in args.seeds}
+    running: dict[int, subprocess.Popen] = {}
     while pending or running:
         while pending and len(running) < args.jobs:
             t = pending.pop(0)
