@@ -193,6 +193,8 @@ def bench_vllm(args) -> dict[str, float]:
 def main() -> None:
     def extra(p):
         p.add_argument("--device", default="cpu", help="cpu or cuda")
+        p.add_argument("--vllm-only", action="store_true",
+                       help="only the vLLM part (the other RESULT keys are NaN)")  # fmt: skip
 
     args = parse_args(__doc__, repeats=5, quick_repeats=3, extra=extra)
     RUN["device"] = args.device
@@ -200,8 +202,10 @@ def main() -> None:
     peak = matmul_peak()
     print(f"# fp32 matmul peak {peak:.0f} GFLOP/s")
     start = time.perf_counter()
-    tiny = bench("tiny", args)
-    smol = bench("smol", args)
+    skipped = dict.fromkeys(("ratio", "prefill", "cpu_ratio", "build_ms", "reused_ms",
+                             "build_cpu_ms", "tps", "hf_tps"), float("nan"))  # fmt: skip
+    tiny = skipped if args.vllm_only else bench("tiny", args)
+    smol = skipped if args.vllm_only else bench("smol", args)
     vl = (
         bench_vllm(args)
         if VLLM_PYTHON.exists() and args.device == "cpu"

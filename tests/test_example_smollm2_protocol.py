@@ -66,6 +66,12 @@ def test_every_run_on_every_eval_seed_and_held_out_never_trained(example, capsys
     saved = two_by_two_grid(ex.main, _argv(tmp, "a"), tmp / "a")
     assert set(saved["summary"]) == {"accuracy", "format"}
     assert saved["summary"]["accuracy"]["change"]["n"] == 4
+    # greedy by problem kind: every held-out row once, its outputs' mean the greedy accuracy
+    for m in [saved["before"], *(r["after"] for r in saved["runs"])]:
+        kinds = m["greedy_by_kind"].values()
+        assert sum(k["n"] for k in kinds) == 5
+        mean = sum(k["n"] * k["accuracy"] for k in kinds) / 5
+        assert mean == pytest.approx(m["greedy"]["accuracy"], abs=1e-6)
     # greedy: one value per training seed, stats over the training seeds (not the cells)
     assert saved["greedy"]["accuracy"]["after"]["n"] == 2
     assert saved["protocol"]["heldout_rows"] == 5 and saved["commit"]
@@ -142,3 +148,32 @@ def test_reuse_measures_finished_runs_without_training_them_again(example):
     with pytest.raises(SystemExit, match="trained with another config"):
         ex.main(_argv(tmp, "r", "--seeds", "0", "--eval-seeds", "5", "--reuse",
                       "--set", "trainer.lr=0.5"))  # fmt: skip
+
+
+def test_problem_kinds(example):
+    ex, _ = example
+    got = [ex.kind(f"Calculate {q}.") for q in ("12 + 7", "18 + 5", "39 - 14", "31 - 17", "7 - 39")]
+    assert got == ["a+b", "a+b carry", "a-b", "a-b borrow", "a-b < 0"]
+    assert ex.kind("State the final answer: 3 + 4 =") == "other"
+
+
+def test_per_output_scores_average_to_the_evaluation(example):
+    """evaluate_rewards(per_output=...) gets one row per output, entry-major, whose means are
+    the returned figures (sampled, 3 per prompt, batches of 2)."""
+    ex, tmp = example
+    from grpo_ar.cli import load_data, load_model
+    from grpo_ar.config import load_config
+    from grpo_ar.rewards import build_rewards
+    from grpo_ar.train.evaluation import evaluate_rewards
+
+    sets = _argv(tmp, "unused")[5::2]  # the --set values
+    cfg = load_config(ex.CONFIG, sets)
+    heldout = load_data(cfg)[1]
+    model, adapter = load_model(cfg)
+    rows: list[dict[str, float]] = []
+    out = evaluate_rewards(model, adapter, build_rewards(cfg.data.reward_setup, heldout), heldout,
+                           greedy=False, samples=3, batch_size=2, seed=5, per_output=rows)  # fmt: skip
+    assert len(rows) == 15 and set(rows[0]) == {"reward", "regex_format", "numeric_answer"}
+    for key in ("reward", "regex_format", "numeric_answer"):
+        assert out[f"eval/sampled/{key}"] == pytest.approx(sum(r[key] for r in rows) / 15)
+    assert 0 < out["eval/sampled/regex_format"] < 1

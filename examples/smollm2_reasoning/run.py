@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -83,13 +84,33 @@ def measure(
         return {short: out[f"eval/{mode}/{key}"] for key, short in METRICS.items()}
 
     kw = {"batch_size": args.eval_batch}
-    greedy = evaluate_rewards(model, adapter, rewards, heldout, greedy=True, seed=0, **kw)
+    rows: list[dict[str, float]] = []
+    greedy = evaluate_rewards(model, adapter, rewards, heldout, greedy=True, seed=0,
+                              per_output=rows, **kw)  # fmt: skip
+    kinds: dict[str, list[float]] = {}
+    for entry, row in zip(heldout, rows, strict=True):
+        kinds.setdefault(kind(entry.metadata.get("question", "")), []).append(row["numeric_answer"])
     sampled = {
         e: named(evaluate_rewards(model, adapter, rewards, heldout, greedy=False,
                                   samples=args.eval_samples, seed=e, **kw), "sampled")
         for e in args.eval_seeds
     }  # fmt: skip
-    return {"greedy": named(greedy, "greedy"), "sampled": sampled}
+    by_kind = {k: {"n": len(v), "accuracy": sum(v) / len(v)} for k, v in sorted(kinds.items())}
+    return {"greedy": named(greedy, "greedy"), "greedy_by_kind": by_kind, "sampled": sampled}
+
+
+def kind(question: str) -> str:
+    """The skill a `Calculate a ± b.` problem needs: "a+b", "a+b carry", "a-b", "a-b borrow"
+    (a units borrow, result >= 0) or "a-b < 0" (a negative answer); "other" for other tasks."""
+    m = re.fullmatch(r"Calculate (\d+) ([+-]) (\d+)\.", question)
+    if m is None:
+        return "other"
+    a, op, b = int(m[1]), m[2], int(m[3])
+    if op == "+":
+        return "a+b carry" if a % 10 + b % 10 >= 10 else "a+b"
+    if a < b:
+        return "a-b < 0"
+    return "a-b borrow" if a % 10 < b % 10 else "a-b"
 
 
 def seed_config(args: argparse.Namespace, seed: int) -> Any:
@@ -284,6 +305,13 @@ def report(result: dict[str, Any]) -> str:
                      f"{r['train_s'] / 60:.1f} min [target +{t['gain']:.2f} in <= "
                      f"{t['minutes']:.0f} min: {'met' if ok else 'missed'}]; {summary_line(r)}")  # fmt: skip
     lines.append(f"greedy accuracy after, over training seeds: {pm(g['after'])}")
+    before = result["before"]["greedy_by_kind"]
+    after = {k: stats([r["after"]["greedy_by_kind"][k]["accuracy"] for r in result["runs"]])
+             for k in before}  # fmt: skip
+    lines.append("greedy accuracy by problem kind (held-out rows), before -> after (mean over "
+                 "training seeds): " + "; ".join(
+                     f"{k} (n={v['n']}) {v['accuracy']:.3f} -> {after[k]['mean']:.3f}"
+                     for k, v in before.items()))  # fmt: skip
     lines.append(f"sampled ({p['samples_per_problem']} per problem, T {p['temperature']}), "
                  "mean ± std (min..max) over the cells:")  # fmt: skip
     lines.append(table(result["summary"], LABELS))

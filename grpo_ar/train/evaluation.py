@@ -42,10 +42,12 @@ def evaluate_rewards(
     batch_size: int = 16,
     seed: int = 0,
     step: int = 0,
+    per_output: list[dict[str, float]] | None = None,
 ) -> dict[str, float]:
     """`eval/{greedy|sampled}/reward` and `eval/.../<reward name>` over `entries`, `samples`
     outputs per prompt; each batch draws from its own generator (seed + 7919 + offset), so a
-    score does not depend on what ran before it."""
+    score does not depend on what ran before it. `per_output`, when given, receives each
+    output's {"reward": total, <reward name>: value}, entry-major (an entry's samples in a row)."""
     device = next(model.parameters()).device
     model.eval()
     totals: list[Tensor] = []
@@ -58,6 +60,11 @@ def evaluate_rewards(
         rollout = adapter.sample(model, prompts, samples, generator=gen, greedy=greedy)
         result = rewards(adapter.decode(rollout), reward_context(adapter, rollout, samples, step))
         totals.append(result.total)
+        if per_output is not None:
+            per_output += [
+                {"reward": float(t), **dict(zip(result.names, map(float, row)))}
+                for t, row in zip(result.total, result.components)
+            ]
         for k, name in enumerate(result.names):
             comps.setdefault(name, []).append(result.components[:, k])
     mode = "greedy" if greedy else "sampled"
