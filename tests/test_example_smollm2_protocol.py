@@ -133,7 +133,7 @@ def test_eval_seed_that_is_a_training_stream_is_refused(example):
     assert not (tmp / "clash").exists()
 
 
-def test_reuse_measures_finished_runs_without_training_them_again(example):
+def test_reuse_measures_finished_runs_without_training_them_again(example, capsys):
     ex, tmp = example
     first = ex.main(_argv(tmp, "r", "--seeds", "0", "--eval-seeds", "5"))
     metrics = tmp / "r" / "seed0" / "metrics.jsonl"
@@ -141,10 +141,14 @@ def test_reuse_measures_finished_runs_without_training_them_again(example):
     again = ex.main(_argv(tmp, "r", "--seeds", "0", "--eval-seeds", "5", "6", "--reuse"))
     assert metrics.stat().st_mtime_ns == stamp  # not trained again
     (a,), (b,) = first["runs"], again["runs"]
-    assert b["reused"].endswith("step_000002") and b["train_reward"] == a["train_reward"]
+    assert b["measured_from"].endswith("step_000002") and b["train_reward"] == a["train_reward"]
     # the final checkpoint measures as the trained model did, and under the new eval seed too
     assert b["after"]["greedy"] == a["after"]["greedy"]
     assert b["after"]["sampled"]["5"] == a["after"]["sampled"]["5"] and "6" in b["after"]["sampled"]
+    # measured with these settings now: a third call takes the run's figures as they are
+    capsys.readouterr()
+    third = ex.main(_argv(tmp, "r", "--seeds", "0", "--eval-seeds", "5", "6", "--reuse"))
+    assert "reused" in capsys.readouterr().out and third["runs"] == again["runs"]
     with pytest.raises(SystemExit, match="trained with another config"):
         ex.main(_argv(tmp, "r", "--seeds", "0", "--eval-seeds", "5", "--reuse",
                       "--set", "trainer.lr=0.5"))  # fmt: skip

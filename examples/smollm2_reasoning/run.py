@@ -147,11 +147,10 @@ def train_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
         "eval_rows_in_curve": min(cfg.data.eval_size or len(heldout), len(heldout)),
         "train_reward": [round(h["reward/mean"], 4) for h in history],
         "kl_last": history[-1].get("kl", 0.0) if history else 0.0,
-        "load_end": os.getloadavg()[0], "threads": args.threads,
+        "load_end": os.getloadavg()[0], "threads": args.threads, "eval": eval_settings(args),
     }  # fmt: skip
-    text = json.dumps(result, indent=1)
-    (Path(cfg.log.run_dir) / "result.json").write_text(text)
-    return json.loads(text)  # as a worker's reads back: evaluation seeds as str keys
+    write_json(Path(cfg.log.run_dir) / "result.json", result)
+    return json.loads(json.dumps(result))  # as a worker's reads back: eval seeds as str keys
 
 
 def comparable(cfg: Any) -> dict[str, Any]:
@@ -162,10 +161,15 @@ def comparable(cfg: Any) -> dict[str, Any]:
     return out
 
 
+def eval_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {"seeds": args.eval_seeds, "samples": args.eval_samples, "batch": args.eval_batch}
+
+
 def reuse_seed(args: argparse.Namespace, seed: int) -> dict[str, Any] | None:
-    """--reuse: the finished run of `seed` (its result.json and final checkpoint), its
-    training record kept and its final checkpoint measured with this call's evaluation
-    settings; None when it has not finished. SystemExit when it ran another config."""
+    """--reuse: the finished run of `seed` (its result.json and final checkpoint) with its
+    training record; its measurement too when it was made with this call's evaluation
+    settings, else its final checkpoint is measured (and result.json updated). None when it
+    has not finished; SystemExit when it ran another config."""
     cfg = seed_config(args, seed)
     run = Path(cfg.log.run_dir)
     last = run / "checkpoints" / f"step_{cfg.trainer.steps:06d}"
@@ -174,13 +178,24 @@ def reuse_seed(args: argparse.Namespace, seed: int) -> dict[str, Any] | None:
     if comparable(load_config(run / "config.yaml")) != comparable(cfg):
         raise SystemExit(f"--reuse: {run} was trained with another config than this call's: "
                          "remove it, or drop --reuse to train it again")  # fmt: skip
+    result = json.loads((run / "result.json").read_text())
+    if result.get("eval") == eval_settings(args):
+        print(f"training seed {seed}: reused {run} as measured", flush=True)
+        return result
     ft, adapter = load_trained(cfg, last)
     heldout = load_data(cfg)[1]
     after = measure(ft.model, adapter, build_rewards(cfg.data.reward_setup, heldout), heldout, args)
-    result = json.loads((run / "result.json").read_text())
-    result.update(after=json.loads(json.dumps(after)), reused=str(last))
-    print(f"training seed {seed}: reused {last}", flush=True)
-    return result
+    result.update(after=after, eval=eval_settings(args), measured_from=str(last))
+    write_json(run / "result.json", result)
+    print(f"training seed {seed}: reused {run}, measured {last}", flush=True)
+    return json.loads(json.dumps(result))
+
+
+def write_json(path: Path, data: Any) -> None:
+    """`data` as JSON at `path`, written whole or not at all (a temporary file, then renamed)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
 
 
 def spawn(args: argparse.Namespace, argv: list[str], seed: int) -> subprocess.Popen:
@@ -285,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }  # fmt: skip
     out = Path(cfg.log.run_dir) / "results.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    write_json(out, result)
     print(report(result) + f"\nwrote {out}", flush=True)
     return result
 
