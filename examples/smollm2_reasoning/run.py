@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
 
     t0, load0 = time.perf_counter(), os.getloadavg()
-    torch.set_num_threads(args.threads * args.jobs)
+    torch.set_num_threads(min(args.threads * args.jobs, os.cpu_count() or 1))
     model, adapter = load_model(cfg)
     rewards = build_rewards(cfg.data.reward_setup, heldout)
     before = json.loads(json.dumps(measure(model, adapter, rewards, heldout, args)))
