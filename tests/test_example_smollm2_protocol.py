@@ -131,6 +131,9 @@ def test_eval_seed_that_is_a_training_stream_is_refused(example):
     ):
         ex.main(_argv(tmp, "clash", "--seeds", "1", "--eval-seeds", "777", str(clash - 7919)))
     assert not (tmp / "clash").exists()
+    with pytest.raises(SystemExit):  # two runs of one seed would share a folder
+        ex.main(_argv(tmp, "twice", "--seeds", "1", "1"))
+    assert not (tmp / "twice").exists()
 
 
 def test_reuse_measures_finished_runs_without_training_them_again(example, capsys):

@@ -71,6 +71,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.jobs < 1 or args.threads < 1 or args.eval_samples < 1 or args.eval_batch < 1:
         ap.error("--jobs, --threads, --eval-samples and --eval-batch must be >= 1")
+    if len(set(args.seeds)) < len(args.seeds) or len(set(args.eval_seeds)) < len(args.eval_seeds):
+        ap.error("--seeds and --eval-seeds must not repeat a seed (one run folder per seed)")
     return args
 
 
