@@ -235,13 +235,19 @@ class JanusT2IConfig:
             ("output", self.output, ("pil", "uint8", "float")),
         ]:
             need(val in ok, f"janus_t2i.{key}={val!r}: use one of {', '.join(ok)}")
-        bad = sorted(set(self.train) - set(PARTS))
-        need(
-            bool(self.train) and not bad,
-            f"janus_t2i.train={self.train}: name one or more of {', '.join(PARTS)}",
-        )
-        need("{prompt}" in self.prompt_template, "janus_t2i.prompt_template needs {prompt}")
-        need(self.decode_batch_size >= 0, "janus_t2i.decode_batch_size must be >= 0")
+        check_janus_section("janus_t2i", self.train, self.prompt_template, self.decode_batch_size)
+
+
+def check_janus_section(section: str, train: Sequence[str], prompt_template: str,
+                        decode_batch_size: int) -> None:  # fmt: skip
+    """The keys every Janus adapter section shares ([janus_t2i], [janus_reason_t2i]): trained
+    parts among PARTS, a template holding {prompt}, a decode batch >= 0."""
+    bad = sorted(set(train) - set(PARTS))
+    need(
+        bool(train) and not bad, f"{section}.train={train}: name one or more of {', '.join(PARTS)}"
+    )
+    need("{prompt}" in prompt_template, f"{section}.prompt_template needs {{prompt}}")
+    need(decode_batch_size >= 0, f"{section}.decode_batch_size must be >= 0")
 
 
 def load_janus(m: Any, train: Sequence[str], device: str, dtype: torch.dtype) -> tuple[Any, Any]:

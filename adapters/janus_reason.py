@@ -43,7 +43,7 @@ from .base import Adapter
 from .code_grid import TextCondition
 from .codes import to_pil, to_uint8
 from .image import ImageAdapter
-from .janus import PARTS, JanusImageCall, load_janus
+from .janus import JanusImageCall, check_janus_section, load_janus
 from .vq import JanusVQ
 
 T2I_R1_SYSTEM = (
@@ -346,13 +346,9 @@ class JanusReasonConfig:
             ("reward_input", self.reward_input, ("plan_image", "image")),
         ]:
             need(val in ok, f"janus_reason_t2i.{key}={val!r}: use one of {', '.join(ok)}")
-        bad = sorted(set(self.train) - set(PARTS))
-        need(
-            bool(self.train) and not bad,
-            f"janus_reason_t2i.train={self.train}: name one or more of {', '.join(PARTS)}",
+        check_janus_section(
+            "janus_reason_t2i", self.train, self.prompt_template, self.decode_batch_size
         )
-        need("{prompt}" in self.prompt_template, "janus_reason_t2i.prompt_template needs {prompt}")
-        need(self.decode_batch_size >= 0, "janus_reason_t2i.decode_batch_size must be >= 0")
 
 
 def build_janus_reason(

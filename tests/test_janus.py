@@ -174,8 +174,12 @@ def test_wrong_models_and_parts_refused(model, tok):
 
     with pytest.raises(ValueError, match="JanusForConditionalGeneration"):
         JanusImageCall(tiny_llama())
-    with pytest.raises(ConfigError, match="name one or more"):
+    with pytest.raises(ConfigError, match=r"janus_t2i.train=\['vq'\]: name one or more"):
         JanusT2IConfig(train=["vq"])
+    with pytest.raises(ConfigError, match=r"janus_t2i.prompt_template needs \{prompt\}"):
+        JanusT2IConfig(prompt_template="no slot")
+    with pytest.raises(ConfigError, match="janus_t2i.decode_batch_size must be >= 0"):
+        JanusT2IConfig(decode_batch_size=-1)
     with pytest.raises(ValueError, match="no '<boi>' token"):
         adapter(model, tok, boi_token="<boi>")
 

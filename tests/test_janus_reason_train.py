@@ -59,6 +59,13 @@ def test_bad_settings_refused(model, tok):
         JanusReasonT2IAdapter(model, tok, SamplingParams(max_new_tokens=40), plan_close_token="<x>")
     with pytest.raises(ConfigError, match="reward_input"):
         JanusReasonConfig(reward_input="text")
+    # the keys both Janus sections share are refused under this section's name
+    with pytest.raises(ConfigError, match=r"janus_reason_t2i.train=\['vq'\]: name one or more"):
+        JanusReasonConfig(train=["vq"])
+    with pytest.raises(ConfigError, match=r"janus_reason_t2i.prompt_template needs \{prompt\}"):
+        JanusReasonConfig(prompt_template="no slot")
+    with pytest.raises(ConfigError, match="janus_reason_t2i.decode_batch_size must be >= 0"):
+        JanusReasonConfig(decode_batch_size=-1)
     # no spans given: the plan over the whole text vocabulary, closed by boi (or by EOS + boi)
     ad = JanusReasonT2IAdapter(model, tok, SamplingParams(max_new_tokens=40), template=TEMPLATE)
     assert [(s.name, s.close_token, s.allowed_ranges) for s in ad.sampling.spans] == [
