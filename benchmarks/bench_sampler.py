@@ -7,7 +7,8 @@ Configs (the issue's): tiny Llama (hidden 256, 4 layers, char tokenizer), 4 prom
 top-p 0.95 (HF's default top-k 50 disabled). `ratio` = grpo_ar tokens/s / HF tokens/s (the
 alternative's time per token / grpo_ar's): higher is better. `vllm_ratio` = the vLLM backend's
 tokens/s / grpo_ar's on SmolLM2 (4 prompts x 8 x 64 tokens, EOS not ending rows; needs
-.venv-vllm from `make vllm`, else NaN); `vllm_start_s` its engine start-up. Prefill: the prompt pass alone,
+.venv-vllm from `make vllm`, else NaN); `vllm_start_s` its engine start-up (`vllm_threads`,
+`vllm_compiled`: how it ran). Prefill: the prompt pass alone,
 each prompt once (shared) vs repeated G times; `prefill_ratio` = shared / repeated (ideal 1/G).
 `*_cpu_ratio`: HF's CPU seconds per call / grpo_ar's (with --threads 1, free of the time other
 jobs on a shared machine held the core). Both samplers draw tokens as `torch.multinomial` does
@@ -148,7 +149,8 @@ VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "pyth
 def bench_vllm(args) -> dict[str, float]:
     """SmolLM2, 4 chat prompts x 8, 64 new tokens with EOS not ending a row (the same 2,048
     tokens a call for both): grpo_ar's sampler vs the vLLM backend (a `grpo-ar vllm-serve`
-    server in .venv-vllm, fp32, one thread), alternating; engine start-up timed apart."""
+    server in .venv-vllm, fp32, --threads each unless --vllm-threads), alternating; engine
+    start-up timed apart."""
     from grpo_ar.generation.vllm_backend import VllmBackend
     from grpo_ar.generation.vllm_server import ServerClient, spawn_server
 
@@ -160,9 +162,11 @@ def bench_vllm(args) -> dict[str, float]:
         sk.bind(("127.0.0.1", 0))
         port = sk.getsockname()[1]
     log = Path(tempfile.mkdtemp()) / "vllm-serve.log"
-    env = {"OMP_NUM_THREADS": str(args.threads or 1), "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    vllm_threads = args.vllm_threads or args.threads or 1
+    env = {"OMP_NUM_THREADS": str(vllm_threads), "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
     os.environ.update(env)  # the server inherits them
-    proc, start_s = spawn_server(str(VLLM_PYTHON), str(need_smollm2()), port, str(log))
+    flags = ("--compile", "on" if args.vllm_compile else "off")
+    proc, start_s = spawn_server(str(VLLM_PYTHON), str(need_smollm2()), port, str(log), flags)
     try:
         backend = VllmBackend(ServerClient("127.0.0.1", port, 600), adapter.sampling)
         gen = torch.Generator().manual_seed(0)
@@ -180,21 +184,37 @@ def bench_vllm(args) -> dict[str, float]:
         proc.wait()
     tps = {k: [c / t for c, t in zip(counts[k][1:], times[k])] for k in times}
     print(f"[smol vllm] {len(prompts)} prompts x {g}, {max_new} new tokens; load {load()}")
-    print(f"  vllm engine start-up {start_s:.1f} s (SmolLM2 fp32, server process)")
+    mode = "compiled" if args.vllm_compile else "eager"
+    print(f"  vllm engine start-up {start_s:.1f} s (SmolLM2 fp32, server process, {mode}, "
+          f"{vllm_threads} thread(s); grpo_ar {torch.get_num_threads()})")  # fmt: skip
+    if vllm_threads != torch.get_num_threads():
+        print("  NOTE: the two samplers run on different thread counts: not a like-for-like ratio")
     for k in times:
         print(
             f"  {k:8s} {median(tps[k]):8.1f} new tokens/s (s: {', '.join(f'{t:.2f}' for t in times[k])})"
         )
     ratio = median(tps["vllm"]) / median(tps["grpo_ar"])
     print(f"  vllm_ratio (vLLM / grpo_ar tokens/s) {ratio:.2f}")
-    return {"ratio": ratio, "tps": median(tps["vllm"]), "start_s": start_s}
+    return {"ratio": ratio, "tps": median(tps["vllm"]), "start_s": start_s,
+            "threads": vllm_threads, "compiled": int(args.vllm_compile)}  # fmt: skip
 
 
 def main() -> None:
     def extra(p):
         p.add_argument("--device", default="cpu", help="cpu or cuda")
-        p.add_argument("--vllm-only", action="store_true",
-                       help="only the vLLM part (the other RESULT keys are NaN)")  # fmt: skip
+        p.add_argument(
+            "--vllm-only",
+            action="store_true",
+            help="only the vLLM part (the other RESULT keys are NaN)",
+        )
+        p.add_argument(
+            "--vllm-threads",
+            type=int,
+            default=0,
+            help="the vLLM server's threads (default: --threads, like for like)",
+        )
+        p.add_argument("--vllm-compile", action="store_true",
+                       help="start the engine on vLLM's compiled path (vllm-serve --compile on)")  # fmt: skip
 
     args = parse_args(__doc__, repeats=5, quick_repeats=3, extra=extra)
     RUN["device"] = args.device
@@ -209,7 +229,7 @@ def main() -> None:
     vl = (
         bench_vllm(args)
         if VLLM_PYTHON.exists() and args.device == "cpu"
-        else {"ratio": float("nan"), "tps": float("nan"), "start_s": float("nan")}
+        else dict.fromkeys(("ratio", "tps", "start_s", "threads", "compiled"), float("nan"))
     )
     print(f"# {time.perf_counter() - start:.0f} s; load after: {load()}")
     run_result(
@@ -222,6 +242,8 @@ def main() -> None:
         vllm_ratio=vl["ratio"],
         vllm_tokens_per_s=vl["tps"],
         vllm_start_s=vl["start_s"],
+        vllm_threads=vl["threads"],
+        vllm_compiled=vl["compiled"],
         tiny_prefill_ratio=tiny["prefill"],
         tiny_weight_build_ms=tiny["build_ms"],
         tiny_weight_reused_ms=tiny["reused_ms"],

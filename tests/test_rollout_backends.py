@@ -20,7 +20,7 @@ from grpo_ar.generation.backends import (
 from grpo_ar.generation.params import SamplingParams
 from grpo_ar.generation.sampler import sample
 from grpo_ar.generation.vllm_backend import check_sampling
-from grpo_ar.generation.vllm_engine import request_params
+from grpo_ar.generation.vllm_engine import EngineSpec, request_params
 from grpo_ar.io.data import load_rows
 from grpo_ar.rewards import REWARDS, per_sample, register_reward
 from grpo_ar.train.step import StepStats
@@ -101,6 +101,7 @@ def test_rollout_config_is_validated_before_anything_loads():
         ("rollout.timeout_s=0", "rollout.timeout_s"),
         ("rollout.dtype=int8", "rollout.dtype='int8'"),
         ("rollout.max_num_seqs=0", "max_num_seqs"),
+        ("rollout.compile=fast", "rollout.compile must be bool, got 'fast'"),
         ("rollout.async_steps=2", "use 0 .on-policy. or 1"),
         ("rollout.async_steps=1", 'needs rollout.backend = "vllm"'),
         ("rollout.enginez=1", "unknown key rollout.enginez"),
@@ -121,6 +122,20 @@ def test_vllm_backend_refuses_what_it_cannot_sample(params, option):
     with pytest.raises(ConfigError, match=option) as err:
         check_sampling(params)
     assert 'rollout.backend = "builtin"' in str(err.value)
+
+
+def test_engine_compile_setting_maps_to_enforce_eager():
+    # auto: CUDA graphs / compile on a GPU, eager on the CPU (55 s start-up for 8-10 %)
+    eager = {(c, cuda): EngineSpec("m", compile=c).enforce_eager(cuda)
+             for c in ("auto", "on", "off") for cuda in (False, True)}  # fmt: skip
+    assert eager == {
+        ("auto", False): True, ("auto", True): False,
+        ("on", False): False, ("on", True): False,
+        ("off", False): True, ("off", True): True,
+    }  # fmt: skip
+    sets = (["rollout.compile=true"], ["rollout.compile=false"], None)
+    named = [load_config(None, s).rollout.engine_compile() for s in sets]
+    assert named == ["on", "off", "auto"]
 
 
 def test_vllm_request_keeps_the_builtin_distribution():

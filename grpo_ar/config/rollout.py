@@ -42,9 +42,18 @@ class RolloutConfig:
     """Sequences the engine runs at once."""
     max_model_len: int = 0
     """Prompt + completion tokens per sequence (0: the model's limit)."""
+    compile: bool | None = None
+    """The engine's torch.compile / CUDA-graph path (vLLM `enforce_eager=False`): true, false,
+    or unset (on with CUDA, off on CPU). On the 2-core CPU it samples SmolLM2 8-10 % faster but
+    starts in ~55 s instead of ~8 s (benchmarks/README.md): worth it only for long runs.
+    Colocate mode; a server takes `grpo-ar vllm-serve MODEL --compile on`."""
     async_steps: int = 0
     """0: every rollout comes from the current policy (as today); 1: step k+1's rollout is
     sampled while step k trains (one step stale, IS-corrected; vllm backend, one process)."""
+
+    def engine_compile(self) -> str:
+        """`compile` as the engine spec's auto / on / off."""
+        return "auto" if self.compile is None else ("on" if self.compile else "off")
 
     def engine_dtype(self, model_dtype: str) -> str:
         """The engine's dtype name: `dtype`, or the trainer's `model_dtype` with auto."""
@@ -68,6 +77,10 @@ class RolloutConfig:
             f"rollout.gpu_memory_utilization={self.gpu_memory_utilization}: need (0, 1]",
         )
         need(self.max_num_seqs >= 1, f"rollout.max_num_seqs={self.max_num_seqs}: need >= 1")
+        need(
+            self.compile is None or isinstance(self.compile, bool),
+            f"rollout.compile={self.compile!r}: use true or false (unset: on with CUDA only)",
+        )
         need(self.max_model_len >= 0, f"rollout.max_model_len={self.max_model_len}: need >= 0")
         need(
             self.async_steps in (0, 1),

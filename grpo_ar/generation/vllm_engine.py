@@ -43,6 +43,12 @@ class EngineSpec:
     max_model_len: int = 0
     seed: int = 0
     in_process: bool = True
+    compile: str = "auto"
+    """on: vLLM's compiled path (CUDA graphs on a GPU); off: eager; auto: on with CUDA."""
+
+    def enforce_eager(self, cuda: bool) -> bool:
+        """vLLM's `enforce_eager` for this spec on a machine with (`cuda`) or without a GPU."""
+        return self.compile == "off" or (self.compile == "auto" and not cuda)
 
 
 def request_params(params: SamplingParams, greedy: bool = False) -> dict[str, Any]:
@@ -82,7 +88,7 @@ class Engine:
             model=spec.model_dir,
             dtype=spec.dtype,
             seed=spec.seed,
-            enforce_eager=not torch.cuda.is_available(),
+            enforce_eager=spec.enforce_eager(torch.cuda.is_available()),
             logprobs_mode="processed_logprobs",
             skip_tokenizer_init=True,  # prompts and outputs are token ids
             max_num_seqs=spec.max_num_seqs,

@@ -195,6 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-model-len", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--compile",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="vLLM's compiled path (CUDA graphs on a GPU); auto: on with CUDA, off on CPU",
+    )
     a = p.parse_args(argv)
     if not (Path(a.model) / "config.json").exists():
         p.error(f"{a.model} is not a transformers model folder (no config.json)")
@@ -206,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         max_num_seqs=a.max_num_seqs,
         max_model_len=a.max_model_len,
         seed=a.seed,
+        compile=a.compile,
     )
     start = time.perf_counter()
     server = Server(spec)
