@@ -186,7 +186,9 @@ class VllmArms:
     that ran beside the first's update, as in a steady run. The rollout the timed step prefetched
     is awaited and dropped, so no engine work runs during the other arms' timed steps."""
 
-    def __init__(self, python: Path, model_dir: str, trainer: Trainer, tmp: Path) -> None:
+    def __init__(
+        self, python: Path, model_dir: str, trainer: Trainer, tmp: Path, compiled: bool = False
+    ) -> None:
         from grpo_ar.generation.backends import build_backend, with_rollout_defaults
         from grpo_ar.generation.vllm_server import spawn_server
 
@@ -198,7 +200,9 @@ class VllmArms:
         env = {"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "PYTHONPATH": path}
         os.environ.update(env, HF_HUB_OFFLINE="1")
         log = tmp / "vllm-serve.log"
-        self.proc, self.start_s = spawn_server(str(python), model_dir, port, str(log))
+        flags = ("--compile", "on" if compiled else "off")  # vLLM's compiled path, or eager
+        self.proc, self.start_s = spawn_server(str(python), model_dir, port, str(log), flags)
+        print(f"  vllm engine: server, 1 thread, {'compiled' if compiled else 'eager'}", flush=True)
         base = trainer.cfg
         rollout = replace(base.rollout, backend="vllm", vllm_mode="server", port=port,
                           async_steps=1)  # fmt: skip
@@ -257,7 +261,7 @@ def bench(name: str, args) -> dict:
     trainer, adapter, entries = grpo_ar_trainer(model, tok, data, g, max_new, mu, tmp / "grpo_ar")
     vllm = None
     if args.vllm and name == "smol":
-        vllm = VllmArms(args.vllm_python, str(path), trainer, tmp)
+        vllm = VllmArms(args.vllm_python, str(path), trainer, tmp, args.vllm_compile)
     ours: list[dict] = []
     peaks: list[float] = []
 
@@ -359,6 +363,8 @@ def main() -> None:
             "--precision", default="fp32", choices=["fp32", "bf16-mixed"], help="both trainers"
         )
         p.add_argument("--vllm", action="store_true", help="add the grpo_ar+vllm arms (smol)")
+        p.add_argument("--vllm-compile", action="store_true",
+                       help="start the engine on vLLM's compiled path (vllm-serve --compile on)")  # fmt: skip
         p.add_argument("--vllm-python", type=Path, default=VLLM_PYTHON,
                        help="the engine environment's python (`make vllm` builds .venv-vllm)")  # fmt: skip
 
