@@ -194,7 +194,9 @@ def janus_trainable(model: nn.Module, parts: Sequence[str] = DEFAULT_TRAIN) -> l
     JanusConfig ties `lm_head` to the text embeddings) is trained when either part is named."""
     unknown = sorted(set(parts) - set(PARTS))
     if unknown or not parts:
-        raise ConfigError(f"janus_t2i.train={list(parts)}: name one or more of {', '.join(PARTS)}")
+        raise ConfigError(
+            f"janus_trainable parts={list(parts)}: name one or more of {', '.join(PARTS)}"
+        )
     prefixes = tuple(p for part in parts for p in PARTS[part])
     trained = {
         id(p) for n, p in model.named_parameters(remove_duplicate=False) if n.startswith(prefixes)

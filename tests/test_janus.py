@@ -178,6 +178,9 @@ def test_wrong_models_and_parts_refused(model, tok):
         JanusT2IConfig(train=["vq"])
     with pytest.raises(ConfigError, match=r"janus_t2i.prompt_template needs \{prompt\}"):
         JanusT2IConfig(prompt_template="no slot")
+    # direct callers of janus_trainable (no config section): the message names the function
+    with pytest.raises(ConfigError, match=r"janus_trainable parts=\['vq'\]: name one or more"):
+        janus_trainable(model, ["vq"])
     with pytest.raises(ConfigError, match="janus_t2i.decode_batch_size must be >= 0"):
         JanusT2IConfig(decode_batch_size=-1)
     with pytest.raises(ValueError, match="no '<boi>' token"):
