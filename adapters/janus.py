@@ -34,7 +34,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from grpo_ar.errors import ConfigError, need
+from grpo_ar.errors import need
 from grpo_ar.generation.model_call import MODEL_CALLS, ModelCall, cache_kwarg
 from grpo_ar.generation.params import SamplingParams
 
@@ -192,11 +192,7 @@ def janus_trainable(model: nn.Module, parts: Sequence[str] = DEFAULT_TRAIN) -> l
     """Freeze every parameter of a JanusForConditionalGeneration but those of `parts` (keys of
     `PARTS`); returns the trained parameter names. A tensor tied across parts (the default
     JanusConfig ties `lm_head` to the text embeddings) is trained when either part is named."""
-    unknown = sorted(set(parts) - set(PARTS))
-    if unknown or not parts:
-        raise ConfigError(
-            f"janus_trainable parts={list(parts)}: name one or more of {', '.join(PARTS)}"
-        )
+    check_parts("janus_trainable parts", parts)
     prefixes = tuple(p for part in parts for p in PARTS[part])
     trained = {
         id(p) for n, p in model.named_parameters(remove_duplicate=False) if n.startswith(prefixes)
@@ -244,12 +240,17 @@ def check_janus_section(section: str, train: Sequence[str], prompt_template: str
                         decode_batch_size: int) -> None:  # fmt: skip
     """The keys every Janus adapter section shares ([janus_t2i], [janus_reason_t2i]): trained
     parts among PARTS, a template holding {prompt}, a decode batch >= 0."""
-    bad = sorted(set(train) - set(PARTS))
-    need(
-        bool(train) and not bad, f"{section}.train={train}: name one or more of {', '.join(PARTS)}"
-    )
+    check_parts(f"{section}.train", train)
     need("{prompt}" in prompt_template, f"{section}.prompt_template needs {{prompt}}")
     need(decode_batch_size >= 0, f"{section}.decode_batch_size must be >= 0")
+
+
+def check_parts(name: str, parts: Sequence[str]) -> None:
+    """`parts` names one or more of PARTS (the trainable pieces of a Janus model)."""
+    need(
+        bool(parts) and set(parts) <= set(PARTS),
+        f"{name}={list(parts)}: name one or more of {', '.join(PARTS)}",
+    )
 
 
 def load_janus(m: Any, train: Sequence[str], device: str, dtype: torch.dtype) -> tuple[Any, Any]:

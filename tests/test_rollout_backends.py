@@ -127,15 +127,15 @@ def test_vllm_backend_refuses_what_it_cannot_sample(params, option):
 def test_engine_compile_setting_maps_to_enforce_eager():
     # auto: CUDA graphs / compile on a GPU, eager on the CPU (55 s start-up for 8-10 %)
     eager = {(c, cuda): EngineSpec("m", compile=c).enforce_eager(cuda)
-             for c in ("auto", "on", "off") for cuda in (False, True)}  # fmt: skip
+             for c in (None, True, False) for cuda in (False, True)}  # fmt: skip
     assert eager == {
-        ("auto", False): True, ("auto", True): False,
-        ("on", False): False, ("on", True): False,
-        ("off", False): True, ("off", True): True,
+        (None, False): True, (None, True): False,
+        (True, False): False, (True, True): False,
+        (False, False): True, (False, True): True,
     }  # fmt: skip
     sets = (["rollout.compile=true"], ["rollout.compile=false"], None)
-    named = [load_config(None, s).rollout.engine_compile() for s in sets]
-    assert named == ["on", "off", "auto"]
+    values = [load_config(None, s).rollout.compile for s in sets]
+    assert values == [True, False, None]
 
 
 def test_vllm_request_keeps_the_builtin_distribution():

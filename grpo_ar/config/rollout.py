@@ -51,10 +51,6 @@ class RolloutConfig:
     """0: every rollout comes from the current policy (as today); 1: step k+1's rollout is
     sampled while step k trains (one step stale, IS-corrected; vllm backend, one process)."""
 
-    def engine_compile(self) -> str:
-        """`compile` as the engine spec's auto / on / off."""
-        return "auto" if self.compile is None else ("on" if self.compile else "off")
-
     def engine_dtype(self, model_dtype: str) -> str:
         """The engine's dtype name: `dtype`, or the trainer's `model_dtype` with auto."""
         return model_dtype if self.dtype == "auto" else self.dtype

@@ -247,6 +247,6 @@ def build_vllm_backend(rcfg: Any, adapter: Any, model: Any, finetune: Any, cfg: 
         max_num_seqs=rcfg.max_num_seqs,
         max_model_len=rcfg.max_model_len,
         seed=cfg.trainer.seed,
-        compile=rcfg.engine_compile(),
+        compile=rcfg.compile,
     )
     return VllmBackend(Engine(spec), params, finetune, adapter)

@@ -43,12 +43,12 @@ class EngineSpec:
     max_model_len: int = 0
     seed: int = 0
     in_process: bool = True
-    compile: str = "auto"
-    """on: vLLM's compiled path (CUDA graphs on a GPU); off: eager; auto: on with CUDA."""
+    compile: bool | None = None
+    """True: vLLM's compiled path (CUDA graphs on a GPU); False: eager; None: on with CUDA."""
 
     def enforce_eager(self, cuda: bool) -> bool:
         """vLLM's `enforce_eager` for this spec on a machine with (`cuda`) or without a GPU."""
-        return self.compile == "off" or (self.compile == "auto" and not cuda)
+        return not (cuda if self.compile is None else self.compile)
 
 
 def request_params(params: SamplingParams, greedy: bool = False) -> dict[str, Any]:

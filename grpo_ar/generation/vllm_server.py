@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         max_num_seqs=a.max_num_seqs,
         max_model_len=a.max_model_len,
         seed=a.seed,
-        compile=a.compile,
+        compile={"auto": None, "on": True, "off": False}[a.compile],
     )
     start = time.perf_counter()
     server = Server(spec)
